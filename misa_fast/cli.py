@@ -1,0 +1,44 @@
+"""The ``misa-fast`` command line. Each subcommand lives with the code it drives; this file only
+maps names to ``module:configure`` / ``module:run`` pairs, imported lazily so ``misa-fast --help``
+stays fast and a missing optional dependency only affects its own subcommand."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The module defines configure_parser(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "train": ("misa_fast.train", "train an agent on a D4RL-format dataset"),
+    "eval": ("misa_fast.evaluate_cli", "evaluate a checkpoint in its gymnasium environment"),
+    "make-dataset": ("misa_fast.data.make_dataset", "write a D4RL-format dataset from a gymnasium env"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="misa-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Parsers are configured only for the command being run (see main).
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # First pass finds the command; the second parses its own options.
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        sub = argparse.ArgumentParser(prog=f"misa-fast {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+        module.configure_parser(sub)
+        args = sub.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    parser.parse_args(argv)  # prints help / error for unknown commands
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
