@@ -1,0 +1,219 @@
+"""Fused-op micro-benchmarks: each op against its torch reference (eager and torch.compile).
+
+MISA sizes: B=256 states, K=50 action samples, twin critics 256-256 ELU, hopper (S=11, A=3) and
+halfcheetah (S=17, A=6) dims.
+
+    pytest bench/bench_ops.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
+    pytest bench/bench_ops.py --benchmark-disable          # smoke run (CI, CPU: seconds)
+
+The CUDA cases are marked ``gpu`` (skipped without a device). Each timed call runs the op
+``INNER`` times and synchronises once, so the per-call figure includes the host-side launch cost
+(what an eager training step pays) but not one sync per call. ``extra_info`` carries ms per op
+call and achieved GB/s (log_mean_exp, compulsory traffic) or TFLOP/s (sampled-Q, the FLOPs of the
+plain MLP on concat(s, a): 2*B*K*(H*(S+A) + H*H + H) per critic forward, counted x3 for
+forward+backward). The small CPU cases only exercise the torch references so that the file runs
+everywhere; their numbers are not GPU figures.
+
+Target (issue 5, H100): the fused sampled-Q log-mean-exp at least 2x faster than the eager MLP +
+logsumexp (``naive-eager``).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from misa_fast.ops import log_mean_exp, log_mean_exp_reference, sampled_q_log_mean_exp, sampled_q_log_mean_exp_reference
+
+B, K, H = 256, 50, 256
+DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6)}
+INNER = 20
+CUDA = torch.cuda.is_available()
+
+
+def _run(benchmark, fn, inner, cuda, rounds):
+    def timed():
+        for _ in range(inner):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # warm-up (compilation, autotuning, allocator)
+        timed()
+    benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        return benchmark.stats.stats.median / inner
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# problems
+# ----------------------------------------------------------------------------------------------
+def make_critics(S, A, hidden, device, n=2):
+    crits = []
+    for _ in range(n):
+        dims = [S + A, *hidden, 1]
+        layers = []
+        for i, o in zip(dims[:-1], dims[1:]):
+            lin = torch.nn.Linear(i, o, device=device)
+            layers.append((lin.weight, lin.bias))
+        crits.append(layers)
+    return crits
+
+
+def naive_sampled_q_lme(obs, actions, critics):
+    """What a plain-torch critic loss does: concat(s, a) for every sample, MLP, logsumexp - log K."""
+    b, k, _ = actions.shape
+    x = torch.cat([obs.unsqueeze(1).expand(b, k, obs.shape[1]), actions], -1)
+    outs = []
+    for layers in critics:
+        h = x
+        for w, bb in layers[:-1]:
+            h = F.elu(F.linear(h, w, bb))
+        q = F.linear(h, *layers[-1]).squeeze(-1)
+        outs.append(torch.logsumexp(q, -1) - math.log(k))
+    return torch.stack(outs)
+
+
+def sampled_q_flops(S, A, b=B, k=K, h=H, n_critics=2):
+    return 2.0 * b * k * (h * (S + A) + h * h + h) * n_critics
+
+
+# ----------------------------------------------------------------------------------------------
+# sampled-Q log-mean-exp
+# ----------------------------------------------------------------------------------------------
+SQ_IMPLS = ["fused-tf32", "fused-bf16", "fused-tf32-stacked", "naive-eager", "reference-eager", "reference-compile"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", SQ_IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("env", list(DIMS))
+def test_sampled_q_cuda(benchmark, env, mode, impl):
+    S, A = DIMS[env]
+    torch.manual_seed(0)
+    obs = torch.randn(B, S, device="cuda")
+    actions = torch.rand(B, K, A, device="cuda") * 2 - 1
+    critics = make_critics(S, A, (H, H), "cuda")
+    params = [t for c in critics for wb in c for t in wb]
+    if impl == "fused-tf32-stacked":  # the ensemble layout of misa_fast.nets (weights (E, out, in))
+        stacked = [(torch.stack([c[j][0] for c in critics]).detach().requires_grad_(),
+                    torch.stack([c[j][1] for c in critics]).detach().requires_grad_()) for j in range(3)]
+        params = [t for wb in stacked for t in wb]
+
+        def op():
+            return sampled_q_log_mean_exp(obs, actions, stacked, precision="tf32", backend="triton")
+    elif impl.startswith("fused"):
+        prec = impl.split("-")[1]
+
+        def op():
+            return sampled_q_log_mean_exp(obs, actions, critics, precision=prec, backend="triton")
+    elif impl == "naive-eager":
+        def op():
+            return naive_sampled_q_lme(obs, actions, critics)
+    elif impl == "reference-eager":
+        def op():
+            return sampled_q_log_mean_exp_reference(obs, actions, critics)
+    else:
+        compiled = torch.compile(sampled_q_log_mean_exp_reference)
+
+        def op():
+            return compiled(obs, actions, critics)
+
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                op()
+    else:
+        def fn():
+            torch.autograd.grad(op().sum(), params)
+
+    benchmark.group = f"sampled_q-{env}-{mode}"
+    per_call = _run(benchmark, fn, INNER, True, rounds=30)
+    if per_call:
+        flops = sampled_q_flops(S, A) * (1 if mode == "fwd" else 3)
+        benchmark.extra_info.update(ms=per_call * 1e3, tflops=flops / per_call / 1e12)
+
+
+@pytest.mark.parametrize("impl", ["naive-eager", "reference-eager"])
+def test_sampled_q_cpu_reference(benchmark, impl):
+    """Small CPU case (B=16) so that the file runs without a GPU; torch references only."""
+    S, A = DIMS["hopper"]
+    torch.manual_seed(0)
+    b = 16
+    obs = torch.randn(b, S)
+    actions = torch.rand(b, K, A) * 2 - 1
+    critics = make_critics(S, A, (H, H), "cpu")
+    params = [t for c in critics for wb in c for t in wb]
+    f = naive_sampled_q_lme if impl == "naive-eager" else sampled_q_log_mean_exp_reference
+
+    def fn():
+        torch.autograd.grad(f(obs, actions, critics).sum(), params)
+
+    benchmark.group = "sampled_q-cpu-B16-fwd+bwd"
+    per_call = _run(benchmark, fn, 1, False, rounds=5)
+    if per_call:
+        benchmark.extra_info.update(ms=per_call * 1e3, tflops=3 * sampled_q_flops(S, A, b=b) / per_call / 1e12)
+
+
+# ----------------------------------------------------------------------------------------------
+# log_mean_exp
+# ----------------------------------------------------------------------------------------------
+LME_SHAPES = {"misa-B256-K50": (B, K), "rows4096-K1024": (4096, 1024)}
+LME_IMPLS = ["triton", "logsumexp-eager", "reference-eager", "reference-compile"]
+
+
+def _lme_op(impl):
+    if impl == "triton":
+        return lambda x: log_mean_exp(x, -1, backend="triton")
+    if impl == "logsumexp-eager":
+        return lambda x: torch.logsumexp(x.float(), -1).to(x.dtype) - math.log(x.shape[-1])
+    if impl == "reference-eager":
+        return lambda x: log_mean_exp_reference(x, -1)
+    return torch.compile(lambda x: log_mean_exp_reference(x, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", LME_IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(LME_SHAPES))
+def test_log_mean_exp_cuda(benchmark, shape, dtype, mode, impl):
+    M, k = LME_SHAPES[shape]
+    dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    x = (torch.randn(M, k, device="cuda") * 3).to(dt).requires_grad_(mode != "fwd")
+    op = _lme_op(impl)
+    g = torch.ones(M, device="cuda", dtype=dt)
+
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                op(x)
+    else:
+        def fn():
+            torch.autograd.grad(op(x), x, g)
+
+    benchmark.group = f"log_mean_exp-{shape}-{dtype}-{mode}"
+    per_call = _run(benchmark, fn, INNER, True, rounds=30)
+    if per_call:
+        elem = x.element_size()
+        nbytes = M * k * elem + M * elem  # read x, write out
+        if mode != "fwd":
+            nbytes += 2 * M * k * elem + M * elem  # read x again, write dx, read g
+        benchmark.extra_info.update(ms=per_call * 1e3, gbps=nbytes / per_call / 1e9)
+
+
+@pytest.mark.parametrize("impl", ["logsumexp-eager", "reference-eager"])
+def test_log_mean_exp_cpu_reference(benchmark, impl):
+    torch.manual_seed(0)
+    x = torch.randn(B, K, requires_grad=True)
+    op = _lme_op(impl)
+
+    def fn():
+        torch.autograd.grad(op(x).sum(), x)
+
+    benchmark.group = "log_mean_exp-cpu-B256-K50-fwd+bwd"
+    per_call = _run(benchmark, fn, 1, False, rounds=20)
+    if per_call:
+        benchmark.extra_info.update(ms=per_call * 1e3, gbps=(3 * B * K * 4 + 2 * B * 4) / per_call / 1e9)

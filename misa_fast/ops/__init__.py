@@ -1,0 +1,33 @@
+"""Fused ops: Triton kernels (``misa_fast.kernels``) behind autograd Functions, each with a
+plain-torch reference and a dispatcher (Triton for CUDA tensors, the reference elsewhere).
+
+Backend selection: ``backend=`` per call, the :func:`use_backend` context manager, or the
+environment variable ``MISA_FAST_OPS`` = ``auto`` (default) | ``triton`` | ``torch``.
+"""
+from misa_fast.ops.dispatch import ENV_VAR, resolve_backend, triton_available, use_backend
+from misa_fast.ops.log_mean_exp import LogMeanExp, LogMeanExpFunction, log_mean_exp, log_mean_exp_reference
+from misa_fast.ops.sampled_q import (
+    SampledQLogMeanExp,
+    SampledQLogMeanExpFunction,
+    critic_layers,
+    sampled_q_log_mean_exp,
+    sampled_q_log_mean_exp_reference,
+    sampled_q_values_reference,
+)
+
+__all__ = [
+    "ENV_VAR",
+    "LogMeanExp",
+    "LogMeanExpFunction",
+    "SampledQLogMeanExp",
+    "SampledQLogMeanExpFunction",
+    "critic_layers",
+    "log_mean_exp",
+    "log_mean_exp_reference",
+    "resolve_backend",
+    "sampled_q_log_mean_exp",
+    "sampled_q_log_mean_exp_reference",
+    "sampled_q_values_reference",
+    "triton_available",
+    "use_backend",
+]

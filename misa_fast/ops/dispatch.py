@@ -1,0 +1,94 @@
+"""Backend selection for the fused ops: Triton kernels or the plain-torch references.
+
+Precedence, first match wins:
+
+1. the ``backend=`` argument of an op call (``"triton"``, ``"torch"`` or ``"auto"``);
+2. the innermost active :func:`use_backend` context (thread-local);
+3. the environment variable ``MISA_FAST_OPS`` (read at every call, default ``"auto"``).
+
+``"auto"`` picks Triton when every tensor argument lives on a CUDA device and Triton (plus the
+kernel package) imports, the torch reference otherwise. ``"triton"`` forces the kernels: on CPU
+tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
+are imported), which is how the tests exercise them without a GPU. ``"torch"`` forces the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+
+ENV_VAR = "MISA_FAST_OPS"
+BACKENDS = ("auto", "triton", "torch")
+
+_local = threading.local()
+
+
+def _check(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for the ops called inside the block (thread-local, nestable)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(_check(name))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend asked for by the argument, the context or the environment (may be "auto")."""
+    if backend is not None:
+        return _check(backend)
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Triton and the kernel package import (cached: import once per process)."""
+    try:
+        import triton  # noqa: F401
+
+        import misa_fast.kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
+    """Return ``"triton"`` or ``"torch"`` for a call on ``tensors`` (``None`` entries ignored)."""
+    name = requested_backend(backend)
+    if name == "torch":
+        return "torch"
+    ts = [t for t in tensors if t is not None]
+    on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    if name == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    # forced triton
+    if not triton_available():
+        raise RuntimeError(f"{ENV_VAR}/backend='triton' but triton (or misa_fast.kernels) does not import")
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before misa_fast.kernels is imported"
+        )
+    return "triton"
