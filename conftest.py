@@ -2,6 +2,9 @@
 must be set before any kernel module is imported (kernels are decorated at import time)."""
 import os
 
+# Tests use tiny networks, where intra-op threads only add barrier waits (and on a busy 2-core
+# machine, OpenMP's spinning barriers can slow a step 100x). Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _cuda_available() -> bool:
     try:

@@ -1,0 +1,112 @@
+"""One call from a dataset name to training arrays: load, q-learning transitions, domain transforms.
+
+The returned ``DataInfo`` is everything evaluation needs to know about the data: store
+``info.to_dict()`` in checkpoints (plain JSON types) and rebuild it with ``DataInfo.from_dict``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from misa_fast.data import registry, transforms
+from misa_fast.data.d4rl import load_dataset, qlearning_dataset
+
+
+@dataclass
+class DataInfo:
+    name: str  # dataset name (registry name, or the file's stem / recorded name)
+    env_id: str  # gymnasium id to evaluate in
+    n_transitions: int
+    obs_dim: int
+    act_dim: int
+    obs_norm: str = "none"  # "none" | "scalar" | "per-dim"
+    obs_mean: list[float] | None = None  # width obs_dim; None when obs_norm == "none"
+    obs_std: list[float] | None = None
+    reward_transform: str = "none"  # "none" | "antmaze" | "minmax"
+    reward_params: dict = field(default_factory=dict)  # e.g. {"min": .., "max": ..} for minmax
+    action_clip: float = transforms.ACTION_CLIP
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataInfo":
+        return cls(**values)
+
+    def normalize(self, observations: np.ndarray) -> np.ndarray:
+        """Observations as the policy saw them in training (what evaluation must feed it)."""
+        return transforms.normalize_observations(observations, self.obs_mean, self.obs_std)
+
+
+def prepare(
+    name_or_path: str | os.PathLike = registry.DEFAULT_DATASET,
+    obs_norm: str = "none",
+    reward_transform: str = "auto",
+    action_clip: float = transforms.ACTION_CLIP,
+    terminate_on_end: bool = False,
+    use_next_observations: bool = False,
+    env_id: str | None = None,
+    download: bool = True,
+) -> tuple[dict, DataInfo]:
+    """Training transitions (float32: observations, actions, next_observations, rewards,
+    terminals) and their DataInfo.
+
+    ``reward_transform="auto"`` picks the dataset domain's (antmaze, minmax for kitchen/adroit,
+    none otherwise); ``obs_norm`` is off by default; actions are always clipped to
+    ±``action_clip``. ``env_id`` overrides the evaluation environment (default: the one recorded
+    in the file by make-dataset, else the domain's)."""
+    raw = load_dataset(name_or_path, download=download)
+    name = dataset_name(name_or_path, raw)
+    data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations)
+    if len(data["rewards"]) == 0:
+        raise ValueError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
+
+    data["actions"] = transforms.clip_actions(data["actions"], action_clip)
+    domain = _domain_or_none(name)
+    if reward_transform == "auto":
+        reward_transform = domain.reward_transform if domain else "none"
+    data["rewards"], reward_params = transforms.transform_rewards(data["rewards"], reward_transform)
+    mean, std = transforms.observation_stats(data["observations"], obs_norm)
+    for key in ("observations", "next_observations"):
+        data[key] = transforms.normalize_observations(data[key], mean, std)
+
+    recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
+    env_id = env_id or (str(recorded_env) if recorded_env else None)
+    if env_id is None:
+        if domain is None:
+            raise ValueError(f"{name}: cannot tell which environment this dataset comes from (no "
+                             f"'metadata/env_id' in the file, unknown name); pass env_id=...")
+        env_id = registry.env_id_for(name)
+    info = DataInfo(
+        name=name,
+        env_id=env_id,
+        n_transitions=len(data["rewards"]),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+        obs_norm=obs_norm,
+        obs_mean=None if mean is None else mean.tolist(),
+        obs_std=None if std is None else std.tolist(),
+        reward_transform=reward_transform,
+        reward_params=reward_params,
+        action_clip=float(action_clip),
+    )
+    return data, info
+
+
+def dataset_name(name_or_path, raw: dict) -> str:
+    """A registered name as given; for files, the name make-dataset recorded, else the stem."""
+    text = str(name_or_path)
+    if text in registry.D4RL_URLS or text == registry.DEFAULT_DATASET:
+        return text
+    recorded = raw.get("metadata/dataset_name")
+    return str(recorded) if recorded else Path(text).name.rsplit(".", 1)[0]
+
+
+def _domain_or_none(name: str):
+    try:
+        return registry.domain_of(name)
+    except KeyError:
+        return None

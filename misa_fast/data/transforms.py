@@ -1,0 +1,70 @@
+"""Per-domain transforms applied to q-learning transitions before training (DESIGN.md section 2):
+action clipping, reward transforms, observation normalisation.
+
+Everything a transform learned from the data (normalisation statistics, reward min/max) is
+returned so it can travel with the trained policy: evaluation must normalise observations the
+same way (rewards are only a training signal: evaluation reports the environment's own returns).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ACTION_CLIP = 0.999  # keeps atanh(action) finite for the tanh-Gaussian log-likelihood
+OBS_NORMS = ("none", "scalar", "per-dim")
+OBS_STD_EPS = 1e-3  # as in CORL: constant dimensions stay finite after normalisation
+
+
+def clip_actions(actions: np.ndarray, limit: float = ACTION_CLIP) -> np.ndarray:
+    return np.clip(actions, -limit, limit)
+
+
+def antmaze_rewards(rewards: np.ndarray) -> np.ndarray:
+    # antmaze rewards are 0/1 (at the goal); centring them gives -2 everywhere but the goal,
+    # which the official code found to stabilise the critic.
+    return (rewards - 0.5) * 4.0
+
+
+def minmax_rewards(rewards: np.ndarray, low: float, high: float) -> np.ndarray:
+    # kitchen/adroit: rescale the dataset's reward range to [0, 1], then to [-1, 1].
+    unit = (rewards - low) / (high - low) if high > low else np.zeros_like(rewards)
+    return (unit - 0.5) * 2.0
+
+
+REWARD_TRANSFORMS = ("none", "antmaze", "minmax")
+
+
+def transform_rewards(rewards: np.ndarray, name: str) -> tuple[np.ndarray, dict]:
+    """Apply reward transform ``name``; returns the new rewards and the parameters used."""
+    if name == "none":
+        return rewards, {}
+    if name == "antmaze":
+        return antmaze_rewards(rewards), {}
+    if name == "minmax":
+        low, high = float(rewards.min()), float(rewards.max())
+        return minmax_rewards(rewards, low, high), {"min": low, "max": high}
+    raise ValueError(f"unknown reward transform {name!r}: expected one of {REWARD_TRANSFORMS}")
+
+
+def observation_stats(observations: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Mean and std to normalise observations with, as arrays of width obs_dim (or None, None).
+
+    "scalar": one mean and one std over every entry (the official MISA code's choice);
+    "per-dim": a mean and std per observation dimension."""
+    if mode == "none":
+        return None, None
+    width = observations.shape[1]
+    if mode == "scalar":
+        mean = np.full(width, observations.mean(), dtype=np.float32)
+        std = np.full(width, observations.std() + OBS_STD_EPS, dtype=np.float32)
+    elif mode == "per-dim":
+        mean = observations.mean(axis=0).astype(np.float32)
+        std = (observations.std(axis=0) + OBS_STD_EPS).astype(np.float32)
+    else:
+        raise ValueError(f"unknown observation normalisation {mode!r}: expected one of {OBS_NORMS}")
+    return mean, std
+
+
+def normalize_observations(observations: np.ndarray, mean, std) -> np.ndarray:
+    if mean is None:
+        return np.asarray(observations, dtype=np.float32)
+    return ((observations - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).astype(np.float32)

@@ -1,0 +1,176 @@
+"""Evaluation in gymnasium's maintained environments (no mujoco-py, no old gym).
+
+Dataset names map to gymnasium ids (hopper -> Hopper-v4, ...; antmaze/kitchen/adroit -> the
+gymnasium-robotics ids, when that package is installed). ``evaluate`` runs a deterministic policy
+for exactly ``episodes`` complete episodes on a vector of environments; episode ``j`` always
+starts from ``reset(seed=seed + j)``, so results do not depend on how many environments run
+side by side.
+
+Action convention: policies act in [-1, 1]^act_dim; actions are rescaled to the environment's
+bounds (Pendulum's torque is [-2, 2]), and datasets written by make-dataset store actions in the
+same normalised units.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+from misa_fast.data import registry
+from misa_fast.data.registry import env_id_for
+from misa_fast.data.scores import normalized_score
+
+__all__ = ["env_id_for", "evaluate", "make_env", "scale_actions", "unscale_actions"]
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+# Dict observations (goal-conditioned gymnasium-robotics envs) -> the keys D4RL's flat vectors
+# hold, in D4RL's order after flattening (sorted keys): antmaze = [x, y] + the ant's own state.
+# Not checked against D4RL here (gymnasium-robotics is optional); FrankaKitchen-v1's "observation"
+# is known to differ from D4RL kitchen's 60-dim vector, so kitchen policies need --env care.
+_DICT_OBS_KEYS = {"antmaze": ("achieved_goal", "observation"), "kitchen": ("observation",)}
+
+
+def _domain_for_env(env_id: str):
+    try:
+        return registry.domain_of(env_id)
+    except KeyError:
+        return None
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """``gym.make`` with the keyword arguments our datasets need (e.g. Ant's contact forces, which
+    D4RL's 111-dim ant observations include) and flat observations. Explicit kwargs win."""
+    domain = _domain_for_env(env_id)
+    if env_id not in gym.registry and domain is not None and domain.needs:
+        try:
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                f"environment {env_id!r} ({domain.name} datasets) is provided by the optional package "
+                f"{domain.needs!r}: pip install {domain.needs}"
+            ) from err
+    if domain is not None and _uses_domain_env(env_id, domain):
+        kwargs = {**domain.env_kwargs, **kwargs}
+    with warnings.catch_warnings():
+        # v4 is chosen on purpose: its observations match D4RL's (gym v3) data; v5 changed defaults.
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(env_id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        keys = _DICT_OBS_KEYS.get(domain.name if domain else "", tuple(env.observation_space.spaces))
+        env = gym.wrappers.FlattenObservation(gym.wrappers.FilterObservation(env, list(keys)))
+    return env
+
+
+def _uses_domain_env(env_id: str, domain) -> bool:
+    return env_id == domain.env_id or (domain.name == "antmaze" and env_id in registry.ANTMAZE_ENV_IDS.values())
+
+
+def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[-1, 1] policy actions -> the environment's [low, high] (clipped)."""
+    actions = np.clip(actions, -1.0, 1.0)
+    return (low + (actions + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+
+def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Environment actions -> the [-1, 1] units datasets and policies use."""
+    return (2.0 * (np.asarray(actions) - low) / (high - low) - 1.0).astype(np.float32)
+
+
+def evaluate(
+    policy: Policy,
+    env_id: str,
+    episodes: int = 10,
+    seed: int = 0,
+    obs_mean=None,
+    obs_std=None,
+    n_envs: int | None = None,
+    dataset_name: str | None = None,
+    vectorization: str = "sync",
+    env_kwargs: dict | None = None,
+) -> dict:
+    """Run ``policy`` (float32 observations (n_envs, obs_dim) -> actions (n_envs, act_dim) in
+    [-1, 1], deterministic) for exactly ``episodes`` episodes.
+
+    Observations are normalised with ``(obs - obs_mean) / obs_std`` when given (the statistics the
+    policy was trained with). ``n_envs`` environments step together (default min(episodes, 10));
+    ``vectorization`` is "sync" (one process) or "async" (one process per environment); on a 2-core
+    machine sync is faster (10 HalfCheetah episodes of 1000 steps with a 256x256 MLP policy:
+    0.6-0.7 s sync, 1.5 s async), async pays off only with expensive environments and many cores. Returns raw ``returns`` and ``lengths`` per episode (in
+    episode order), ``mean_return``, ``std_return`` and, where reference returns exist for
+    ``dataset_name`` (default: the env id's domain), ``normalized`` and ``mean_normalized``."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    n_envs = max(1, min(episodes, n_envs or 10))
+    env_fns = [lambda: make_env(env_id, **(env_kwargs or {}))] * n_envs
+    if vectorization not in ("sync", "async"):
+        raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
+    vector_cls = SyncVectorEnv if vectorization == "sync" else AsyncVectorEnv
+    # Resets are done here (seeded per episode), not by the vector env's autoreset.
+    envs = vector_cls(env_fns, autoreset_mode=AutoresetMode.DISABLED)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    mean = None if obs_mean is None else np.asarray(obs_mean, dtype=np.float32)
+    std = None if obs_std is None else np.asarray(obs_std, dtype=np.float32)
+
+    returns = np.zeros(episodes)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    episode_of_slot = np.arange(n_envs)  # which episode each environment is playing; -1 = idle
+    next_episode = n_envs
+    ep_return = np.zeros(n_envs)
+    ep_length = np.zeros(n_envs, dtype=np.int64)
+    try:
+        obs, _ = envs.reset(seed=[int(seed + i) for i in range(n_envs)])
+        while (episode_of_slot >= 0).any():
+            inputs = obs.astype(np.float32) if mean is None else ((obs - mean) / std).astype(np.float32)
+            actions = np.asarray(policy(inputs), dtype=np.float32).reshape(n_envs, -1)
+            obs, reward, terminated, truncated, _ = envs.step(scale_actions(actions, low, high))
+            ep_return += reward
+            ep_length += 1
+            done = terminated | truncated
+            if not done.any():
+                continue
+            reset_seeds: list[int | None] = [None] * n_envs
+            for i in np.flatnonzero(done):
+                if episode_of_slot[i] >= 0:
+                    returns[episode_of_slot[i]] = ep_return[i]
+                    lengths[episode_of_slot[i]] = ep_length[i]
+                ep_return[i], ep_length[i] = 0.0, 0
+                if next_episode < episodes:
+                    episode_of_slot[i], reset_seeds[i] = next_episode, int(seed + next_episode)
+                    next_episode += 1
+                else:  # nothing left to play: keep it stepping (vector envs step all) but ignore it
+                    episode_of_slot[i], reset_seeds[i] = -1, int(seed + episodes + i)
+            if (episode_of_slot >= 0).any():
+                obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": done})
+    finally:
+        envs.close()
+
+    result = {
+        "env_id": env_id,
+        "episodes": episodes,
+        "seed": seed,
+        "returns": returns.tolist(),
+        "lengths": lengths.tolist(),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "normalized": None,
+        "mean_normalized": None,
+    }
+    scores = None
+    for name in (dataset_name, env_id):  # a custom dataset name may not tell the domain
+        try:
+            scores = normalized_score(name, returns) if name else None
+        except KeyError:
+            continue
+        if scores is not None:
+            break
+    if scores is None:  # no reference returns for this environment
+        return result
+    result["normalized"] = scores.tolist()
+    result["mean_normalized"] = float(scores.mean())
+    return result
