@@ -1,0 +1,344 @@
+"""The MISA learner (DESIGN.md section 2): twin critics with the mutual-information regulariser, a
+tanh-Gaussian actor with the BA term and the HMC-corrected log-mean-exp gradient, SAC temperature,
+optional Lagrange multiplier on the regulariser.
+
+One ``update(batch)`` is, as in the official JAX code, a *simultaneous* step: every loss is computed
+at the current parameters (critic, alpha', actor, alpha), one backward pass of their sum gives each
+parameter group only its own loss's gradient (the loss functions detach everything else, and the
+actor sees the critics through detached weights), all optimizers step, then the target critics move
+by Polyak averaging towards the updated critics.
+
+Randomness goes through ``self.generator`` (seeded from config.seed) in a fixed order, see
+``draw_noise``; ``state_dict`` saves it with everything else, so a resumed run is bit-identical on
+CPU.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, Mapping, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from misa_fast import hmc as hmc_lib
+from misa_fast import losses, nets
+from misa_fast.config import MISAConfig
+
+# Which optimizer each loss drives.
+LOSS_OWNER = {
+    "critic_loss": "critic",
+    "alpha_prime_loss": "alpha_prime",
+    "actor_loss": "policy",
+    "alpha_loss": "alpha",
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss (or its gradient) was NaN/inf. Raised before any optimizer step: parameters,
+    optimizer states, targets and the step counter are those of the last good step."""
+
+    def __init__(self, term: str, step: int):
+        self.term, self.step = term, step
+        super().__init__(f"non-finite {term} at step {step}; no parameter was updated")
+
+
+class UpdateNoise(NamedTuple):
+    """All the randomness of one update, in the order it is drawn from the agent's generator."""
+
+    policy: Tensor  # (B, A) standard normal: a~ ~ pi(.|s)
+    next_policy: Tensor  # (B, A): a' ~ pi(.|s') for the TD target
+    samples: Optional[Tensor]  # (B, K, A): the K policy samples of the log-partition term
+    hmc: Optional[hmc_lib.HMCNoise]
+
+
+class LossOutput(NamedTuple):
+    losses: Dict[str, Tensor]  # name -> scalar loss, keys of LOSS_OWNER
+    metrics: Dict[str, Tensor]  # name -> detached 0-dim tensor
+    hmc: Optional[hmc_lib.HMCResult]
+
+
+class MISA:
+    """``MISA(config)``; ``update(batch) -> metrics``.
+
+    batch: mapping with observations (B, S), actions (B, A), rewards (B,) or (B, 1),
+    next_observations (B, S), terminals (B,) or (B, 1); tensors or numpy arrays.
+    Metrics are detached 0-dim tensors on the agent's device (no host sync per step): convert them
+    with ``float()`` when logging."""
+
+    def __init__(self, config: MISAConfig, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
+        obs_dim = obs_dim if obs_dim is not None else config.obs_dim
+        act_dim = act_dim if act_dim is not None else config.act_dim
+        if obs_dim is None or act_dim is None:
+            raise ValueError("MISA needs obs_dim and act_dim (in the config or as arguments)")
+        self.config = cfg = config.replace(obs_dim=obs_dim, act_dim=act_dim)
+        self.device = torch.device(cfg.device)
+        self.target_entropy = cfg.resolved_target_entropy(act_dim)
+
+        init_seed, sample_seed = _derive_seeds(cfg.seed)
+        init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
+        self.policy = nets.TanhGaussianPolicy(obs_dim, act_dim, cfg.policy_hidden, init_generator)
+        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator)
+        self.policy.to(self.device)
+        self.critic.to(self.device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(cfg.log_alpha_init, device=self.device))
+        self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=self.device))
+        self.log_alpha.requires_grad_(cfg.auto_alpha)
+        # Adaptive HMC carries the (geometric mean) adapted step size from one update to the next.
+        self.hmc_log_step_size = torch.tensor(math.log(cfg.hmc_step_size), device=self.device)
+        self._fixed_hmc_step_size = torch.tensor(cfg.hmc_step_size, device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(sample_seed)
+
+        self.optimizers = {
+            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr),
+            "alpha": torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr),
+            "alpha_prime": torch.optim.Adam([self.log_alpha_prime], lr=cfg.alpha_prime_lr),
+        }
+
+        def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state_dict skips it
+            if cfg.lr_schedule == "constant":
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps))
+
+        # The paper's cosine schedule applies to the policy and critic learning rates.
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_factor)
+            for name in ("policy", "critic")
+        }
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def draw_noise(self, batch_size: int) -> UpdateNoise:
+        cfg, act_dim = self.config, self.config.act_dim
+
+        def randn(*shape):
+            return torch.randn(shape, generator=self.generator, device=self.device)
+
+        return UpdateNoise(
+            policy=randn(batch_size, act_dim),
+            next_policy=randn(batch_size, act_dim),
+            samples=randn(batch_size, cfg.num_samples, act_dim) if cfg.energy_bound != "none" else None,
+            hmc=hmc_lib.draw_noise(
+                cfg.hmc_mode, batch_size, cfg.num_samples, cfg.hmc_burn_in, act_dim, self.generator, self.device
+            )
+            if cfg.use_hmc
+            else None,
+        )
+
+    def compute_losses(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> LossOutput:
+        """Every loss of one update at the current parameters, plus metrics. No parameter changes."""
+        obs, actions, rewards, next_obs, dones = self._unpack(batch)
+        if noise is None:
+            noise = self.draw_noise(actions.shape[0])
+        # Computed once and shared: the policy at s (a~, log pi(a_D|s), the K samples, the HMC target,
+        # log pi(a_mcmc|s)) and layer 1's state half of the critics (Q(s, a_D), the K samples and,
+        # detached, the HMC target and the actor's Q(s, a~)).
+        mean, std = self.policy.dist_params(obs)
+        state_half = self.critic.first_layer_state_half(obs)
+        losses_out: Dict[str, Tensor] = {}
+        metrics: Dict[str, Tensor] = {}
+        self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, noise, losses_out, metrics)
+        hmc_result = self._hmc_samples(actions, mean, std, state_half, noise, metrics)
+        self._actor_losses(actions, mean, std, state_half, noise, hmc_result, losses_out, metrics)
+        metrics.update(losses_out)
+        metrics = {name: value.detach() for name, value in metrics.items()}
+        return LossOutput(losses_out, metrics, hmc_result)
+
+    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, noise, losses_out, metrics):
+        """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss)."""
+        cfg = self.config
+        # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
+        with torch.no_grad():
+            next_mean, next_std = self.policy.dist_params(next_obs)
+            next_actions, _ = nets.tanh_gaussian_sample(next_mean, next_std, noise.next_policy)
+            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+        layers = self.critic.stacked_layers()
+        q_data = nets.ensemble_q(layers, state_half, actions)
+        td = losses.td_loss(q_data, target)
+        penalty = torch.zeros_like(td)
+        if cfg.energy_bound != "none":
+            with torch.no_grad():  # K fresh policy samples at s; only the critics see them
+                sample_actions = torch.tanh(mean.unsqueeze(1) + std.unsqueeze(1) * noise.samples)
+            norm = losses.log_norm(cfg.lse_norm, cfg.num_samples, actions.shape[0])
+            gap, partition = losses.energy_gap(cfg.energy_bound, q_data, layers, obs, sample_actions, norm, state_half)
+            alpha_prime = None
+            if cfg.lagrange:
+                alpha_prime = losses.alpha_prime_value(self.log_alpha_prime, cfg.alpha_prime_min, cfg.alpha_prime_max)
+                losses_out["alpha_prime_loss"] = losses.alpha_prime_loss(
+                    alpha_prime, gap, cfg.min_q_weight, cfg.lagrange_tau
+                )
+                metrics["alpha_prime"] = alpha_prime
+            penalty = losses.conservative_penalty(gap, cfg.min_q_weight, alpha_prime, cfg.lagrange_tau)
+            metrics["lme_gap"] = gap.mean()
+            metrics["log_partition"] = partition.mean()
+            for i in range(cfg.num_critics):
+                metrics[f"q{i + 1}_lme_gap"] = gap[i]
+        losses_out["critic_loss"] = losses.critic_loss(td, penalty)
+        metrics["td_loss"] = td.sum()
+        metrics["critic_penalty"] = penalty.sum()
+        for i in range(cfg.num_critics):
+            metrics[f"q{i + 1}_td_loss"] = td[i]
+            metrics[f"q{i + 1}_data"] = q_data[i].mean()
+        metrics["q_target"] = target.mean()
+
+    def _hmc_samples(self, actions, mean, std, state_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
+        """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics), started at the dataset actions."""
+        cfg = self.config
+        if not cfg.use_hmc:
+            return None
+        result = hmc_lib.hmc_sample(
+            mean,
+            std,
+            self.critic.stacked_layers(detach=True),
+            state_half,
+            actions,
+            mode=cfg.hmc_mode,
+            num_samples=cfg.num_samples,
+            burn_in=cfg.hmc_burn_in,
+            leapfrog_steps=cfg.hmc_leapfrog_steps,
+            step_size=self.hmc_step_size,
+            adapt=cfg.adapt_hmc,
+            target_accept=cfg.hmc_target_accept,
+            adapt_rate=cfg.hmc_adapt_rate,
+            noise=noise.hmc,
+        )
+        metrics["hmc_accept_rate"] = result.accept_rate
+        metrics["hmc_accept_prob"] = result.accept_prob
+        metrics["hmc_step_size"] = result.step_size.mean()
+        return result
+
+    def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result, losses_out, metrics):
+        """Actor loss (BA term, Q, HMC correction) and the SAC temperature loss."""
+        cfg = self.config
+        new_actions, log_pi_new = nets.tanh_gaussian_sample(mean, std, noise.policy)
+        # Q(s, a~) through detached critic weights: only the policy gets this gradient.
+        q_new = nets.ensemble_q(self.critic.stacked_layers(detach=True), state_half.detach(), new_actions)
+        q_new = q_new.min(dim=0).values
+        log_pi_data = nets.tanh_gaussian_log_prob(mean, std, actions) if cfg.use_ba else None
+        log_pi_mcmc = None
+        if hmc_result is not None:  # samples carry no gradient; log pi of them does (eq. 15)
+            log_pi_mcmc = nets.tanh_gaussian_log_prob(mean.unsqueeze(1), std.unsqueeze(1), hmc_result.samples)
+        alpha = self.log_alpha.exp()
+        losses_out["actor_loss"], terms = losses.actor_loss(
+            alpha, log_pi_new, q_new, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight
+        )
+        metrics.update(terms)
+        metrics["q_pi"] = q_new.mean()
+        metrics["log_pi"] = log_pi_new.mean()
+        if log_pi_data is not None:
+            metrics["log_pi_data"] = log_pi_data.mean()
+        metrics["alpha"] = alpha
+        if cfg.auto_alpha:
+            losses_out["alpha_loss"] = losses.alpha_loss(self.log_alpha, log_pi_new, self.target_entropy)
+
+    def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> Dict[str, Tensor]:
+        """One simultaneous gradient step of every loss, then the Polyak target update.
+
+        Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite."""
+        out = self.compute_losses(batch, noise)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        # One backward pass: each loss reaches only its own parameters (see module docstring).
+        sum(out.losses.values()).backward()
+        if self.config.check_finite:
+            self._check_finite(out.losses)
+        for name in out.losses:
+            self.optimizers[LOSS_OWNER[name]].step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        nets.polyak_update(self.target_critic, self.critic, self.config.tau)
+        if out.hmc is not None and self.config.adapt_hmc:
+            self.hmc_log_step_size = out.hmc.step_size.log().mean()
+        self.step += 1
+        return out.metrics
+
+    @property
+    def hmc_step_size(self) -> Tensor:
+        """The HMC step size of the next update (0-dim; adapts across updates when adapting)."""
+        if self.config.adapt_hmc:
+            return self.hmc_log_step_size.exp()
+        return self._fixed_hmc_step_size
+
+    @torch.no_grad()
+    def act(self, obs):
+        """Deterministic action tanh(mean); numpy in -> numpy out, tensor in -> tensor out."""
+        if isinstance(obs, np.ndarray):
+            return self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device)).cpu().numpy()
+        return self.policy.act(obs.to(self.device, torch.float32))
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs (tensors are references, as nn.Module's)."""
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach(),
+            "log_alpha_prime": self.log_alpha_prime.detach(),
+            "hmc_log_step_size": self.hmc_log_step_size,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
+            "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        saved = MISAConfig.from_dict(state["config"])
+        for key in ("obs_dim", "act_dim", "policy_hidden", "critic_hidden", "num_critics"):
+            if getattr(saved, key) != getattr(self.config, key):
+                raise ValueError(
+                    f"checkpoint has {key}={getattr(saved, key)!r}, agent has {getattr(self.config, key)!r}"
+                )
+        self.policy.load_state_dict(state["policy"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+            self.log_alpha_prime.copy_(state["log_alpha_prime"])
+        self.hmc_log_step_size = state["hmc_log_step_size"].detach().clone().to(self.device)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][name])
+        # A CPU and a CUDA generator state are different things: across device types the stream
+        # stays freshly seeded (such a resume is not bit-identical anyway).
+        if state.get("generator_device", self.device.type) == self.device.type:
+            self.generator.set_state(state["generator"].cpu())
+        self.step = int(state["step"])
+
+    # ----------------------------------------------------------------------------------------------
+    def _unpack(self, batch: Mapping):
+        def get(key):
+            return torch.as_tensor(batch[key], dtype=torch.float32, device=self.device)
+
+        return (
+            get("observations"),
+            get("actions"),
+            get("rewards").reshape(-1),
+            get("next_observations"),
+            get("terminals").reshape(-1),
+        )
+
+    def _check_finite(self, losses_out: Dict[str, Tensor]) -> None:
+        """One host sync: every loss, and the gradient of every group a loss drives."""
+        groups = {name: self.optimizers[LOSS_OWNER[name]].param_groups[0]["params"] for name in losses_out}
+        grad_sums = [
+            torch.stack([p.grad.sum() for p in params if p.grad is not None]).sum() for params in groups.values()
+        ]
+        values = torch.stack([loss.detach() for loss in losses_out.values()] + grad_sums)
+        if bool(torch.isfinite(values).all()):
+            return
+        names = list(losses_out) + [f"{LOSS_OWNER[name]}_grad" for name in losses_out]
+        bad = next(name for name, ok in zip(names, torch.isfinite(values).tolist()) if not ok)
+        raise NonFiniteLossError(bad, self.step)
+
+
+def _derive_seeds(seed: int):
+    """Two independent 63-bit seeds (network init, sampling) from one config seed."""
+    words = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+    return [int(w) & (2**63 - 1) for w in words]

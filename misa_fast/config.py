@@ -1,0 +1,297 @@
+"""Hyperparameters of the MISA learner: one dataclass, presets per D4RL domain, and a ``--set
+key=value`` parser for the CLI.
+
+Every value of DESIGN.md section 2 has a name here, with the official code's default. Variants of
+the paper (BA, MISA-f, MISA-DV, MISA-biased, no-BA, ...) are settings of this one config, not new
+classes: ``energy_bound`` picks the critic regulariser, ``use_ba`` the log pi(a_D|s) term and
+``use_hmc`` the unbiased (MCMC) correction of the actor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+EnergyBound = Literal["misa", "dv", "f", "none"]
+LseNorm = Literal["k", "batch"]
+HMCMode = Literal["faithful", "adaptive", "parallel"]
+LRSchedule = Literal["constant", "cosine"]
+
+
+@dataclass(frozen=True)
+class MISAConfig:
+    # --- run -------------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "cpu"
+    # Shapes of the data set; the trainer fills them in (MISA(config, obs_dim, act_dim) also works).
+    obs_dim: Optional[int] = None
+    act_dim: Optional[int] = None
+
+    # --- networks --------------------------------------------------------------------------------
+    policy_hidden: Tuple[int, ...] = (256, 256)
+    critic_hidden: Tuple[int, ...] = (256, 256)  # (256, 256, 256) for antmaze
+    num_critics: int = 2
+
+    # --- RL / optimisation -----------------------------------------------------------------------
+    gamma: float = 0.99
+    tau: float = 5e-3  # Polyak rate of the target critics, applied every step
+    batch_size: int = 256
+    policy_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 1e-4
+    alpha_prime_lr: float = 3e-4  # official (JaxCQL lineage): the Lagrange multiplier uses the critic lr
+    # Paper appendix B: cosine decay of the policy and critic learning rates (official code: constant).
+    lr_schedule: LRSchedule = "constant"
+    lr_decay_steps: int = 1_000_000
+
+    # --- SAC temperature -------------------------------------------------------------------------
+    auto_alpha: bool = True
+    log_alpha_init: float = 0.0
+    target_entropy: Optional[float] = None  # None -> -act_dim
+
+    # --- mutual-information regulariser ----------------------------------------------------------
+    num_samples: int = 50  # K: policy samples in the log-mean-exp, and HMC samples per state
+    min_q_weight: float = 5.0  # w_q
+    bc_weight: float = 0.5
+    unbiased_weight: float = 0.1  # w_u, weight of the HMC correction term of the actor (eq. 15)
+    # Critic regulariser: "misa" eq. 10 (per-state log-mean-exp), "dv" eq. 9 (log-mean-exp over the
+    # whole batch), "f" eq. 8 (mean exp(Q-1)), "none" (BA / TD3+BC-like: no energy term).
+    energy_bound: EnergyBound = "misa"
+    use_ba: bool = True  # the Barber-Agakov term -log pi(a_D|s) of the actor; False = "no-BA"
+    # logsumexp_k Q - log(norm): "k" = log K (a true log-mean-exp), "batch" = log(batch size) as in the
+    # official code. Gradients are the same; under Lagrange the threshold shifts by log K - log B.
+    lse_norm: LseNorm = "k"
+
+    # --- Lagrange variant (paper eq. 17 / 26) ----------------------------------------------------
+    lagrange: bool = False
+    lagrange_tau: float = 1.0  # the "budget" of the log-mean-exp gap; presets: antmaze 10, adroit/kitchen 3
+    log_alpha_prime_init: float = 1.0
+    alpha_prime_min: float = 0.0
+    alpha_prime_max: float = 1e6
+
+    # --- HMC sampler for the unbiased actor gradient ---------------------------------------------
+    use_hmc: bool = True  # False: drop the correction term ("MISA-biased")
+    hmc_mode: HMCMode = "faithful"
+    hmc_burn_in: int = 5
+    hmc_leapfrog_steps: int = 2
+    hmc_step_size: float = 1.0
+    # Per-chain step-size adaptation during burn-in. None -> on exactly when hmc_mode == "adaptive";
+    # True also adapts the parallel chains.
+    hmc_adapt: Optional[bool] = None
+    hmc_target_accept: float = 0.65
+    hmc_adapt_rate: float = 0.5  # log step += rate * (acceptance probability - target), per transition
+
+    # --- safety ----------------------------------------------------------------------------------
+    # Check losses and gradients for NaN/inf before every optimizer step (one host sync per step).
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type/choice checks, and list -> tuple, int -> float
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        _validate(self)
+
+    # ------------------------------------------------------------------------------------------------
+    def replace(self, **changes) -> "MISAConfig":
+        """A copy with ``changes`` applied (validated). Unknown names raise ValueError."""
+        unknown = [k for k in changes if k not in _FIELD_TYPES]
+        if unknown:
+            raise ValueError(_unknown_key_message(unknown[0]))
+        coerced = {k: _coerce(k, v) for k, v in changes.items()}
+        return dataclasses.replace(self, **coerced)
+
+    @property
+    def adapt_hmc(self) -> bool:
+        return self.hmc_mode == "adaptive" if self.hmc_adapt is None else self.hmc_adapt
+
+    def resolved_target_entropy(self, act_dim: int) -> float:
+        return -float(act_dim) if self.target_entropy is None else float(self.target_entropy)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MISAConfig":
+        """Inverse of to_dict (lists become tuples); unknown keys raise ValueError."""
+        return cls().replace(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets: learner settings per D4RL domain (data-side settings such as reward scaling live with the
+# data loader). The Lagrange presets use the official log(batch) normalisation, since tau was tuned
+# with it.
+PRESETS: dict[str, dict] = {
+    "locomotion": {},
+    "antmaze": {
+        "critic_hidden": (256, 256, 256),
+        "lagrange": True,
+        "lagrange_tau": 10.0,
+        "lse_norm": "batch",
+    },
+    "adroit": {"lagrange": True, "lagrange_tau": 3.0, "lse_norm": "batch"},
+    "kitchen": {"lagrange": True, "lagrange_tau": 3.0, "lse_norm": "batch"},
+}
+
+_ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
+_LOCOMOTION_TASKS = ("hopper", "walker", "halfcheetah", "cheetah", "ant")
+
+
+def preset(name: str, **overrides) -> MISAConfig:
+    """The config for a domain ("locomotion", "antmaze", "adroit", "kitchen"), plus overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return MISAConfig().replace(**{**PRESETS[name], **overrides})
+
+
+def preset_name_for_env(env_name: str) -> str:
+    """Map a D4RL-style dataset name (e.g. "antmaze-umaze-v0", "hopper-medium-v2") to a preset."""
+    name = env_name.lower()
+    # antmaze before locomotion: "antmaze" contains "ant".
+    if "antmaze" in name:
+        return "antmaze"
+    if "kitchen" in name:
+        return "kitchen"
+    if any(name.startswith(t) for t in _ADROIT_TASKS):
+        return "adroit"
+    if any(name.startswith(t) for t in _LOCOMOTION_TASKS):
+        return "locomotion"
+    raise ValueError(f"no preset known for environment {env_name!r}")
+
+
+def apply_overrides(cfg: MISAConfig, assignments: typing.Iterable[str]) -> MISAConfig:
+    """Apply CLI ``--set key=value`` strings. Values are parsed by the field's type: ints, floats
+    ("3e-4"), bools (true/false/1/0/yes/no/on/off), tuples ("256,256", "256-256" or "[256, 256]"),
+    choices, and "none" for optional fields. Unknown keys or bad values raise ValueError."""
+    changes: dict = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        if key not in _FIELD_TYPES:
+            raise ValueError(_unknown_key_message(key))
+        changes[key] = _parse_text(key, text.strip())
+    return cfg.replace(**changes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and validation. Types come from the annotations, so a new field needs no parser code.
+_FIELD_TYPES: dict = {}  # filled after the class exists (get_type_hints needs the finished class)
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_text(key: str, text: str):
+    tp, optional = _strip_optional(_FIELD_TYPES[key])
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected a boolean (true/false)")
+        if tp is int:
+            as_float = float(text)  # accepts "1e6"
+            if not as_float.is_integer():
+                raise ValueError("expected an integer")
+            return int(as_float)
+        if tp is float:
+            return float(text)
+        if typing.get_origin(tp) is tuple:
+            parts = text.strip("[]() ").replace("-", ",").split(",")
+            return tuple(int(p) for p in parts if p.strip())
+        return text  # str and Literal: checked by _coerce
+    except ValueError as err:
+        raise ValueError(f"bad value {text!r} for config key {key!r}: {err}") from None
+
+
+def _coerce(key: str, value):
+    """Type-check (and normalise, e.g. list -> tuple, int -> float) a Python value for a field."""
+    tp, optional = _strip_optional(_FIELD_TYPES[key])
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {key!r} may not be None")
+    bad = ValueError(f"bad value {value!r} for config key {key!r} (expected {tp})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad
+        return tuple(value)
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(
+                f"bad value {value!r} for config key {key!r}; choose one of {typing.get_args(tp)}"
+            )
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config field type {tp} for {key!r}")  # pragma: no cover
+
+
+def _validate(cfg: MISAConfig) -> None:
+    positive_ints = ["num_critics", "batch_size", "num_samples", "hmc_leapfrog_steps", "lr_decay_steps"]
+    for name in positive_ints:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"config key {name!r} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("obs_dim", "act_dim"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"config key {name!r} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.hmc_burn_in < 0:
+        raise ValueError(f"config key 'hmc_burn_in' must be >= 0, got {cfg.hmc_burn_in}")
+    if not cfg.policy_hidden or not cfg.critic_hidden or min(cfg.policy_hidden + cfg.critic_hidden) < 1:
+        raise ValueError("hidden sizes must be non-empty tuples of positive ints")
+    for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "hmc_step_size"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.tau <= 1.0 or not 0.0 <= cfg.gamma <= 1.0:
+        raise ValueError("tau and gamma must lie in [0, 1]")
+    if not 0.0 < cfg.hmc_target_accept < 1.0:
+        raise ValueError("hmc_target_accept must lie in (0, 1)")
+    if not cfg.alpha_prime_min <= cfg.alpha_prime_max:
+        raise ValueError("alpha_prime_min must be <= alpha_prime_max")
+    if cfg.use_hmc and cfg.energy_bound != "misa":
+        # The HMC correction samples pi(a|s) e^Q(s,a) / Z(s), the tilted distribution of eq. 10 only.
+        raise ValueError(f"use_hmc=True needs energy_bound='misa' (got {cfg.energy_bound!r})")
+    if cfg.lagrange and cfg.energy_bound == "none":
+        raise ValueError("lagrange=True needs an energy bound")
+
+
+_FIELD_TYPES.update(typing.get_type_hints(MISAConfig))
+for _f in dataclasses.fields(MISAConfig):
+    assert _f.name in _FIELD_TYPES
+del _f

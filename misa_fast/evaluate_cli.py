@@ -1,0 +1,80 @@
+"""``misa-fast eval``: evaluate a checkpoint (or an exported policy.pt2) in its environment.
+
+    misa-fast eval --checkpoint runs/pendulum-default-misa-seed0 --episodes 10
+    misa-fast eval --checkpoint runs/x/policy.pt2 --env Hopper-v4 --dataset-name hopper-medium-v2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from misa_fast import checkpoint as ckpt
+
+
+def load_policy(path: Path):
+    """(act function on numpy observations, data info dict or None) from a checkpoint, a run
+    directory or an exported policy.pt2."""
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+
+        def act_exported(obs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+        return act_exported, None, True  # normalisation is inside the exported program
+    from misa_fast.config import MISAConfig
+    from misa_fast.train import make_agent
+
+    state = ckpt.load(path)
+    cfg = MISAConfig.from_dict({**state["agent_config"], "device": "cpu"})
+    agent = make_agent(state["run"]["algo"], cfg)
+    agent.load_state_dict(state["agent"])
+    policy = agent.policy.eval()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return policy.act(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    return act, state["data_info"], False
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, its run directory, or policy.pt2")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--env", help="gymnasium id (default: the one the training data came from)")
+    p.add_argument("--dataset-name", help="name for the normalized score (default: the training dataset)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from misa_fast.envs import evaluate
+
+    try:
+        act, info, normalised_inside = load_policy(Path(args.checkpoint))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"misa-fast eval: {err}", file=sys.stderr)
+        return 2
+    env_id = args.env or (info or {}).get("env_id")
+    if env_id is None:
+        print("misa-fast eval: an exported policy does not record its environment: pass --env", file=sys.stderr)
+        return 2
+    result = evaluate(
+        act, env_id, episodes=args.episodes, seed=args.seed,
+        obs_mean=None if normalised_inside else info.get("obs_mean"),
+        obs_std=None if normalised_inside else info.get("obs_std"),
+        dataset_name=args.dataset_name or (info or {}).get("name"),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        line = f"{env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over {args.episodes} episodes"
+        if result["mean_normalized"] is not None:
+            line += f"; normalized score {result['mean_normalized']:.1f}"
+        print(line)
+    return 0

@@ -1,0 +1,268 @@
+"""Hamiltonian Monte Carlo for the unbiased actor gradient of MISA (paper eq. 15), plain torch.
+
+The target, per state s, is the tilted policy p(a|s) ~ pi(a|s) exp(min_i Q_i(s, a)) in post-tanh
+action space (tanh Jacobian included); positions outside the open box (-1, 1)^A have density 0, so
+a proposal that leaves it at any leapfrog position is rejected. Unit-mass Gaussian momentum,
+``leapfrog_steps`` leapfrog steps per transition, Metropolis accept/reject. This file is the
+reference for the fused kernel, and it is also the eager implementation the agent runs.
+
+Modes (B states, K samples per state):
+  "faithful"  one chain per state started at the dataset action; ``burn_in`` transitions, then the
+              states after each of the next K transitions are the samples (burn_in + K transitions,
+              the official sampler).
+  "adaptive"  the faithful chain with a per-chain step size adapted during burn-in only (adapting
+              while recording would break detailed balance): after each burn-in transition
+              log(step) += adapt_rate * (acceptance probability - target_accept). The acceptance
+              probability min(1, exp(-dH)) is used rather than the 0/1 decision: same fixed point,
+              less noise. With 5 burn-in transitions this mostly refines; the agent carries the
+              geometric mean of the adapted step sizes over to the next training step.
+  "parallel"  K independent chains per state (chain b*K + k samples state b), each started at the
+              dataset action and run burn_in + 1 transitions; the last state of each is a sample.
+              K times the FLOPs, burn_in + 1 sequential transitions instead of burn_in + K.
+
+Randomness enters only through ``HMCNoise``: momentum (T, C, A) standard normal and uniform (T, C)
+in [0, 1), T transitions, C chains. Transition t uses momentum[t] and accepts iff
+uniform[t] < min(1, exp(-dH)). Supplying the noise makes the sampler deterministic, so a fused
+implementation can be compared with this one exactly.
+
+The core loop ``run_chains`` takes any log-density closure x -> (log p(x), grad log p(x)); the fast
+closure ``policy_q_log_density`` computes the gradient analytically from precomputed policy
+mean/std and the critics' state halves (computed once per training step, not per leapfrog).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from misa_fast.nets import Layers, ensemble_q_and_action_grad, tanh_log_det_jacobian
+
+MODES = ("faithful", "adaptive", "parallel")
+# Bounds of the adapted step size: keeps a chain that met a cliff from freezing or exploding.
+MIN_STEP_SIZE, MAX_STEP_SIZE = 1e-4, 10.0
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+LogDensity = Callable[[Tensor], Tuple[Tensor, Tensor]]  # x (C, A) -> (log p (C,), grad (C, A))
+
+
+class HMCNoise(NamedTuple):
+    momentum: Tensor  # (T, C, A) standard normal
+    uniform: Tensor  # (T, C) uniform in [0, 1)
+
+
+class HMCResult(NamedTuple):
+    samples: Tensor  # (B, K, A), no gradient
+    accept_rate: Tensor  # 0-dim: fraction of accepted transitions (all T transitions, all chains)
+    accept_prob: Tensor  # 0-dim: mean Metropolis acceptance probability
+    step_size: Tensor  # (C,) per-chain step size after adaptation (the input when not adapting)
+    accepted: Tensor  # (T, C) bool, the accept decisions
+
+
+class ChainOutput(NamedTuple):
+    states: Tensor  # (R, C, A): the states after transitions record_from .. T-1
+    accepted: Tensor  # (T, C) bool
+    accept_prob: Tensor  # (T, C)
+    step_size: Tensor  # (C,)
+
+
+def layout(mode: str, batch_size: int, num_samples: int, burn_in: int) -> Tuple[int, int]:
+    """(number of chains C, number of transitions T) of a mode."""
+    if mode in ("faithful", "adaptive"):
+        return batch_size, burn_in + num_samples
+    if mode == "parallel":
+        return batch_size * num_samples, burn_in + 1
+    raise ValueError(f"unknown HMC mode {mode!r}; choose one of {MODES}")
+
+
+def draw_noise(
+    mode: str,
+    batch_size: int,
+    num_samples: int,
+    burn_in: int,
+    act_dim: int,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> HMCNoise:
+    """All the randomness of one ``hmc_sample`` call; momentum is drawn first, then uniforms."""
+    chains, transitions = layout(mode, batch_size, num_samples, burn_in)
+    momentum = torch.randn((transitions, chains, act_dim), generator=generator, device=device, dtype=dtype)
+    uniform = torch.rand((transitions, chains), generator=generator, device=device, dtype=dtype)
+    return HMCNoise(momentum, uniform)
+
+
+# --------------------------------------------------------------------------------------------------
+def run_chains(
+    log_density: LogDensity,
+    init: Tensor,
+    noise: HMCNoise,
+    *,
+    leapfrog_steps: int,
+    step_size: Union[float, Tensor],
+    record_from: int = 0,
+    adapt_steps: int = 0,
+    target_accept: float = 0.65,
+    adapt_rate: float = 0.5,
+) -> ChainOutput:
+    """Generic HMC on C chains of dimension A for T = len(noise.momentum) transitions.
+
+    ``log_density`` returns -inf outside the support (and any finite gradient there); a transition
+    whose leapfrog path leaves the support is rejected. Step sizes are per chain; during the first
+    ``adapt_steps`` transitions they adapt towards ``target_accept`` (see module docstring)."""
+    transitions, chains, _ = noise.momentum.shape
+    x = init
+    log_p, grad = log_density(x)
+    step = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).expand(chains).clone()
+    states, accepted, accept_prob = [], [], []
+    for t in range(transitions):
+        eps = step.unsqueeze(-1)
+        p0 = noise.momentum[t]
+        # Leapfrog: half momentum step, (full position step, full momentum step) x L with the last
+        # momentum step halved. The gradient at the current state is cached from the last transition.
+        p = p0 + 0.5 * eps * grad
+        x_new, in_support = x, None
+        for leap in range(leapfrog_steps):
+            x_new = x_new + eps * p
+            log_p_new, grad_new = log_density(x_new)
+            finite = torch.isfinite(log_p_new)
+            in_support = finite if in_support is None else in_support & finite
+            p = p + (0.5 if leap == leapfrog_steps - 1 else 1.0) * eps * grad_new
+        # log of the Metropolis ratio exp(-H(x', p') + H(x, p)), H = -log p(x) + |p|^2 / 2
+        log_ratio = (log_p_new - 0.5 * (p * p).sum(-1)) - (log_p - 0.5 * (p0 * p0).sum(-1))
+        # Acceptance probability min(1, exp(log_ratio)); 0 off the support or for a NaN ratio (an
+        # overflowing trajectory), so neither the decision nor the step-size adaptation sees a NaN.
+        prob = torch.exp(log_ratio.clamp(max=0.0)).nan_to_num_(nan=0.0)
+        prob = torch.where(in_support, prob, torch.zeros_like(prob))
+        accept = noise.uniform[t] < prob
+        x = torch.where(accept.unsqueeze(-1), x_new, x)
+        log_p = torch.where(accept, log_p_new, log_p)
+        grad = torch.where(accept.unsqueeze(-1), grad_new, grad)
+        if t < adapt_steps:
+            step = (step * torch.exp(adapt_rate * (prob - target_accept))).clamp(MIN_STEP_SIZE, MAX_STEP_SIZE)
+        if t >= record_from:
+            states.append(x)
+        accepted.append(accept)
+        accept_prob.append(prob)
+    empty = init.new_zeros((0, *init.shape))
+    return ChainOutput(
+        torch.stack(states) if states else empty, torch.stack(accepted), torch.stack(accept_prob), step
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+def policy_q_log_density(
+    mean: Tensor, std: Tensor, critic_layers: Layers, state_half: Tensor, repeats: int = 1
+) -> LogDensity:
+    """The MISA target log pi(a|s) + min_i Q_i(s, a) with its exact analytic gradient in a.
+
+    mean, std: (C, A) pre-tanh policy parameters; critic_layers: stacked (E, out, in) weights of the
+    online critics; state_half: (E, C // repeats, H1) their layer-1 state halves, chains grouped by
+    state in runs of ``repeats``. Everything is treated as a constant (call under no_grad or with
+    detached inputs)."""
+    inv_std = 1.0 / std
+    log_norm = -(torch.log(std) + _HALF_LOG_2PI).sum(-1)
+
+    def log_density(a: Tensor) -> Tuple[Tensor, Tensor]:
+        inside = (a.abs() < 1.0).all(dim=-1)
+        a = torch.where(inside.unsqueeze(-1), a, torch.zeros_like(a))  # keep the arithmetic finite
+        u = torch.atanh(a)
+        z = (u - mean) * inv_std
+        log_pi = log_norm - (0.5 * z * z + tanh_log_det_jacobian(u)).sum(-1)
+        # d/da: (d/du)(du/da) with d/du log pi = -z/std + 2 tanh(u) and du/da = 1 / (1 - a^2);
+        # (1 - a)(1 + a) keeps its precision near |a| = 1 where 1 - a*a would not.
+        grad_pi = (2.0 * a - z * inv_std) / ((1.0 - a) * (1.0 + a))
+        q, grad_q = ensemble_q_and_action_grad(critic_layers, state_half, a, repeats)
+        q_min, index = q.min(dim=0)
+        grad_q = grad_q.gather(0, index.view(1, -1, 1).expand(1, *a.shape)).squeeze(0)
+        log_p = torch.where(inside, log_pi + q_min, torch.full_like(q_min, -math.inf))
+        return log_p, torch.where(inside.unsqueeze(-1), grad_pi + grad_q, torch.zeros_like(a))
+
+    return log_density
+
+
+def autograd_log_density(log_prob_fn: Callable[[Tensor], Tensor]) -> LogDensity:
+    """Wrap any differentiable x (C, A) -> log p (C,) into a closure with its autograd gradient
+    (for targets without an analytic gradient, and to check the fast closure)."""
+
+    def log_density(x: Tensor) -> Tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            log_p = log_prob_fn(x)
+            (grad,) = torch.autograd.grad(log_p.sum(), x)
+        grad = torch.where(torch.isfinite(log_p).unsqueeze(-1), grad, torch.zeros_like(grad))
+        return log_p.detach(), grad
+
+    return log_density
+
+
+@torch.no_grad()
+def hmc_sample(
+    policy_mean: Tensor,
+    policy_std: Tensor,
+    critic_layers: Layers,
+    state_half: Tensor,
+    init_actions: Tensor,
+    *,
+    mode: str = "faithful",
+    num_samples: int = 50,
+    burn_in: int = 5,
+    leapfrog_steps: int = 2,
+    step_size: Union[float, Tensor] = 1.0,
+    adapt: Optional[bool] = None,
+    target_accept: float = 0.65,
+    adapt_rate: float = 0.5,
+    noise: Optional[HMCNoise] = None,
+    generator: Optional[torch.Generator] = None,
+    init_clip: float = 0.999,
+) -> HMCResult:
+    """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC.
+
+    policy_mean, policy_std: (B, A) pre-tanh policy parameters at the states (computed once per
+    training step); critic_layers / state_half: the online critics as stacked layers and their
+    layer-1 state halves (E, B, H1); init_actions: (B, A) dataset actions, clipped to +-init_clip.
+    step_size: a scalar or a (C,) per-chain tensor. adapt: None -> mode == "adaptive".
+    noise: supplied HMCNoise (see ``draw_noise`` for shapes) or None to draw it from ``generator``.
+    Returns HMCResult with samples (B, K, A)."""
+    batch, act_dim = init_actions.shape
+    chains, transitions = layout(mode, batch, num_samples, burn_in)
+    if noise is None:
+        noise = draw_noise(
+            mode, batch, num_samples, burn_in, act_dim, generator, init_actions.device, init_actions.dtype
+        )
+    elif noise.momentum.shape != (transitions, chains, act_dim) or noise.uniform.shape != (transitions, chains):
+        raise ValueError(
+            f"HMC noise for mode {mode!r} needs momentum {(transitions, chains, act_dim)} and uniform "
+            f"{(transitions, chains)}, got {tuple(noise.momentum.shape)} and {tuple(noise.uniform.shape)}"
+        )
+    mean, std, halves = policy_mean.detach(), policy_std.detach(), state_half.detach()
+    init = init_actions.detach().clamp(-init_clip, init_clip)
+    repeats = num_samples if mode == "parallel" else 1
+    if repeats > 1:  # chain b*K + k belongs to state b (the state halves are broadcast, not copied)
+        mean, std, init = (t.repeat_interleave(repeats, dim=0) for t in (mean, std, init))
+    layers = [(w.detach(), b.detach()) for w, b in critic_layers]
+    if adapt is None:
+        adapt = mode == "adaptive"
+    out = run_chains(
+        policy_q_log_density(mean, std, layers, halves, repeats),
+        init,
+        noise,
+        leapfrog_steps=leapfrog_steps,
+        step_size=step_size,
+        record_from=burn_in,
+        adapt_steps=burn_in if adapt else 0,
+        target_accept=target_accept,
+        adapt_rate=adapt_rate,
+    )
+    if mode == "parallel":
+        samples = out.states[-1].view(batch, num_samples, act_dim)
+    else:
+        samples = out.states.transpose(0, 1)  # (K, B, A) -> (B, K, A)
+    return HMCResult(
+        samples=samples,
+        accept_rate=out.accepted.float().mean(),
+        accept_prob=out.accept_prob.mean(),
+        step_size=out.step_size,
+        accepted=out.accepted,
+    )

@@ -1,0 +1,145 @@
+"""The losses of the MISA learner as plain functions (DESIGN.md section 2).
+
+Each function detaches what its loss must not differentiate (targets, temperatures, multipliers,
+samples), so "each loss updates only its own parameters" holds by construction: the agent can sum
+all losses and run one backward pass.
+
+Shapes: E critics, B states, K samples per state, A action dims. Per-critic quantities are (E, ...).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from misa_fast import nets, ops
+from misa_fast.nets import Layers, ensemble_q
+
+
+# --------------------------------------------------------------------------------------------------
+# critic
+def td_target(rewards: Tensor, dones: Tensor, next_q: Tensor, gamma: float) -> Tensor:
+    """y = r + gamma * (1 - d) * min_i Q_target_i(s', a'), no entropy backup, no gradient. (B,)"""
+    return (rewards + gamma * (1.0 - dones) * next_q.min(dim=0).values).detach()
+
+
+def td_loss(q_data: Tensor, target: Tensor) -> Tensor:
+    """mean_s (Q_i(s, a) - y)^2 for every critic: (E,)."""
+    return (q_data - target.detach()).pow(2).mean(dim=1)
+
+
+def log_norm(kind: str, num_samples: int, batch_size: int) -> float:
+    """The constant subtracted from logsumexp_k: log K (a true log-mean-exp) or, as in the official
+    code, log(batch size)."""
+    return math.log(num_samples if kind == "k" else batch_size)
+
+
+def sampled_q(layers: Layers, obs: Tensor, actions: Tensor, state_half: Optional[Tensor] = None) -> Tensor:
+    """Q of K sampled actions for every state and critic: actions (B, K, A) -> (E, B, K).
+
+    layers: the critics' stacked layers (``EnsembleCritic.stacked_layers()``); state_half: their
+    layer-1 state halves (E, B, H1) if already computed (shared by the K samples of a state)."""
+    return ensemble_q(layers, nets.state_half(layers, obs) if state_half is None else state_half, actions)
+
+
+def sampled_q_log_mean_exp(
+    layers: Layers, obs: Tensor, actions: Tensor, norm: float, state_half: Optional[Tensor] = None
+) -> Tensor:
+    """logsumexp_k Q_i(s, a_k) - norm for every critic and state: (E, B). Each critic uses its own Q.
+
+    The single place the agent evaluates the MISA log-partition. Where the ops dispatch picks Triton
+    (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
+    recomputes the state half in-kernel and never materialises the (B*K, H) activations; otherwise
+    it is the eager torch code below, sharing the precomputed state half."""
+    if ops.resolve_backend(None, obs, actions) == "triton":  # falls back itself for unsupported shapes
+        return ops.sampled_q_log_mean_exp(obs, actions, layers, normalizer=norm)
+    return torch.logsumexp(sampled_q(layers, obs, actions, state_half), dim=2) - norm
+
+
+def energy_gap(
+    bound: str,
+    q_data: Tensor,
+    layers: Layers,
+    obs: Tensor,
+    sample_actions: Tensor,
+    norm: float,
+    state_half: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
+    log-partition term alone (both (E,)). ``sample_actions`` (B, K, A) are policy samples at s.
+
+    misa (eq. 10): mean_s [log mean_k exp Q(s, a_k)]      (normalised by ``norm``)
+    dv   (eq. 9):  log mean_{s,k} exp Q(s, a_k)
+    f    (eq. 8):  mean_{s,k} exp(Q(s, a_k) - 1)
+    """
+    data_term = q_data.mean(dim=1)
+    if bound == "misa":
+        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half).mean(dim=1)
+    elif bound == "dv":
+        q = sampled_q(layers, obs, sample_actions, state_half).flatten(1)
+        partition = torch.logsumexp(q, dim=1) - math.log(q.shape[1])
+    elif bound == "f":
+        partition = torch.exp(sampled_q(layers, obs, sample_actions, state_half) - 1.0).mean(dim=(1, 2))
+    else:
+        raise ValueError(f"unknown energy bound {bound!r}")
+    return partition - data_term, partition
+
+
+def alpha_prime_value(log_alpha_prime: Tensor, lo: float, hi: float) -> Tensor:
+    """alpha' = exp(log alpha') clipped to [lo, hi] (official: [0, 1e6])."""
+    return log_alpha_prime.exp().clamp(lo, hi)
+
+
+def conservative_penalty(
+    gap: Tensor, min_q_weight: float, alpha_prime: Optional[Tensor] = None, tau: float = 0.0
+) -> Tensor:
+    """w_q * gap, or under Lagrange alpha' * w_q * (gap - tau) with alpha' held fixed. (E,)"""
+    if alpha_prime is None:
+        return min_q_weight * gap
+    return alpha_prime.detach() * min_q_weight * (gap - tau)
+
+
+def alpha_prime_loss(alpha_prime: Tensor, gap: Tensor, min_q_weight: float, tau: float) -> Tensor:
+    """alpha' maximises alpha' * w_q * (gap - tau) (averaged over critics): it grows while the gap
+    exceeds the budget tau and shrinks towards 0 below it. The gap is held fixed."""
+    return -(alpha_prime * min_q_weight * (gap.detach() - tau)).mean()
+
+
+def critic_loss(td: Tensor, penalty: Tensor) -> Tensor:
+    """Sum over critics of TD error + regulariser (each critic only sees its own terms)."""
+    return td.sum() + penalty.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# actor and temperature
+def actor_loss(
+    alpha: Tensor,
+    log_pi_new: Tensor,
+    q_new: Tensor,
+    bc_weight: float,
+    log_pi_data: Optional[Tensor] = None,
+    log_pi_mcmc: Optional[Tensor] = None,
+    unbiased_weight: float = 0.0,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """bc_weight * mean(alpha log pi(a~|s) - log pi(a_D|s)) - mean(Q(s, a~)) + w_u mean log pi(a_mcmc|s).
+
+    q_new must come from critics whose weights are detached (only the path through a~ may carry a
+    gradient); alpha is detached here. ``log_pi_data`` None drops the BA term ("no-BA");
+    ``log_pi_mcmc`` None drops the HMC correction ("MISA-biased"). Returns (loss, terms)."""
+    terms = {
+        "actor_entropy_term": bc_weight * alpha.detach() * log_pi_new.mean(),
+        "actor_q_term": -q_new.mean(),
+    }
+    if log_pi_data is not None:
+        terms["actor_ba_term"] = -bc_weight * log_pi_data.mean()
+    if log_pi_mcmc is not None:
+        terms["actor_unbiased_term"] = unbiased_weight * log_pi_mcmc.mean()
+    return sum(terms.values()), terms
+
+
+def alpha_loss(log_alpha: Tensor, log_pi_new: Tensor, target_entropy: float) -> Tensor:
+    """SAC temperature loss in the official (JaxCQL) form -log_alpha * mean(log pi + H_target):
+    alpha grows while the policy's entropy is below the target."""
+    return -(log_alpha * (log_pi_new.detach() + target_entropy)).mean()

@@ -1,0 +1,86 @@
+"""Where training batches come from: the C++ prefetcher (host memory, any device) or a copy of the
+dataset resident on the GPU with on-device index sampling. Both hand out dicts of tensors with
+D4RL's field names and can save and restore their position in the batch sequence (resume)."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import torch
+
+from misa_fast.buffer import FIELDS, ReplayBuffer
+
+Batch = Dict[str, torch.Tensor]
+SOURCES = ("auto", "prefetch", "device")
+
+
+class PrefetchSource:
+    """Batches from a :class:`ReplayBuffer` through its C++ prefetcher."""
+
+    kind = "prefetch"
+
+    def __init__(self, data: Mapping[str, np.ndarray], batch_size: int, seed: int, device: torch.device,
+                 state: Optional[dict] = None, depth: int = 3):
+        self.buffer = ReplayBuffer.from_arrays(data, seed=seed)
+        if state is not None:
+            self.buffer.load_state_dict(state)
+        self._batches = self.buffer.prefetcher(batch_size, depth=depth, device=device)
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, **self._batches.state_dict(include_data=False)}
+
+    def close(self) -> None:
+        self._batches.close()
+
+
+class DeviceSource:
+    """The whole dataset on the device as one (N, row) tensor; each batch is one ``randint`` and
+    one ``index_select`` (two kernels, no host round trip), split into per-field views."""
+
+    kind = "device"
+
+    def __init__(self, data: Mapping[str, np.ndarray], batch_size: int, seed: int, device: torch.device,
+                 state: Optional[dict] = None):
+        columns = [np.asarray(data[f], dtype=np.float32).reshape(len(data["observations"]), -1) for f in FIELDS]
+        self._widths = [c.shape[1] for c in columns]
+        self._rows = torch.from_numpy(np.concatenate(columns, axis=1)).to(device)
+        self.batch_size, self.device = int(batch_size), torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(int(seed))
+        if state is not None:
+            if state.get("kind") != self.kind:
+                raise ValueError(f"sampler state is for {state.get('kind')!r}, not {self.kind!r}")
+            self._generator.set_state(state["generator"].to("cpu") if hasattr(state["generator"], "to")
+                                      else state["generator"])
+
+    def __next__(self) -> Batch:
+        idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
+        parts = torch.split(self._rows.index_select(0, idx), self._widths, dim=1)
+        return {f: (p if f in ("observations", "next_observations", "actions") else p.squeeze(1))
+                for f, p in zip(FIELDS, parts)}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "generator": self._generator.get_state()}
+
+    def close(self) -> None:
+        pass
+
+
+def make_source(kind: str, data: Mapping[str, np.ndarray], batch_size: int, seed: int, device,
+                state: Optional[dict] = None):
+    """``kind``: "prefetch", "device", or "auto" (device-resident on CUDA, prefetcher on CPU; on a
+    CPU the dataset is already in host memory and the prefetcher overlaps the gather with the step)."""
+    device = torch.device(device)
+    if kind not in SOURCES:
+        raise ValueError(f"data source: expected one of {SOURCES}, got {kind!r}")
+    if state is not None:
+        kind = state.get("kind", kind)
+    elif kind == "auto":
+        kind = "device" if device.type == "cuda" else "prefetch"
+    if kind == "device":
+        return DeviceSource(data, batch_size, seed, device, state)
+    state = None if state is None else {k: v for k, v in state.items() if k != "kind"}
+    return PrefetchSource(data, batch_size, seed, device, state)

@@ -1,0 +1,332 @@
+"""``misa-fast train``: the training loop — batches, updates, evaluation, logs, checkpoints, resume.
+
+    misa-fast train                                   # embedded Pendulum dataset, CPU-sized run
+    misa-fast train --dataset hopper-medium-v2 --steps 1000000 --device cuda
+    misa-fast train --dataset ../shared/data/hopper-medium-local.hdf5 --set hmc_mode=parallel
+    misa-fast train --out runs/x --resume             # continue after a kill, bit-identical on CPU
+
+A run directory holds ``config.json``, ``progress.csv`` (every metric; TensorBoard events under
+``tb/`` when tensorboard is installed), ``checkpoint.pt`` (written atomically every
+``--checkpoint-every`` steps), and at the end ``learning_curve.png`` and ``policy.pt2`` (a
+torch.export program usable without misa-fast).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from misa_fast import checkpoint as ckpt
+from misa_fast.samplers import SOURCES, make_source
+
+
+@dataclass
+class RunConfig:
+    """Run-level settings (the learner's hyperparameters live in the agent's config)."""
+
+    dataset: Optional[str] = None  # name, path, or None for the embedded default
+    algo: str = "misa"
+    preset: Optional[str] = None  # None: from the dataset name (locomotion when unknown)
+    steps: int = 1_000_000
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    eval_every: int = 10_000
+    eval_episodes: int = 10
+    checkpoint_every: Optional[int] = None  # None: every evaluation
+    log_every: int = 1_000
+    data_source: str = "auto"  # "auto" | "prefetch" | "device"
+    obs_norm: str = "none"  # "none" | "scalar" | "per-dim"
+    overrides: tuple = ()  # "key=value" for the agent config
+    progress: bool = True
+    tensorboard: bool = True
+    resume: bool = False
+
+
+class NonFiniteTraining(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim: int, device: torch.device):
+    from misa_fast.config import apply_overrides, preset, preset_name_for_env
+
+    if run.preset is not None:
+        name = run.preset
+    else:
+        try:
+            name = preset_name_for_env(dataset_name)
+        except ValueError:
+            name = "locomotion"
+    cfg = preset(name).replace(seed=run.seed, device=str(device), obs_dim=obs_dim, act_dim=act_dim)
+    return apply_overrides(cfg, run.overrides)
+
+
+def make_agent(algo: str, cfg):
+    from misa_fast.agents import MISA
+
+    if algo != "misa":
+        raise ValueError(f"--algo: unknown algorithm {algo!r}; choose one of ['misa']")
+    return MISA(cfg)
+
+
+def default_out_dir(run: RunConfig, dataset: str) -> Path:
+    label = Path(dataset).name.rsplit(".", 1)[0] if Path(dataset).suffix in (".hdf5", ".h5", ".npz") else Path(dataset).name
+    return Path("runs") / f"{label}-{run.algo}-seed{run.seed}"
+
+
+# ------------------------------------------------------------------------------------------- logging
+class ProgressLog:
+    """progress.csv with a fixed header (chosen at the first row) plus optional TensorBoard."""
+
+    EVAL_COLUMNS = ("eval_return", "eval_return_std", "eval_normalized")
+
+    def __init__(self, out: Path, resume_step: Optional[int], tensorboard: bool):
+        self.path = out / "progress.csv"
+        self.header: Optional[list] = None
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"), purge_step=resume_step)
+            except ImportError:
+                pass
+
+    def _truncate_after(self, step: int) -> None:
+        """Rows written after the checkpoint we resume from are replayed, so drop them."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            f.seek(0)
+            self.header = next(csv.reader(f), None)
+        kept = [r for r in rows if int(r["step"]) <= step]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.header)
+            w.writeheader()
+            w.writerows(kept)
+        tmp.replace(self.path)
+
+    def write(self, step: int, values: dict) -> None:
+        if self.header is None:
+            metric_keys = sorted(k for k in values if k not in ("step", *self.EVAL_COLUMNS))
+            self.header = ["step", *metric_keys, *self.EVAL_COLUMNS]
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.header)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.header, extrasaction="ignore").writerow({"step": step, **values})
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None and np.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def metrics_to_floats(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# -------------------------------------------------------------------------------------------- train
+def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
+    from misa_fast.envs import evaluate
+
+    device = next(agent.policy.parameters()).device
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return agent.policy.act(torch.as_tensor(obs, device=device)).cpu().numpy()
+
+    return evaluate(act, info.env_id, episodes=episodes, seed=seed, obs_mean=info.obs_mean,
+                    obs_std=info.obs_std, dataset_name=info.name)
+
+
+def train(run: RunConfig) -> dict:
+    """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
+    goes non-finite (the last good checkpoint is left untouched)."""
+    from misa_fast.agents import NonFiniteLossError
+    from misa_fast.config import MISAConfig
+    from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
+
+    device = resolve_device(run.device)
+    dataset = run.dataset or DEFAULT_DATASET
+    out = Path(run.out) if run.out else default_out_dir(run, dataset)
+    state = None
+    if (out / ckpt.CHECKPOINT_NAME).exists():
+        if not run.resume:
+            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                                  "or choose another --out")
+        state = ckpt.load(out / ckpt.CHECKPOINT_NAME)
+    elif run.resume:
+        print(f"misa-fast train: no checkpoint in {out}; starting a new run", file=sys.stderr)
+
+    if state is not None:
+        saved = RunConfig(**{**state["run"], "overrides": tuple(state["run"]["overrides"])})
+        # What the run computes comes from the checkpoint; only its length and reporting may change.
+        run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
+                                  eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
+                                  log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
+                                  device=run.device, out=str(out), resume=True)
+        dataset = run.dataset or DEFAULT_DATASET
+
+    data, info = prepare(dataset, obs_norm=run.obs_norm)
+    if state is not None:
+        info = DataInfo.from_dict(state["data_info"])
+        cfg = MISAConfig.from_dict({**state["agent_config"], "device": str(device)})
+    else:
+        cfg = build_agent_config(run, info.name, info.obs_dim, info.act_dim, device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    agent = make_agent(run.algo, cfg)
+    start_step = 0
+    if state is not None:
+        agent.load_state_dict(state["agent"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    source = make_source(run.data_source, data, cfg.batch_size, run.seed, device,
+                         state=None if state is None else state["sampler"])
+    (out / "config.json").write_text(json.dumps(
+        {"run": dataclasses.asdict(run), "agent": cfg.to_dict(), "data": info.to_dict(),
+         "data_source": source.kind, "device": str(device)}, indent=2, default=str))
+
+    log = ProgressLog(out, start_step if state is not None else None, run.tensorboard)
+    checkpoint_every = run.checkpoint_every or run.eval_every
+    last_eval: Optional[dict] = state.get("last_eval") if state else None
+
+    def save(step: int) -> None:
+        ckpt.save_atomic({"step": step, "run": dataclasses.asdict(run), "agent_config": cfg.to_dict(),
+                          "data_info": info.to_dict(), "agent": agent.state_dict(),
+                          "sampler": source.state_dict(), "rng": ckpt.rng_state(), "last_eval": last_eval},
+                         out / ckpt.CHECKPOINT_NAME)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not run.progress, desc=f"{run.algo} {info.name}")
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, run.steps + 1):
+            try:
+                metrics = agent.update(next(source))
+            except NonFiniteLossError as err:
+                raise NonFiniteTraining(
+                    f"stopped at step {step}: non-finite {err.term}; no parameter was updated. The last good checkpoint "
+                    f"({out / ckpt.CHECKPOINT_NAME}) was left untouched.") from err
+            window_steps += 1
+            bar.update(1)
+            row = {}
+            evaluate_now = step % run.eval_every == 0 or step == run.steps
+            # Every row carries the training metrics, so the CSV header (fixed by the first row) has them.
+            if evaluate_now or step % run.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
+            if evaluate_now:
+                result = evaluate_policy(agent, info, run.eval_episodes, seed=run.seed + 1_000_000)
+                last_eval = {"step": step, "mean_return": result["mean_return"], "std_return": result["std_return"],
+                             "mean_normalized": result["mean_normalized"]}
+                row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
+                           eval_normalized=result["mean_normalized"])
+                score = result["mean_normalized"]
+                bar.set_postfix(score=f"{score:.1f}" if score is not None else "n/a",
+                                ret=f"{result['mean_return']:.1f}")
+            if row:
+                log.write(step, row)
+            if step % checkpoint_every == 0 or step == run.steps:
+                save(step)
+            if row:  # evaluation and checkpoint time is not training time
+                window_start, window_steps = time.perf_counter(), 0
+    finally:
+        bar.close()
+        source.close()
+        log.close()
+
+    ckpt.export_policy(agent.policy, info.obs_dim, out / ckpt.POLICY_NAME, info.obs_mean, info.obs_std)
+    from misa_fast.plotting import plot_progress
+
+    plot_progress(out / "progress.csv", out / "learning_curve.png", title=f"{run.algo} on {info.name}")
+    summary = {"out": str(out), "steps": step, "last_eval": last_eval, "device": str(device),
+               "data_source": source.kind}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), a .hdf5/.npz file or a Minari "
+                                     "directory; default: the embedded Pendulum dataset")
+    p.add_argument("--algo", default=d.algo, help="learner (default: %(default)s)")
+    p.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen"],
+                   help="hyperparameter preset (default: from the dataset name)")
+    p.add_argument("--steps", type=int, help="total training steps (default: 1000000; 20000 for the "
+                                             "embedded dataset)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", help="run directory (default: runs/<dataset>-<algo>-seed<seed>)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 10000; 2000 for "
+                                                  "the embedded dataset)")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress.csv rows")
+    p.add_argument("--data-source", default=d.data_source, choices=SOURCES,
+                   help="batches from the C++ prefetcher or a device-resident dataset (auto: device on CUDA)")
+    p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"])
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an agent config value, e.g. --set num_samples=20 (repeatable)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    embedded = args.dataset is None
+    return RunConfig(
+        dataset=args.dataset, algo=args.algo, preset=args.preset,
+        steps=args.steps if args.steps is not None else (20_000 if embedded else 1_000_000),
+        seed=args.seed, device=args.device, out=args.out,
+        eval_every=args.eval_every if args.eval_every is not None else (2_000 if embedded else 10_000),
+        eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        data_source=args.data_source, obs_norm=args.obs_norm, overrides=tuple(args.overrides),
+        progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = train(run_config_from_args(args))
+    except NonFiniteTraining as err:
+        print(f"misa-fast train: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"misa-fast train: {err}", file=sys.stderr)
+        return 2
+    last = summary["last_eval"] or {}
+    score = last.get("mean_normalized")
+    print(f"done: {summary['steps']} steps in {summary['out']}; last evaluation: return "
+          f"{last.get('mean_return', float('nan')):.1f}" + (f", normalized score {score:.1f}" if score is not None else ""))
+    return 0
