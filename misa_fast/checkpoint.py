@@ -98,7 +98,7 @@ def export_policy(policy: nn.Module, obs_dim: int, path: os.PathLike, obs_mean=N
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # torch.export wants the .pt2 suffix
     torch.export.save(program, tmp)
     os.replace(tmp, path)
     return path

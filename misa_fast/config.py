@@ -131,6 +131,9 @@ PRESETS: dict[str, dict] = {
     },
     "adroit": {"lagrange": True, "lagrange_tau": 3.0, "lse_norm": "batch"},
     "kitchen": {"lagrange": True, "lagrange_tau": 3.0, "lse_norm": "batch"},
+    # The embedded Pendulum dataset (3-dim states, 1-dim actions): the locomotion learner with
+    # smaller networks and K, so the default `misa-fast train` learns visibly in a few CPU minutes.
+    "pendulum": {"policy_hidden": (64, 64), "critic_hidden": (64, 64), "num_samples": 10},
 }
 
 _ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
@@ -152,6 +155,8 @@ def preset_name_for_env(env_name: str) -> str:
         return "antmaze"
     if "kitchen" in name:
         return "kitchen"
+    if name.startswith("pendulum"):
+        return "pendulum"
     if any(name.startswith(t) for t in _ADROIT_TASKS):
         return "adroit"
     if any(name.startswith(t) for t in _LOCOMOTION_TASKS):

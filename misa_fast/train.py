@@ -1,6 +1,6 @@
 """``misa-fast train``: the training loop — batches, updates, evaluation, logs, checkpoints, resume.
 
-    misa-fast train                                   # embedded Pendulum dataset, CPU-sized run
+    misa-fast train                                   # embedded Pendulum dataset, a few CPU minutes
     misa-fast train --dataset hopper-medium-v2 --steps 1000000 --device cuda
     misa-fast train --dataset ../shared/data/hopper-medium-local.hdf5 --set hmc_mode=parallel
     misa-fast train --out runs/x --resume             # continue after a kill, bit-identical on CPU
@@ -281,14 +281,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), a .hdf5/.npz file or a Minari "
                                      "directory; default: the embedded Pendulum dataset")
     p.add_argument("--algo", default=d.algo, help="learner (default: %(default)s)")
-    p.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen"],
+    p.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen", "pendulum"],
                    help="hyperparameter preset (default: from the dataset name)")
-    p.add_argument("--steps", type=int, help="total training steps (default: 1000000; 20000 for the "
+    p.add_argument("--steps", type=int, help="total training steps (default: 1000000; 3000 for the "
                                              "embedded dataset)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<algo>-seed<seed>)")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 10000; 2000 for "
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 10000; 500 for "
                                                   "the embedded dataset)")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
@@ -307,9 +307,9 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     embedded = args.dataset is None
     return RunConfig(
         dataset=args.dataset, algo=args.algo, preset=args.preset,
-        steps=args.steps if args.steps is not None else (20_000 if embedded else 1_000_000),
+        steps=args.steps if args.steps is not None else (3_000 if embedded else 1_000_000),
         seed=args.seed, device=args.device, out=args.out,
-        eval_every=args.eval_every if args.eval_every is not None else (2_000 if embedded else 10_000),
+        eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
         eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         data_source=args.data_source, obs_norm=args.obs_norm, overrides=tuple(args.overrides),
         progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
