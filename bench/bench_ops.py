@@ -16,6 +16,16 @@ everywhere; their numbers are not GPU figures.
 
 Target (issue 5, H100): the fused sampled-Q log-mean-exp at least 2x faster than the eager MLP +
 logsumexp (``naive-eager``).
+
+HMC (``test_hmc_cuda``): the fused chain (one launch, ``misa_fast.ops.hmc_sample``) against the torch
+reference sampler ``misa_fast.hmc.hmc_sample`` in eager mode, with its log-density closure compiled
+(``reference-compile``: the per-evaluation graph, what one would compile in practice) and fully
+compiled (``reference-compile-full``: the whole unrolled chain; minutes of compilation in the
+warm-up), paper-faithful (256 chains x 55 transitions x 2 leapfrog steps = 110 sequential gradient
+evaluations) and parallel (12,800 chains x 6 transitions). The noise is supplied (drawn once, as the
+agent does) except for ``fused-tf32-rng`` (in-kernel Philox). ``extra_info``: ms per call and
+gradient evaluations per chain per ms. Target (issue 5, H100/H200): fused paper-faithful chain at
+least 10x faster than ``reference-eager``.
 """
 import math
 
@@ -23,7 +33,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from misa_fast.ops import log_mean_exp, log_mean_exp_reference, sampled_q_log_mean_exp, sampled_q_log_mean_exp_reference
+from misa_fast import hmc as hmc_lib
+from misa_fast.ops import (
+    hmc_sample,
+    log_mean_exp,
+    log_mean_exp_reference,
+    sampled_q_log_mean_exp,
+    sampled_q_log_mean_exp_reference,
+)
 
 B, K, H = 256, 50, 256
 DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6)}
@@ -217,3 +234,104 @@ def test_log_mean_exp_cpu_reference(benchmark, impl):
     per_call = _run(benchmark, fn, 1, False, rounds=20)
     if per_call:
         benchmark.extra_info.update(ms=per_call * 1e3, gbps=(3 * B * K * 4 + 2 * B * 4) / per_call / 1e9)
+
+
+# ----------------------------------------------------------------------------------------------
+# HMC chain
+# ----------------------------------------------------------------------------------------------
+HMC_IMPLS = ["fused-tf32", "fused-tf32-rng", "fused-tf32x3", "fused-bf16", "fused-ieee", "reference-eager",
+             "reference-compile", "reference-compile-full"]
+BURN_IN, LEAPFROG = 5, 2
+
+
+def hmc_problem(S, A, device, b=B, hidden=H, seed=0):
+    """Per-state policy mean/std, twin stacked critics (256-256 ELU, weights scaled so that Q varies
+    by O(1) over the action box), their layer-1 state halves and dataset actions."""
+    g = torch.Generator().manual_seed(seed)
+    dims = [S + A, hidden, hidden, 1]
+    layers = []
+    for i, o in zip(dims[:-1], dims[1:]):
+        w = torch.randn(2, o, i, generator=g) * (1.0 / math.sqrt(i))
+        layers.append((w.to(device), (torch.randn(2, o, generator=g) * 0.1).to(device)))
+    obs = torch.randn(b, S, generator=g).to(device)
+    w0, b0 = layers[0]
+    state_half = torch.matmul(obs, w0[:, :, :S].transpose(1, 2)) + b0.unsqueeze(1)
+    mean = (torch.randn(b, A, generator=g) * 0.5).to(device)
+    std = torch.exp(torch.rand(b, A, generator=g) - 1.5).to(device)
+    init = (torch.rand(b, A, generator=g) * 1.6 - 0.8).to(device)
+    return mean, std, layers, state_half, init
+
+
+def _reference_compiled_density(mean, std, layers, state_half, init, mode, num_samples, step, noise):
+    """hmc_lib.hmc_sample with the per-evaluation closure compiled (built once, reused by calls)."""
+    repeats = num_samples if mode == "parallel" else 1
+    m, s = mean, std
+    if repeats > 1:
+        m, s = (t.repeat_interleave(repeats, dim=0) for t in (mean, std))
+    density = torch.compile(hmc_lib.policy_q_log_density(m, s, layers, state_half, repeats))
+    x0 = init.clamp(-0.999, 0.999)
+    if repeats > 1:
+        x0 = x0.repeat_interleave(repeats, dim=0)
+
+    def op():
+        with torch.no_grad():
+            return hmc_lib.run_chains(density, x0, noise, leapfrog_steps=LEAPFROG, step_size=step, record_from=BURN_IN)
+
+    return op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", HMC_IMPLS)
+@pytest.mark.parametrize("mode", ["faithful", "parallel"])
+@pytest.mark.parametrize("env", list(DIMS))
+def test_hmc_cuda(benchmark, env, mode, impl):
+    S, A = DIMS[env]
+    mean, std, layers, state_half, init = hmc_problem(S, A, "cuda")
+    step = 0.3
+    noise = hmc_lib.draw_noise(mode, B, K, BURN_IN, A, torch.Generator(device="cuda").manual_seed(0), "cuda")
+    kw = dict(mode=mode, num_samples=K, burn_in=BURN_IN, leapfrog_steps=LEAPFROG, step_size=step)
+    args = (mean, std, layers, state_half, init)
+    if impl.startswith("fused"):
+        prec = impl.split("-")[1]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def op():
+            if impl.endswith("rng"):
+                return hmc_sample(*args, precision=prec, backend="triton", generator=gen, **kw)
+            return hmc_sample(*args, noise=noise, precision=prec, backend="triton", **kw)
+    elif impl == "reference-eager":
+        def op():
+            return hmc_lib.hmc_sample(*args, noise=noise, **kw)
+    elif impl == "reference-compile":
+        op = _reference_compiled_density(*args, mode, K, step, noise)
+    else:
+        compiled = torch.compile(hmc_lib.hmc_sample)
+
+        def op():
+            return compiled(*args, noise=noise, **kw)
+
+    benchmark.group = f"hmc-{env}-{mode}"
+    per_call = _run(benchmark, op, 3, True, rounds=10)
+    if per_call:
+        chains, transitions = hmc_lib.layout(mode, B, K, BURN_IN)
+        benchmark.extra_info.update(ms=per_call * 1e3, evals_per_ms=transitions * LEAPFROG / (per_call * 1e3),
+                                    chains=chains, transitions=transitions)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "parallel"])
+def test_hmc_cpu_reference(benchmark, mode):
+    """Small CPU case (B=8, K=10, hidden 64) of the reference sampler only, so that the file runs
+    without a GPU; not a GPU figure."""
+    S, A = DIMS["hopper"]
+    b, k = 8, 10
+    mean, std, layers, state_half, init = hmc_problem(S, A, "cpu", b=b, hidden=64)
+    noise = hmc_lib.draw_noise(mode, b, k, BURN_IN, A, torch.Generator().manual_seed(0))
+
+    def op():
+        return hmc_lib.hmc_sample(mean, std, layers, state_half, init, mode=mode, num_samples=k, burn_in=BURN_IN,
+                                  leapfrog_steps=LEAPFROG, step_size=0.3, noise=noise)
+
+    benchmark.group = f"hmc-cpu-B8-K10-{mode}"
+    per_call = _run(benchmark, op, 1, False, rounds=5)
+    if per_call:
+        benchmark.extra_info.update(ms=per_call * 1e3)

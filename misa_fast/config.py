@@ -17,6 +17,7 @@ from typing import Literal, Optional, Tuple
 EnergyBound = Literal["misa", "dv", "f", "none"]
 LseNorm = Literal["k", "batch"]
 HMCMode = Literal["faithful", "adaptive", "parallel"]
+DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
 
 
@@ -82,6 +83,9 @@ class MISAConfig:
     hmc_adapt: Optional[bool] = None
     hmc_target_accept: float = 0.65
     hmc_adapt_rate: float = 0.5  # log step += rate * (acceptance probability - target), per transition
+    # Dot precision of the fused HMC kernel on CUDA (the torch path is always fp32). tf32x3 keeps
+    # the MLP near fp32: plain tf32's ~1e-3 relative error is 0.1-0.5 in log p at locomotion Q scales.
+    hmc_precision: DotPrecision = "tf32x3"
 
     # --- safety ----------------------------------------------------------------------------------
     # Check losses and gradients for NaN/inf before every optimizer step (one host sync per step).

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from misa_fast import hmc as hmc_lib
-from misa_fast import losses, nets
+from misa_fast import losses, nets, ops
 from misa_fast.config import MISAConfig
 
 # Which optimizer each loss drives.
@@ -189,7 +189,8 @@ class MISA:
         cfg = self.config
         if not cfg.use_hmc:
             return None
-        result = hmc_lib.hmc_sample(
+        # The fused one-launch chain on CUDA (same noise, same result), the torch reference elsewhere.
+        result = ops.hmc_sample(
             mean,
             std,
             self.critic.stacked_layers(detach=True),
@@ -204,6 +205,7 @@ class MISA:
             target_accept=cfg.hmc_target_accept,
             adapt_rate=cfg.hmc_adapt_rate,
             noise=noise.hmc,
+            precision=cfg.hmc_precision,
         )
         metrics["hmc_accept_rate"] = result.accept_rate
         metrics["hmc_accept_prob"] = result.accept_prob

@@ -5,6 +5,7 @@ Backend selection: ``backend=`` per call, the :func:`use_backend` context manage
 environment variable ``MISA_FAST_OPS`` = ``auto`` (default) | ``triton`` | ``torch``.
 """
 from misa_fast.ops.dispatch import ENV_VAR, resolve_backend, triton_available, use_backend
+from misa_fast.ops.hmc import hmc_sample, hmc_sample_reference
 from misa_fast.ops.log_mean_exp import LogMeanExp, LogMeanExpFunction, log_mean_exp, log_mean_exp_reference
 from misa_fast.ops.sampled_q import (
     SampledQLogMeanExp,
@@ -22,6 +23,8 @@ __all__ = [
     "SampledQLogMeanExp",
     "SampledQLogMeanExpFunction",
     "critic_layers",
+    "hmc_sample",
+    "hmc_sample_reference",
     "log_mean_exp",
     "log_mean_exp_reference",
     "resolve_backend",

@@ -1,0 +1,174 @@
+"""Fused HMC sampler for the MISA target: the whole chain in one Triton launch (``kernels/hmc.py``).
+
+:func:`hmc_sample` has the signature and the return type (:class:`misa_fast.hmc.HMCResult`) of the
+torch reference :func:`misa_fast.hmc.hmc_sample`, plus ``precision`` and ``backend``. It runs the
+Triton kernel for CUDA tensors and the reference otherwise (``backend=``, :func:`use_backend` or
+``MISA_FAST_OPS`` force either; see :mod:`misa_fast.ops.dispatch`).
+
+Noise, two ways:
+
+- ``noise=HMCNoise(momentum (T, C, A), uniform (T, C))`` supplied: the kernel consumes exactly what
+  the reference consumes, transition by transition; with ``precision="ieee"`` it reproduces the
+  reference's accept decisions and samples to float rounding (a decision can only differ where
+  ``uniform`` and the acceptance probability agree to ~1e-6).
+- ``noise=None``: the reference draws ``draw_noise(..., generator)``; the kernel instead draws ONE
+  int64 seed from ``generator`` (or the default generator of the device), as a device tensor (no
+  host sync, CUDA-graph capturable), and generates momentum and uniforms in-kernel (Philox). Same
+  distribution, different stream: the samples are statistically, not numerically, those of the
+  reference. Determinism and resume follow the generator's state, as with the reference.
+
+Precision of the hidden-layer dots on the GPU: ``"tf32"`` (default), ``"tf32x3"`` (three tf32
+products, ~fp32 accuracy on tensor cores; the chain is bound by streaming weights from L2, so the
+extra MMAs should cost little: measure), ``"ieee"`` (fp32 FMA dots: agreement with the reference
+to float rounding) or ``"bf16"`` (bf16 weights and activations, half the L2 traffic, a coarser
+target). tf32 rounds the dot inputs to 10 mantissa bits: Q carries a relative error of ~1e-3, i.e.
+an absolute error of ~0.1-0.5 at |Q| ~ 100-500 (locomotion returns), which perturbs the target
+exp(Q) accordingly. The chain state, momentum, log-densities and the Metropolis ratio are fp32 in
+all cases. The reference ignores ``precision``.
+
+Supported by the kernel: stacked critics (weights (E, out, in)) with 1 or 2 hidden ELU layers, first
+width <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one device. Anything else runs the
+reference under ``"auto"`` and raises ``ValueError`` under ``"triton"``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from misa_fast import hmc as hmc_lib
+from misa_fast.hmc import HMCNoise, HMCResult, layout
+from misa_fast.nets import Layers
+from misa_fast.ops.dispatch import requested_backend, resolve_backend
+
+__all__ = ["hmc_sample", "hmc_sample_reference"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+hmc_sample_reference = hmc_lib.hmc_sample
+
+
+def _kernels():
+    from misa_fast.kernels import hmc as k
+
+    return k
+
+
+def _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size,
+                        chains) -> Optional[str]:
+    """Why the fused kernel cannot run this call (None when it can)."""
+    k = _kernels()
+    weights = [t for wb in layers for t in wb if t is not None]
+    tensors = [policy_mean, policy_std, state_half, init_actions, *weights]
+    if noise is not None:
+        tensors += [noise.momentum, noise.uniform]
+    if any(t.dtype not in _FLOATS for t in tensors if t is not None):
+        return "the kernel takes fp32/fp16/bf16 tensors"
+    if torch.is_tensor(step_size) and step_size.numel() not in (1, chains):
+        return f"step_size has {step_size.numel()} entries, expected 1 or {chains}"  # the reference raises
+    if len({t.device for t in tensors}) != 1:
+        return "all tensors must be on one device"
+    B, A = init_actions.shape
+    if policy_mean.shape != (B, A) or policy_std.shape != (B, A):
+        return "policy mean/std must be (B, A) like init_actions"
+    shapes = [tuple(w.shape) for w, _ in layers]
+    if any(len(s) != 3 for s in shapes):
+        return "critic weights must be stacked (E, out, in)"
+    S = shapes[0][2] - A
+    why = k.unsupported_reason(S, A, shapes)
+    if why is not None:
+        return why
+    E, H0 = shapes[0][0], shapes[0][1]
+    if tuple(state_half.shape) != (E, B, H0):
+        return f"state_half must be (E, B, H0) = {(E, B, H0)}, got {tuple(state_half.shape)}"
+    if any(w.shape[0] != E for w in weights):
+        return "all critic layers must stack the same number of critics"
+    return None
+
+
+@torch.no_grad()
+def hmc_sample(
+    policy_mean: Tensor,
+    policy_std: Tensor,
+    critic_layers: Layers,
+    state_half: Tensor,
+    init_actions: Tensor,
+    *,
+    mode: str = "faithful",
+    num_samples: int = 50,
+    burn_in: int = 5,
+    leapfrog_steps: int = 2,
+    step_size: Union[float, Tensor] = 1.0,
+    adapt: Optional[bool] = None,
+    target_accept: float = 0.65,
+    adapt_rate: float = 0.5,
+    noise: Optional[HMCNoise] = None,
+    generator: Optional[torch.Generator] = None,
+    init_clip: float = 0.999,
+    precision: str = "tf32",
+    backend: Optional[str] = None,
+) -> HMCResult:
+    """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC; see
+    :func:`misa_fast.hmc.hmc_sample` for the arguments and the modes ("faithful", "adaptive",
+    "parallel"). ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"); ``backend``:
+    "triton", "torch" or "auto". Returns :class:`misa_fast.hmc.HMCResult`: samples (B, K, A),
+    accept_rate and accept_prob (0-dim), step_size (C,) after adaptation, accepted (T, C) bool."""
+    if precision not in ("tf32", "tf32x3", "bf16", "ieee", "fp32"):
+        raise ValueError(f"precision must be 'tf32', 'tf32x3', 'bf16' or 'ieee', got {precision!r}")
+    if leapfrog_steps < 1:
+        raise ValueError(f"leapfrog_steps must be >= 1, got {leapfrog_steps}")
+    batch, act_dim = init_actions.shape
+    chains, transitions = layout(mode, batch, num_samples, burn_in)
+    kw = dict(mode=mode, num_samples=num_samples, burn_in=burn_in, leapfrog_steps=leapfrog_steps,
+              step_size=step_size, adapt=adapt, target_accept=target_accept, adapt_rate=adapt_rate, noise=noise,
+              generator=generator, init_clip=init_clip)
+    layers = [(w, b) for w, b in critic_layers]
+    use_triton = resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0]) == "triton"
+    if use_triton:
+        why = _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains)
+        if why is not None:
+            if requested_backend(backend) == "triton":
+                raise ValueError(f"hmc_sample: the Triton kernel does not support this call: {why}")
+            use_triton = False
+    if not use_triton:
+        return hmc_lib.hmc_sample(policy_mean, policy_std, layers, state_half, init_actions, **kw)
+
+    k = _kernels()
+    dev = init_actions.device
+    if noise is not None and (noise.momentum.shape != (transitions, chains, act_dim)
+                              or noise.uniform.shape != (transitions, chains)):
+        raise ValueError(
+            f"HMC noise for mode {mode!r} needs momentum {(transitions, chains, act_dim)} and uniform "
+            f"{(transitions, chains)}, got {tuple(noise.momentum.shape)} and {tuple(noise.uniform.shape)}"
+        )
+    if torch.is_tensor(step_size):
+        step = step_size.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(chains).contiguous()
+    else:
+        step = torch.full((chains,), float(step_size), device=dev, dtype=torch.float32)
+    seed = momentum = uniform = None
+    if noise is None:
+        gen_dev = generator.device if generator is not None else dev
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64).to(dev)
+    else:
+        momentum, uniform = noise.momentum.detach(), noise.uniform.detach()
+    if adapt is None:
+        adapt = mode == "adaptive"
+    repeats = num_samples if mode == "parallel" else 1
+    out = k.hmc_chains(
+        policy_mean.detach(), policy_std.detach(), init_actions.detach(),
+        [(w.detach(), None if b is None else b.detach()) for w, b in layers], state_half.detach(), step,
+        transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=burn_in,
+        adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
+        init_clip=init_clip, momentum=momentum, uniform=uniform, seed=seed, precision=k.PRECISIONS[precision],
+    )
+    if mode == "parallel":
+        samples = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
+    else:
+        samples = out.states  # (B, K, A): chain b recorded K times
+    return HMCResult(
+        samples=samples.to(init_actions.dtype),
+        accept_rate=out.accepted.float().mean(),
+        accept_prob=out.accept_prob.mean(),
+        step_size=out.step_size,
+        accepted=out.accepted,
+    )
