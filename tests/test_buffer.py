@@ -222,14 +222,20 @@ def test_concurrent_add_while_prefetching_keeps_rows_whole():
             buf.add(**make_rows(8, start=1000 + 8 * k))
 
     thread = threading.Thread(target=writer)
-    with buf.prefetcher(16, depth=4) as batches:
+    depth = 4
+    with buf.prefetcher(16, depth=depth) as batches:
         thread.start()
-        seen = set()
-        for _ in range(300):
-            seen.update(row_ids({f: t.numpy() for f, t in next(batches).items()}))
+        consumed = 0
+        while thread.is_alive() or consumed < 50:  # every batch drawn during the adds is whole
+            row_ids({f: t.numpy() for f, t in next(batches).items()})
+            consumed += 1
         thread.join()
+        # The writer's 2,400 rows have replaced all 64 originals: once the batches drawn ahead are
+        # used up, every batch holds only new rows.
+        for _ in range(depth + 1):
+            ids = row_ids({f: t.numpy() for f, t in next(batches).items()})
     assert len(buf) == 256
-    assert max(seen) >= 1000  # the prefetcher saw rows added while it ran
+    assert ids.min() >= 1000 + 8 * 300 - 256
 
 
 def test_state_dict_round_trip_with_data_continues_the_same_sequence():
