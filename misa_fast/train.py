@@ -2,7 +2,7 @@
 
     misa-fast train                                   # embedded Pendulum dataset, a few CPU minutes
     misa-fast train --dataset hopper-medium-v2 --steps 1000000 --device cuda
-    misa-fast train --dataset ../shared/data/hopper-medium-local.hdf5 --set hmc_mode=parallel
+    misa-fast train --dataset data/hopper-medium.hdf5 --set hmc_mode=parallel   # any D4RL-format file
     misa-fast train --out runs/x --resume             # continue after a kill, bit-identical on CPU
 
 A run directory holds ``config.json``, ``progress.csv`` (every metric; TensorBoard events under
