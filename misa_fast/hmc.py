@@ -93,6 +93,15 @@ def draw_noise(
     return HMCNoise(momentum, uniform)
 
 
+def check_noise(noise: HMCNoise, mode: str, transitions: int, chains: int, act_dim: int) -> None:
+    """Supplied noise must have the shapes ``draw_noise`` would give this call."""
+    if noise.momentum.shape != (transitions, chains, act_dim) or noise.uniform.shape != (transitions, chains):
+        raise ValueError(
+            f"HMC noise for mode {mode!r} needs momentum {(transitions, chains, act_dim)} and uniform "
+            f"{(transitions, chains)}, got {tuple(noise.momentum.shape)} and {tuple(noise.uniform.shape)}"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 def run_chains(
     log_density: LogDensity,
@@ -231,11 +240,8 @@ def hmc_sample(
         noise = draw_noise(
             mode, batch, num_samples, burn_in, act_dim, generator, init_actions.device, init_actions.dtype
         )
-    elif noise.momentum.shape != (transitions, chains, act_dim) or noise.uniform.shape != (transitions, chains):
-        raise ValueError(
-            f"HMC noise for mode {mode!r} needs momentum {(transitions, chains, act_dim)} and uniform "
-            f"{(transitions, chains)}, got {tuple(noise.momentum.shape)} and {tuple(noise.uniform.shape)}"
-        )
+    else:
+        check_noise(noise, mode, transitions, chains, act_dim)
     mean, std, halves = policy_mean.detach(), policy_std.detach(), state_half.detach()
     init = init_actions.detach().clamp(-init_clip, init_clip)
     repeats = num_samples if mode == "parallel" else 1

@@ -53,8 +53,7 @@ class DeviceSource:
         if state is not None:
             if state.get("kind") != self.kind:
                 raise ValueError(f"sampler state is for {state.get('kind')!r}, not {self.kind!r}")
-            self._generator.set_state(state["generator"].to("cpu") if hasattr(state["generator"], "to")
-                                      else state["generator"])
+            self._generator.set_state(state["generator"].cpu())
 
     def __next__(self) -> Batch:
         idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)

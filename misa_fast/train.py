@@ -89,7 +89,8 @@ def make_agent(algo: str, cfg):
 
 
 def default_out_dir(run: RunConfig, dataset: str) -> Path:
-    label = Path(dataset).name.rsplit(".", 1)[0] if Path(dataset).suffix in (".hdf5", ".h5", ".npz") else Path(dataset).name
+    path = Path(dataset)
+    label = path.stem if path.suffix in (".hdf5", ".h5", ".npz") else path.name
     return Path("runs") / f"{label}-{run.algo}-seed{run.seed}"
 
 

@@ -135,12 +135,8 @@ def hmc_sample(
 
     k = _kernels()
     dev = init_actions.device
-    if noise is not None and (noise.momentum.shape != (transitions, chains, act_dim)
-                              or noise.uniform.shape != (transitions, chains)):
-        raise ValueError(
-            f"HMC noise for mode {mode!r} needs momentum {(transitions, chains, act_dim)} and uniform "
-            f"{(transitions, chains)}, got {tuple(noise.momentum.shape)} and {tuple(noise.uniform.shape)}"
-        )
+    if noise is not None:
+        hmc_lib.check_noise(noise, mode, transitions, chains, act_dim)
     if torch.is_tensor(step_size):
         step = step_size.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(chains).contiguous()
     else:
