@@ -21,8 +21,49 @@ DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
 
 
+class ConfigBase:
+    """Shared behaviour of the learners' frozen config dataclasses: every field is type-checked
+    from its annotation (so a new field needs no parser code), ``replace`` validates, and
+    ``apply_overrides`` parses CLI text by the field's type."""
+
+    def __post_init__(self) -> None:
+        types = self.field_types()
+        for f in dataclasses.fields(self):  # type/choice checks, and list -> tuple, int -> float
+            object.__setattr__(self, f.name, _coerce(types, f.name, getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend."""
+
+    @classmethod
+    def field_types(cls) -> dict:
+        cached = cls.__dict__.get("_field_types_cache")
+        if cached is None:
+            cached = typing.get_type_hints(cls)
+            cached = {f.name: cached[f.name] for f in dataclasses.fields(cls)}
+            setattr(cls, "_field_types_cache", cached)
+        return cached
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated). Unknown names raise ValueError."""
+        types = self.field_types()
+        unknown = [k for k in changes if k not in types]
+        if unknown:
+            raise ValueError(_unknown_key_message(types, unknown[0]))
+        coerced = {k: _coerce(types, k, v) for k, v in changes.items()}
+        return dataclasses.replace(self, **coerced)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Inverse of to_dict (lists become tuples); unknown keys raise ValueError."""
+        return cls().replace(**values)
+
+
 @dataclass(frozen=True)
-class MISAConfig:
+class MISAConfig(ConfigBase):
     # --- run -------------------------------------------------------------------------------------
     seed: int = 0
     device: str = "cpu"
@@ -91,19 +132,8 @@ class MISAConfig:
     # Check losses and gradients for NaN/inf before every optimizer step (one host sync per step).
     check_finite: bool = True
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type/choice checks, and list -> tuple, int -> float
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+    def validate(self) -> None:
         _validate(self)
-
-    # ------------------------------------------------------------------------------------------------
-    def replace(self, **changes) -> "MISAConfig":
-        """A copy with ``changes`` applied (validated). Unknown names raise ValueError."""
-        unknown = [k for k in changes if k not in _FIELD_TYPES]
-        if unknown:
-            raise ValueError(_unknown_key_message(unknown[0]))
-        coerced = {k: _coerce(k, v) for k, v in changes.items()}
-        return dataclasses.replace(self, **coerced)
 
     @property
     def adapt_hmc(self) -> bool:
@@ -111,14 +141,6 @@ class MISAConfig:
 
     def resolved_target_entropy(self, act_dim: int) -> float:
         return -float(act_dim) if self.target_entropy is None else float(self.target_entropy)
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "MISAConfig":
-        """Inverse of to_dict (lists become tuples); unknown keys raise ValueError."""
-        return cls().replace(**values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,29 +190,27 @@ def preset_name_for_env(env_name: str) -> str:
     raise ValueError(f"no preset known for environment {env_name!r}")
 
 
-def apply_overrides(cfg: MISAConfig, assignments: typing.Iterable[str]) -> MISAConfig:
+def apply_overrides(cfg: ConfigBase, assignments: typing.Iterable[str]) -> ConfigBase:
     """Apply CLI ``--set key=value`` strings. Values are parsed by the field's type: ints, floats
     ("3e-4"), bools (true/false/1/0/yes/no/on/off), tuples ("256,256", "256-256" or "[256, 256]"),
     choices, and "none" for optional fields. Unknown keys or bad values raise ValueError."""
+    types = cfg.field_types()
     changes: dict = {}
     for item in assignments:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"expected key=value, got {item!r}")
-        if key not in _FIELD_TYPES:
-            raise ValueError(_unknown_key_message(key))
-        changes[key] = _parse_text(key, text.strip())
+        if key not in types:
+            raise ValueError(_unknown_key_message(types, key))
+        changes[key] = _parse_text(types, key, text.strip())
     return cfg.replace(**changes)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Parsing and validation. Types come from the annotations, so a new field needs no parser code.
-_FIELD_TYPES: dict = {}  # filled after the class exists (get_type_hints needs the finished class)
-
-
-def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=3)
+def _unknown_key_message(types: dict, key: str) -> str:
+    close = difflib.get_close_matches(key, list(types), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown config key {key!r}{hint}"
 
@@ -206,8 +226,8 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _parse_text(key: str, text: str):
-    tp, optional = _strip_optional(_FIELD_TYPES[key])
+def _parse_text(types: dict, key: str, text: str):
+    tp, optional = _strip_optional(types[key])
     if optional and text.lower() in ("none", "null"):
         return None
     try:
@@ -233,9 +253,9 @@ def _parse_text(key: str, text: str):
         raise ValueError(f"bad value {text!r} for config key {key!r}: {err}") from None
 
 
-def _coerce(key: str, value):
+def _coerce(types: dict, key: str, value):
     """Type-check (and normalise, e.g. list -> tuple, int -> float) a Python value for a field."""
-    tp, optional = _strip_optional(_FIELD_TYPES[key])
+    tp, optional = _strip_optional(types[key])
     if value is None:
         if optional:
             return None
@@ -299,8 +319,3 @@ def _validate(cfg: MISAConfig) -> None:
     if cfg.lagrange and cfg.energy_bound == "none":
         raise ValueError("lagrange=True needs an energy bound")
 
-
-_FIELD_TYPES.update(typing.get_type_hints(MISAConfig))
-for _f in dataclasses.fields(MISAConfig):
-    assert _f.name in _FIELD_TYPES
-del _f

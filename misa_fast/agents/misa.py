@@ -253,7 +253,8 @@ class MISA:
             scheduler.step()
         nets.polyak_update(self.target_critic, self.critic, self.config.tau)
         if out.hmc is not None and self.config.adapt_hmc:
-            self.hmc_log_step_size = out.hmc.step_size.log().mean()
+            # In place: a captured CUDA graph keeps reading this tensor's memory.
+            self.hmc_log_step_size.copy_(out.hmc.step_size.log().mean().detach())
         self.step += 1
         return out.metrics
 
