@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
-EnergyBound = Literal["misa", "dv", "f", "none"]
+EnergyBound = Literal["misa", "dv", "f", "cql", "none"]
+EnergyNetwork = Literal["q", "separate"]
 LseNorm = Literal["k", "batch"]
 HMCMode = Literal["faithful", "adaptive", "parallel"]
 DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
@@ -99,8 +100,13 @@ class MISAConfig(ConfigBase):
     bc_weight: float = 0.5
     unbiased_weight: float = 0.1  # w_u, weight of the HMC correction term of the actor (eq. 15)
     # Critic regulariser: "misa" eq. 10 (per-state log-mean-exp), "dv" eq. 9 (log-mean-exp over the
-    # whole batch), "f" eq. 8 (mean exp(Q-1)), "none" (BA / TD3+BC-like: no energy term).
+    # whole batch), "f" eq. 8 (mean exp(Q-1)), "cql" (importance-sampled log-sum-exp over uniform and
+    # policy proposals, K = N per proposal), "none" (BA: no energy term).
     energy_bound: EnergyBound = "misa"
+    # The energy T of the bound: "q" the critics themselves (MISA), "separate" an extra network T_psi
+    # trained only to maximise the bound, with plain TD critics (the paper's MISA-T).
+    energy_network: EnergyNetwork = "q"
+    energy_lr: float = 3e-4  # T_psi's Adam learning rate (energy_network="separate")
     use_ba: bool = True  # the Barber-Agakov term -log pi(a_D|s) of the actor; False = "no-BA"
     # logsumexp_k Q - log(norm): "k" = log K (a true log-mean-exp), "batch" = log(batch size) as in the
     # official code. Gradients are the same; under Lagrange the threshold shifts by log K - log B.
@@ -304,7 +310,7 @@ def _validate(cfg: MISAConfig) -> None:
         raise ValueError(f"config key 'hmc_burn_in' must be >= 0, got {cfg.hmc_burn_in}")
     if not cfg.policy_hidden or not cfg.critic_hidden or min(cfg.policy_hidden + cfg.critic_hidden) < 1:
         raise ValueError("hidden sizes must be non-empty tuples of positive ints")
-    for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "hmc_step_size"):
+    for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "energy_lr", "hmc_step_size"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.tau <= 1.0 or not 0.0 <= cfg.gamma <= 1.0:
@@ -318,4 +324,9 @@ def _validate(cfg: MISAConfig) -> None:
         raise ValueError(f"use_hmc=True needs energy_bound='misa' (got {cfg.energy_bound!r})")
     if cfg.lagrange and cfg.energy_bound == "none":
         raise ValueError("lagrange=True needs an energy bound")
+    if cfg.energy_network == "separate":
+        if cfg.energy_bound in ("none", "cql"):
+            raise ValueError(f"energy_network='separate' needs a MISA bound (misa, dv or f), got {cfg.energy_bound!r}")
+        if cfg.lagrange:
+            raise ValueError("energy_network='separate' trains T_psi on the bound alone: lagrange must be False")
 

@@ -45,17 +45,43 @@ def sampled_q(layers: Layers, obs: Tensor, actions: Tensor, state_half: Optional
 
 
 def sampled_q_log_mean_exp(
-    layers: Layers, obs: Tensor, actions: Tensor, norm: float, state_half: Optional[Tensor] = None
+    layers: Layers,
+    obs: Tensor,
+    actions: Tensor,
+    norm: float,
+    state_half: Optional[Tensor] = None,
+    log_weights: Optional[Tensor] = None,
 ) -> Tensor:
-    """logsumexp_k Q_i(s, a_k) - norm for every critic and state: (E, B). Each critic uses its own Q.
+    """logsumexp_k (Q_i(s, a_k) + log_weights_k) - norm for every critic and state: (E, B). Each
+    critic uses its own Q. ``log_weights`` (B, K): CQL's importance weights, -log proposal density.
 
-    The single place the agent evaluates the MISA log-partition. Where the ops dispatch picks Triton
+    The single place the agent evaluates a log-partition. Where the ops dispatch picks Triton
     (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
     recomputes the state half in-kernel and never materialises the (B*K, H) activations; otherwise
     it is the eager torch code below, sharing the precomputed state half."""
     if ops.resolve_backend(None, obs, actions) == "triton":  # falls back itself for unsupported shapes
-        return ops.sampled_q_log_mean_exp(obs, actions, layers, normalizer=norm)
-    return torch.logsumexp(sampled_q(layers, obs, actions, state_half), dim=2) - norm
+        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm)
+    q = sampled_q(layers, obs, actions, state_half)
+    if log_weights is not None:
+        q = q + log_weights
+    return torch.logsumexp(q, dim=2) - norm
+
+
+def cql_proposals(
+    mean: Tensor, std: Tensor, next_mean: Tensor, next_std: Tensor, noise: Tensor, next_noise: Tensor, uniform: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """CQL(H)'s importance-sampled proposals for the log-sum-exp at s (Kumar et al. 2020, as in
+    JaxCQL with ``cql_importance_sample``): N uniform actions on [-1, 1]^A, N policy samples at s
+    and N policy samples at s' (all evaluated by Q at s). Returns actions (B, 3N, A) and their
+    log-weights -log q(a) (B, 3N), both without gradient. noise/next_noise: (B, N, A) standard
+    normal; uniform: (B, N, A) on [-1, 1]."""
+    with torch.no_grad():
+        here, log_pi_here = nets.tanh_gaussian_sample(mean.unsqueeze(1), std.unsqueeze(1), noise)
+        there, log_pi_there = nets.tanh_gaussian_sample(next_mean.unsqueeze(1), next_std.unsqueeze(1), next_noise)
+        uniform_log_w = torch.full(uniform.shape[:2], uniform.shape[2] * math.log(2.0), device=uniform.device)
+        actions = torch.cat([uniform, here, there], dim=1)
+        log_weights = torch.cat([uniform_log_w, -log_pi_here, -log_pi_there], dim=1)
+    return actions, log_weights
 
 
 def energy_gap(
@@ -66,17 +92,24 @@ def energy_gap(
     sample_actions: Tensor,
     norm: float,
     state_half: Optional[Tensor] = None,
+    log_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
-    log-partition term alone (both (E,)). ``sample_actions`` (B, K, A) are policy samples at s.
+    log-partition term alone (both (E,)). ``sample_actions`` (B, K, A) are policy samples at s
+    (for "cql", the proposals of :func:`cql_proposals` with their ``log_weights``).
 
     misa (eq. 10): mean_s [log mean_k exp Q(s, a_k)]      (normalised by ``norm``)
     dv   (eq. 9):  log mean_{s,k} exp Q(s, a_k)
     f    (eq. 8):  mean_{s,k} exp(Q(s, a_k) - 1)
+    cql  (paper section 4.4): mean_s [log sum_k exp(Q(s, a_k) - log q(a_k))], importance-sampled
     """
     data_term = q_data.mean(dim=1)
     if bound == "misa":
         partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half).mean(dim=1)
+    elif bound == "cql":
+        if log_weights is None:
+            raise ValueError("energy bound 'cql' needs the proposals' log_weights")
+        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, 0.0, state_half, log_weights).mean(dim=1)
     elif bound == "dv":
         q = sampled_q(layers, obs, sample_actions, state_half).flatten(1)
         partition = torch.logsumexp(q, dim=1) - math.log(q.shape[1])

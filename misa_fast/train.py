@@ -67,7 +67,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim: int, device: torch.device):
-    from misa_fast.config import apply_overrides, preset, preset_name_for_env
+    """Domain preset, then the algorithm's settings (misa_fast.algos), then ``--set`` overrides."""
+    from misa_fast import algos
+    from misa_fast.config import apply_overrides, preset_name_for_env
 
     if run.preset is not None:
         name = run.preset
@@ -76,16 +78,9 @@ def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim:
             name = preset_name_for_env(dataset_name)
         except ValueError:
             name = "locomotion"
-    cfg = preset(name).replace(seed=run.seed, device=str(device), obs_dim=obs_dim, act_dim=act_dim)
+    cfg = algos.build_config(run.algo, name, dataset_name, seed=run.seed, device=str(device), obs_dim=obs_dim,
+                             act_dim=act_dim)
     return apply_overrides(cfg, run.overrides)
-
-
-def make_agent(algo: str, cfg):
-    from misa_fast.agents import MISA
-
-    if algo != "misa":
-        raise ValueError(f"--algo: unknown algorithm {algo!r}; choose one of ['misa']")
-    return MISA(cfg)
 
 
 def default_out_dir(run: RunConfig, dataset: str) -> Path:
@@ -169,10 +164,11 @@ def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
 def train(run: RunConfig) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
     goes non-finite (the last good checkpoint is left untouched)."""
+    from misa_fast import algos
     from misa_fast.agents import NonFiniteLossError
-    from misa_fast.config import MISAConfig
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
 
+    algos.get(run.algo)  # a clear error for an unknown name before any data is read
     device = resolve_device(run.device)
     dataset = run.dataset or DEFAULT_DATASET
     out = Path(run.out) if run.out else default_out_dir(run, dataset)
@@ -197,12 +193,13 @@ def train(run: RunConfig) -> dict:
     data, info = prepare(dataset, obs_norm=run.obs_norm)
     if state is not None:
         info = DataInfo.from_dict(state["data_info"])
-        cfg = MISAConfig.from_dict({**state["agent_config"], "device": str(device)})
+        config_cls = algos.config_class(algos.get(run.algo).family)
+        cfg = config_cls.from_dict({**state["agent_config"], "device": str(device)})
     else:
         cfg = build_agent_config(run, info.name, info.obs_dim, info.act_dim, device)
     out.mkdir(parents=True, exist_ok=True)
 
-    agent = make_agent(run.algo, cfg)
+    agent = algos.make_agent(cfg)
     start_step = 0
     if state is not None:
         agent.load_state_dict(state["agent"])
@@ -281,7 +278,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), a .hdf5/.npz file or a Minari "
                                      "directory; default: the embedded Pendulum dataset")
-    p.add_argument("--algo", default=d.algo, help="learner (default: %(default)s)")
+    from misa_fast.algos import ALGORITHMS
+
+    p.add_argument("--algo", default=d.algo, choices=list(ALGORITHMS), metavar="NAME",
+                   help="algorithm (default: %(default)s): " + "; ".join(
+                       f"{a.name}: {a.summary}" for a in ALGORITHMS.values()))
+    p.add_argument("--num-samples", type=int, metavar="K",
+                   help="K, the samples per state of the log-partition and of HMC (CQL: per proposal); "
+                        "same as --set num_samples=K")
+    p.add_argument("--burn-in", type=int, metavar="N", help="HMC burn-in transitions; same as --set hmc_burn_in=N")
     p.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen", "pendulum"],
                    help="hyperparameter preset (default: from the dataset name)")
     p.add_argument("--steps", type=int, help="total training steps (default: 1000000; 3000 for the "
@@ -304,6 +309,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
 
 
+def _flag_overrides(args: argparse.Namespace) -> tuple:
+    """--num-samples / --burn-in as the --set assignments they stand for (explicit --set wins)."""
+    flags = {"num_samples": getattr(args, "num_samples", None), "hmc_burn_in": getattr(args, "burn_in", None)}
+    return tuple(f"{key}={value}" for key, value in flags.items() if value is not None)
+
+
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     embedded = args.dataset is None
     return RunConfig(
@@ -312,7 +323,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed, device=args.device, out=args.out,
         eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
         eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        data_source=args.data_source, obs_norm=args.obs_norm, overrides=tuple(args.overrides),
+        data_source=args.data_source, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
         progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
     )
 

@@ -10,6 +10,7 @@ import torch
 
 from misa_fast import config as config_lib
 from misa_fast.agents import MISA, NonFiniteLossError
+from misa_fast.algos import ALGORITHMS
 from misa_fast.config import MISAConfig, apply_overrides, preset
 
 S, A, B, K = 3, 2, 3, 5
@@ -75,9 +76,12 @@ def np_policy(agent, obs):
 
 
 def np_log_prob(mean, std, action):
-    u = np.arctanh(action)
+    return np_log_prob_pre_tanh(mean, std, np.arctanh(action))
+
+
+def np_log_prob_pre_tanh(mean, std, u):
     normal = -0.5 * ((u - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
-    return (normal - np.log(1 - action**2)).sum(-1)
+    return (normal - np.log(1 - np.tanh(u) ** 2)).sum(-1)
 
 
 def np_q(critic, obs, action):
@@ -107,51 +111,90 @@ def hand_losses(agent, batch, noise, hmc_samples):
     q_data = np_q(agent.critic, obs, act)
     out = {"q_target": y.mean()}
     td = ((q_data - y) ** 2).mean(1)
-    samples = np.tanh(mean[:, None] + std[:, None] * _np(noise.samples))
-    q_samples = np_q(agent.critic, np.repeat(obs[:, None], K, 1), samples)  # (E, B, K)
+    energy = agent.critic if agent.energy is None else agent.energy
+    energy_data = np_q(energy, obs, act)
+    samples_noise = np.zeros((B, K, A)) if noise.samples is None else _np(noise.samples)
+    u_samples = mean[:, None] + std[:, None] * samples_noise
+    samples, log_w = np.tanh(u_samples), 0.0
+    if cfg.energy_bound == "cql":  # uniform, policy at s, policy at s' proposals, importance-weighted
+        u_next = nmean[:, None] + nstd[:, None] * _np(noise.next_samples)
+        samples = np.concatenate([_np(noise.uniform), samples, np.tanh(u_next)], axis=1)
+        log_w = np.concatenate([np.full((B, K), A * math.log(2)), -np_log_prob_pre_tanh(mean[:, None], std[:, None], u_samples),
+                                -np_log_prob_pre_tanh(nmean[:, None], nstd[:, None], u_next)], axis=1)
+    q_samples = np_q(energy, np.repeat(obs[:, None], samples.shape[1], 1), samples)  # (E, B, K)
     norm = math.log(K) if cfg.lse_norm == "k" else math.log(B)
-    lme = np.log(np.exp(q_samples).sum(-1)) - norm
-    gap = lme.mean(1) - q_data.mean(1)
-    if cfg.lagrange:
+    if cfg.energy_bound == "misa":
+        partition = (np.log(np.exp(q_samples).sum(-1)) - norm).mean(1)
+    elif cfg.energy_bound == "cql":
+        partition = np.log(np.exp(q_samples + log_w).sum(-1)).mean(1)
+    elif cfg.energy_bound == "dv":
+        partition = np.log(np.exp(q_samples).reshape(len(q_samples), -1).mean(-1))
+    else:
+        partition = np.exp(q_samples - 1).mean((1, 2))
+    gap = partition - energy_data.mean(1)
+    if cfg.energy_bound == "none":
+        penalty = np.zeros_like(td)
+    elif agent.energy is not None:
+        penalty = np.zeros_like(td)
+        out["energy_loss"] = gap.sum()
+    elif cfg.lagrange:
         alpha_prime = min(max(math.exp(agent.log_alpha_prime.item()), cfg.alpha_prime_min), cfg.alpha_prime_max)
         penalty = alpha_prime * cfg.min_q_weight * (gap - cfg.lagrange_tau)
         out["alpha_prime_loss"] = -(alpha_prime * cfg.min_q_weight * (gap - cfg.lagrange_tau)).mean()
         out["alpha_prime"] = alpha_prime
     else:
         penalty = cfg.min_q_weight * gap
-    out.update(td_loss=td.sum(), critic_penalty=penalty.sum(), critic_loss=td.sum() + penalty.sum(),
-               lme_gap=gap.mean(), log_partition=lme.mean())
+    out.update(td_loss=td.sum(), critic_penalty=penalty.sum(), critic_loss=td.sum() + penalty.sum())
+    if cfg.energy_bound != "none":
+        out.update(lme_gap=gap.mean(), log_partition=partition.mean())
     for i in range(2):
-        out[f"q{i + 1}_td_loss"], out[f"q{i + 1}_lme_gap"], out[f"q{i + 1}_data"] = td[i], gap[i], q_data[i].mean()
+        out[f"q{i + 1}_td_loss"], out[f"q{i + 1}_data"] = td[i], q_data[i].mean()
+        if cfg.energy_bound != "none" and agent.energy is None:
+            out[f"q{i + 1}_lme_gap"] = gap[i]
     alpha = math.exp(agent.log_alpha.item())
-    log_pi_data = np_log_prob(mean, std, act)
     q_new = np_q(agent.critic, obs, a_new).min(0)
-    log_pi_mcmc = np_log_prob(mean[:, None], std[:, None], _np(hmc_samples))
     out.update(
         actor_entropy_term=cfg.bc_weight * alpha * log_pi_new.mean(),
-        actor_ba_term=-cfg.bc_weight * log_pi_data.mean(),
         actor_q_term=-q_new.mean(),
-        actor_unbiased_term=cfg.unbiased_weight * log_pi_mcmc.mean(),
-        log_pi=log_pi_new.mean(), log_pi_data=log_pi_data.mean(), q_pi=q_new.mean(), alpha=alpha,
+        log_pi=log_pi_new.mean(), q_pi=q_new.mean(), alpha=alpha,
         alpha_loss=-agent.log_alpha.item() * (log_pi_new.mean() + agent.target_entropy),
     )
-    out["actor_loss"] = sum(out[f"actor_{t}_term"] for t in ("entropy", "ba", "q", "unbiased"))
+    if cfg.use_ba:
+        log_pi_data = np_log_prob(mean, std, act)
+        out.update(actor_ba_term=-cfg.bc_weight * log_pi_data.mean(), log_pi_data=log_pi_data.mean())
+    if hmc_samples is not None:
+        log_pi_mcmc = np_log_prob(mean[:, None], std[:, None], _np(hmc_samples))
+        out["actor_unbiased_term"] = cfg.unbiased_weight * log_pi_mcmc.mean()
+    out["actor_loss"] = sum(out.get(f"actor_{t}_term", 0.0) for t in ("entropy", "ba", "q", "unbiased"))
     return out
 
 
+MISA_FAMILY = [name for name, algo in ALGORITHMS.items() if algo.family == "misa"]
+
+
+@pytest.mark.parametrize("algo", MISA_FAMILY)
 @pytest.mark.parametrize("lagrange,lse_norm", [(False, "k"), (True, "batch")])
-def test_every_loss_term_matches_a_hand_computation(lagrange, lse_norm):
-    agent = spice(MISA(tiny_config(lagrange=lagrange, lagrange_tau=0.7, lse_norm=lse_norm)))
+def test_every_loss_term_matches_a_hand_computation(algo, lagrange, lse_norm):
+    """Every variant of the learner (misa_fast.algos), with and without the Lagrange multiplier."""
+    overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items() if k != "num_samples"}
+    if lagrange and (overrides.get("energy_bound") == "none" or overrides.get("energy_network") == "separate"):
+        pytest.skip("no Lagrange multiplier without a critic regulariser")
+    overrides.update(lagrange=lagrange, lagrange_tau=0.7, lse_norm=lse_norm)
+    agent = spice(MISA(tiny_config(**overrides)))
     batch = make_batch()
     noise = agent.draw_noise(B)
     out = agent.compute_losses(batch, noise)
-    expected = hand_losses(agent, batch, noise, out.hmc.samples)
+    expected = hand_losses(agent, batch, noise, None if out.hmc is None else out.hmc.samples)
     for name, value in expected.items():
         assert out.metrics[name].item() == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert set(expected) >= set(out.metrics) - {"hmc_accept_rate", "hmc_accept_prob", "hmc_step_size"}
     expected_losses = {"critic_loss", "actor_loss", "alpha_loss"} | ({"alpha_prime_loss"} if lagrange else set())
+    expected_losses |= {"energy_loss"} if agent.energy is not None else set()
     assert set(out.losses) == expected_losses
     # HMC samples are those of the sampler run on the same inputs and noise (tested in test_hmc).
-    assert out.hmc.samples.shape == (B, K, A)
+    assert (out.hmc is not None) == agent.config.use_hmc
+    if out.hmc is not None:
+        assert out.hmc.samples.shape == (B, K, A)
 
 
 def test_metrics_are_detached_zero_dim_tensors_and_update_changes_parameters():
@@ -174,8 +217,10 @@ def test_metrics_are_detached_zero_dim_tensors_and_update_changes_parameters():
         assert torch.allclose(v, (1 - tau) * before["target_critic"][k] + tau * agent.critic.state_dict()[k], atol=1e-7)
 
 
-def test_gradient_isolation():
-    agent = spice(MISA(tiny_config(lagrange=True)))
+@pytest.mark.parametrize("overrides", [dict(lagrange=True), ALGORITHMS["misa-t"].overrides,
+                                       dict(ALGORITHMS["cql"].overrides, lagrange=True)], ids=["misa", "misa-t", "cql"])
+def test_gradient_isolation(overrides):
+    agent = spice(MISA(tiny_config(**overrides)))
     out = agent.compute_losses(make_batch())
     groups = {
         "policy": list(agent.policy.parameters()),
@@ -183,7 +228,10 @@ def test_gradient_isolation():
         "alpha": [agent.log_alpha],
         "alpha_prime": [agent.log_alpha_prime],
     }
-    owner = {"critic_loss": "critic", "actor_loss": "policy", "alpha_loss": "alpha", "alpha_prime_loss": "alpha_prime"}
+    if agent.energy is not None:
+        groups["energy"] = list(agent.energy.parameters())
+    owner = {"critic_loss": "critic", "actor_loss": "policy", "alpha_loss": "alpha", "alpha_prime_loss": "alpha_prime",
+             "energy_loss": "energy"}
     per_loss = {}
     for loss_name, loss in out.losses.items():
         for group, params in groups.items():
@@ -192,7 +240,7 @@ def test_gradient_isolation():
             assert nonzero == (group == owner[loss_name]), (loss_name, group)
             if group == owner[loss_name]:
                 per_loss[group] = grads
-    assert not out.hmc.samples.requires_grad
+    assert out.hmc is None or not out.hmc.samples.requires_grad
     assert not any(p.requires_grad for p in agent.target_critic.parameters())
     # The single backward of the summed losses gives each group exactly its own loss's gradient.
     sum(out.losses.values()).backward()
@@ -234,8 +282,8 @@ def test_non_finite_guard_raises_before_any_step():
 
 
 def _assert_same_learner_state(a, b):
-    for key in ("policy", "critic", "target_critic"):
-        for k in a[key]:
+    for key in ("policy", "critic", "target_critic", "energy"):
+        for k in a[key] or {}:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     for key in ("log_alpha", "log_alpha_prime"):
         assert torch.equal(a[key], b[key]), key
@@ -248,9 +296,13 @@ def _assert_same_learner_state(a, b):
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["faithful", "adaptive", "parallel"])
-def test_checkpoint_resume_is_bit_identical(mode):
-    cfg = tiny_config(hmc_mode=mode, lagrange=True, lr_schedule="cosine", lr_decay_steps=10)
+@pytest.mark.parametrize("mode, algo", [("faithful", "misa"), ("adaptive", "misa"), ("parallel", "misa"),
+                                        ("faithful", "misa-t"), ("faithful", "cql")])
+def test_checkpoint_resume_is_bit_identical(mode, algo):
+    overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items() if k != "num_samples"}
+    lagrange = overrides.get("energy_network") != "separate"
+    cfg = tiny_config(**{"hmc_mode": mode, "lagrange": lagrange, "lr_schedule": "cosine", "lr_decay_steps": 10,
+                         **overrides})
     batches = [make_batch(i) for i in range(6)]
     agent = MISA(cfg)
     for b in batches[:3]:

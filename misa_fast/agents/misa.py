@@ -32,6 +32,7 @@ LOSS_OWNER = {
     "alpha_prime_loss": "alpha_prime",
     "actor_loss": "policy",
     "alpha_loss": "alpha",
+    "energy_loss": "energy",  # MISA-T's separate energy network T_psi
 }
 
 
@@ -51,6 +52,9 @@ class UpdateNoise(NamedTuple):
     next_policy: Tensor  # (B, A): a' ~ pi(.|s') for the TD target
     samples: Optional[Tensor]  # (B, K, A): the K policy samples of the log-partition term
     hmc: Optional[hmc_lib.HMCNoise]
+    # CQL only: N policy samples at s' (B, N, A) and N uniform actions on [-1, 1] (B, N, A).
+    next_samples: Optional[Tensor] = None
+    uniform: Optional[Tensor] = None
 
 
 class LossOutput(NamedTuple):
@@ -83,6 +87,10 @@ class MISA:
         self.policy.to(self.device)
         self.critic.to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        # MISA-T: one extra network T_psi (no target copy: it never enters a TD target).
+        self.energy = None
+        if cfg.energy_network == "separate":
+            self.energy = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, 1, init_generator).to(self.device)
         self.log_alpha = nn.Parameter(torch.tensor(cfg.log_alpha_init, device=self.device))
         self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=self.device))
         self.log_alpha.requires_grad_(cfg.auto_alpha)
@@ -97,6 +105,8 @@ class MISA:
             "alpha": torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr),
             "alpha_prime": torch.optim.Adam([self.log_alpha_prime], lr=cfg.alpha_prime_lr),
         }
+        if self.energy is not None:
+            self.optimizers["energy"] = torch.optim.Adam(self.energy.parameters(), lr=cfg.energy_lr)
 
         def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state_dict skips it
             if cfg.lr_schedule == "constant":
@@ -117,7 +127,7 @@ class MISA:
         def randn(*shape):
             return torch.randn(shape, generator=self.generator, device=self.device)
 
-        return UpdateNoise(
+        noise = UpdateNoise(
             policy=randn(batch_size, act_dim),
             next_policy=randn(batch_size, act_dim),
             samples=randn(batch_size, cfg.num_samples, act_dim) if cfg.energy_bound != "none" else None,
@@ -127,6 +137,11 @@ class MISA:
             if cfg.use_hmc
             else None,
         )
+        if cfg.energy_bound == "cql":
+            shape = (batch_size, cfg.num_samples, act_dim)
+            uniform = torch.rand(shape, generator=self.generator, device=self.device) * 2.0 - 1.0
+            noise = noise._replace(next_samples=randn(*shape), uniform=uniform)
+        return noise
 
     def compute_losses(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> LossOutput:
         """Every loss of one update at the current parameters, plus metrics. No parameter changes."""
@@ -138,17 +153,22 @@ class MISA:
         # detached, the HMC target and the actor's Q(s, a~)).
         mean, std = self.policy.dist_params(obs)
         state_half = self.critic.first_layer_state_half(obs)
+        energy_half = state_half if self.energy is None else self.energy.first_layer_state_half(obs)
         losses_out: Dict[str, Tensor] = {}
         metrics: Dict[str, Tensor] = {}
-        self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, noise, losses_out, metrics)
-        hmc_result = self._hmc_samples(actions, mean, std, state_half, noise, metrics)
+        self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
+                            losses_out, metrics)
+        hmc_result = self._hmc_samples(actions, mean, std, energy_half, noise, metrics)
         self._actor_losses(actions, mean, std, state_half, noise, hmc_result, losses_out, metrics)
         metrics.update(losses_out)
         metrics = {name: value.detach() for name, value in metrics.items()}
         return LossOutput(losses_out, metrics, hmc_result)
 
-    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, noise, losses_out, metrics):
-        """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss)."""
+    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
+                       losses_out, metrics):
+        """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss). With a
+        separate energy network (MISA-T) the regulariser trains T_psi instead and the critics see
+        only the TD error."""
         cfg = self.config
         # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
         with torch.no_grad():
@@ -160,10 +180,20 @@ class MISA:
         td = losses.td_loss(q_data, target)
         penalty = torch.zeros_like(td)
         if cfg.energy_bound != "none":
-            with torch.no_grad():  # K fresh policy samples at s; only the critics see them
-                sample_actions = torch.tanh(mean.unsqueeze(1) + std.unsqueeze(1) * noise.samples)
+            log_weights = None
+            if cfg.energy_bound == "cql":
+                sample_actions, log_weights = losses.cql_proposals(
+                    mean, std, next_mean, next_std, noise.samples, noise.next_samples, noise.uniform)
+            else:
+                with torch.no_grad():  # K fresh policy samples at s; only the critics see them
+                    sample_actions = torch.tanh(mean.unsqueeze(1) + std.unsqueeze(1) * noise.samples)
             norm = losses.log_norm(cfg.lse_norm, cfg.num_samples, actions.shape[0])
-            gap, partition = losses.energy_gap(cfg.energy_bound, q_data, layers, obs, sample_actions, norm, state_half)
+            energy_layers, energy_data = layers, q_data
+            if self.energy is not None:
+                energy_layers = self.energy.stacked_layers()
+                energy_data = nets.ensemble_q(energy_layers, energy_half, actions)
+            gap, partition = losses.energy_gap(cfg.energy_bound, energy_data, energy_layers, obs, sample_actions,
+                                               norm, energy_half, log_weights)
             alpha_prime = None
             if cfg.lagrange:
                 alpha_prime = losses.alpha_prime_value(self.log_alpha_prime, cfg.alpha_prime_min, cfg.alpha_prime_max)
@@ -171,11 +201,15 @@ class MISA:
                     alpha_prime, gap, cfg.min_q_weight, cfg.lagrange_tau
                 )
                 metrics["alpha_prime"] = alpha_prime
-            penalty = losses.conservative_penalty(gap, cfg.min_q_weight, alpha_prime, cfg.lagrange_tau)
             metrics["lme_gap"] = gap.mean()
             metrics["log_partition"] = partition.mean()
-            for i in range(cfg.num_critics):
-                metrics[f"q{i + 1}_lme_gap"] = gap[i]
+            if self.energy is not None:
+                # T_psi maximises the bound E_D[T] - E_s[log-partition], i.e. minimises the gap.
+                losses_out["energy_loss"] = gap.sum()
+            else:
+                penalty = losses.conservative_penalty(gap, cfg.min_q_weight, alpha_prime, cfg.lagrange_tau)
+                for i in range(cfg.num_critics):
+                    metrics[f"q{i + 1}_lme_gap"] = gap[i]
         losses_out["critic_loss"] = losses.critic_loss(td, penalty)
         metrics["td_loss"] = td.sum()
         metrics["critic_penalty"] = penalty.sum()
@@ -184,8 +218,9 @@ class MISA:
             metrics[f"q{i + 1}_data"] = q_data[i].mean()
         metrics["q_target"] = target.mean()
 
-    def _hmc_samples(self, actions, mean, std, state_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
-        """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics), started at the dataset actions."""
+    def _hmc_samples(self, actions, mean, std, energy_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
+        """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics; T_psi for MISA-T), started
+        at the dataset actions."""
         cfg = self.config
         if not cfg.use_hmc:
             return None
@@ -193,8 +228,8 @@ class MISA:
         result = ops.hmc_sample(
             mean,
             std,
-            self.critic.stacked_layers(detach=True),
-            state_half,
+            (self.critic if self.energy is None else self.energy).stacked_layers(detach=True),
+            energy_half,
             actions,
             mode=cfg.hmc_mode,
             num_samples=cfg.num_samples,
@@ -281,6 +316,7 @@ class MISA:
             "policy": self.policy.state_dict(),
             "critic": self.critic.state_dict(),
             "target_critic": self.target_critic.state_dict(),
+            "energy": None if self.energy is None else self.energy.state_dict(),
             "log_alpha": self.log_alpha.detach(),
             "log_alpha_prime": self.log_alpha_prime.detach(),
             "hmc_log_step_size": self.hmc_log_step_size,
@@ -292,7 +328,7 @@ class MISA:
 
     def load_state_dict(self, state: Mapping) -> None:
         saved = MISAConfig.from_dict(state["config"])
-        for key in ("obs_dim", "act_dim", "policy_hidden", "critic_hidden", "num_critics"):
+        for key in ("obs_dim", "act_dim", "policy_hidden", "critic_hidden", "num_critics", "energy_network"):
             if getattr(saved, key) != getattr(self.config, key):
                 raise ValueError(
                     f"checkpoint has {key}={getattr(saved, key)!r}, agent has {getattr(self.config, key)!r}"
@@ -300,6 +336,8 @@ class MISA:
         self.policy.load_state_dict(state["policy"])
         self.critic.load_state_dict(state["critic"])
         self.target_critic.load_state_dict(state["target_critic"])
+        if self.energy is not None:
+            self.energy.load_state_dict(state["energy"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
