@@ -54,9 +54,9 @@ def get(name: str) -> Algorithm:
 
 
 def config_class(family: str):
-    from misa_fast.config import MISAConfig, TD3Config
+    from misa_fast import config
 
-    return {"misa": MISAConfig, "td3": TD3Config}[family]
+    return config.MISAConfig if family == "misa" else config.TD3Config
 
 
 def build_config(name: str, domain: str, dataset_name: Optional[str] = None, **fields):
@@ -67,20 +67,19 @@ def build_config(name: str, domain: str, dataset_name: Optional[str] = None, **f
     if algo.family == "misa":
         cfg = config_lib.preset(domain)
         # The domain's Lagrange budget is tuned for MISA's gap; methods without an energy term drop it.
-        return cfg.replace(**algo.overrides, **fields)
+        return cfg.replace(**{**algo.overrides, **fields})
     cfg = config_lib.TD3Config()
     values = dict(algo.overrides)
     if algo.overrides.get("behavior_reg") == "vae" and dataset_name is not None:
         values["spot_lambda"] = config_lib.spot_lambda_for(dataset_name)
-    return cfg.replace(**values, **fields)
+    return cfg.replace(**{**values, **fields})
 
 
 def make_agent(cfg):
     """The learner for a config: MISA for a MISAConfig, TD3 for a TD3Config."""
-    from misa_fast.agents import MISA, TD3
-    from misa_fast.config import MISAConfig
+    from misa_fast import agents
 
-    return MISA(cfg) if isinstance(cfg, MISAConfig) else TD3(cfg)
+    return agents.MISA(cfg) if family_of(cfg) == "misa" else agents.TD3(cfg)
 
 
 def family_of(cfg) -> str:

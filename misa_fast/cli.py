@@ -10,6 +10,7 @@ import sys
 # name -> (module, one-line help). The module defines configure_parser(parser) and run(args) -> int.
 SUBCOMMANDS = {
     "train": ("misa_fast.train", "train an agent on a D4RL-format dataset"),
+    "finetune": ("misa_fast.finetune", "fine-tune an offline checkpoint online in its gymnasium environment"),
     "eval": ("misa_fast.evaluate_cli", "evaluate a checkpoint in its gymnasium environment"),
     "make-dataset": ("misa_fast.data.make_dataset", "write a D4RL-format dataset from a gymnasium env"),
 }

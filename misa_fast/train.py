@@ -95,8 +95,9 @@ class ProgressLog:
 
     EVAL_COLUMNS = ("eval_return", "eval_return_std", "eval_normalized")
 
-    def __init__(self, out: Path, resume_step: Optional[int], tensorboard: bool):
+    def __init__(self, out: Path, resume_step: Optional[int], tensorboard: bool, extra_columns: tuple = ()):
         self.path = out / "progress.csv"
+        self.fixed_columns = (*extra_columns, *self.EVAL_COLUMNS)  # columns rows may lack
         self.header: Optional[list] = None
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
@@ -127,8 +128,8 @@ class ProgressLog:
 
     def write(self, step: int, values: dict) -> None:
         if self.header is None:
-            metric_keys = sorted(k for k in values if k not in ("step", *self.EVAL_COLUMNS))
-            self.header = ["step", *metric_keys, *self.EVAL_COLUMNS]
+            metric_keys = sorted(k for k in values if k not in ("step", *self.fixed_columns))
+            self.header = ["step", *metric_keys, *self.fixed_columns]
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.header)
         with open(self.path, "a", newline="") as f:

@@ -307,6 +307,16 @@ class MISA:
             return self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device)).cpu().numpy()
         return self.policy.act(obs.to(self.device, torch.float32))
 
+    @torch.no_grad()
+    def act_explore(self, obs, noise_std: Optional[float] = None, generator: Optional[torch.Generator] = None):
+        """Exploration action for online fine-tuning: a sample of the tanh-Gaussian policy (SAC's
+        exploration; ``noise_std`` is accepted for interface parity with TD3 and ignored)."""
+        if isinstance(obs, np.ndarray):
+            return self.act_explore(torch.as_tensor(obs, dtype=torch.float32), noise_std, generator).cpu().numpy()
+        mean, std = self.policy.dist_params(obs.to(self.device, torch.float32))
+        noise = torch.randn(mean.shape, generator=generator, device=self.device)
+        return nets.tanh_gaussian_sample(mean, std, noise)[0]
+
     # ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a bit-identical resume needs (tensors are references, as nn.Module's)."""
