@@ -86,3 +86,12 @@ def family_of(cfg) -> str:
     from misa_fast.config import MISAConfig
 
     return "misa" if isinstance(cfg, MISAConfig) else "td3"
+
+
+def agent_from_checkpoint(state: dict, device: str = "cpu"):
+    """The trained agent of a checkpoint written by ``misa-fast train`` or ``finetune``."""
+    algo = get(state["run"]["algo"])
+    cfg = config_class(algo.family).from_dict({**state["agent_config"], "device": str(device)})
+    agent = make_agent(cfg)
+    agent.load_state_dict(state["agent"])
+    return agent

@@ -27,14 +27,10 @@ def load_policy(path: Path):
                 return module(torch.as_tensor(obs, dtype=torch.float32)).numpy()
 
         return act_exported, None, True  # normalisation is inside the exported program
-    from misa_fast.config import MISAConfig
-    from misa_fast.train import make_agent
+    from misa_fast.algos import agent_from_checkpoint
 
     state = ckpt.load(path)
-    cfg = MISAConfig.from_dict({**state["agent_config"], "device": "cpu"})
-    agent = make_agent(state["run"]["algo"], cfg)
-    agent.load_state_dict(state["agent"])
-    policy = agent.policy.eval()
+    policy = agent_from_checkpoint(state).policy.eval()
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():

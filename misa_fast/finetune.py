@@ -89,9 +89,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     algo = algos.get(offline_run["algo"])
     info = DataInfo.from_dict(state["data_info"])
     env_id = cfg.env or state.get("env_id") or info.env_id
-    agent_cfg = algos.config_class(algo.family).from_dict({**state["agent_config"], "device": str(device)})
-    agent = algos.make_agent(agent_cfg)
-    agent.load_state_dict(state["agent"])
+    agent = algos.agent_from_checkpoint(state, device)
+    agent_cfg = agent.config
 
     if resuming:
         saved = state["buffer"]
