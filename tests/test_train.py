@@ -87,13 +87,13 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from misa_fast import train as train_module
+    from misa_fast import algos
     from misa_fast.agents import NonFiniteLossError
 
-    real_make_agent = train_module.make_agent
+    real_make_agent = algos.make_agent
 
-    def make_failing_agent(algo, cfg):
-        agent = real_make_agent(algo, cfg)
+    def make_failing_agent(cfg):
+        agent = real_make_agent(cfg)
         update, calls = agent.update, {"n": 0}
 
         def failing_update(batch):
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         agent.update = failing_update
         return agent
 
-    monkeypatch.setattr(train_module, "make_agent", make_failing_agent)
+    monkeypatch.setattr(algos, "make_agent", make_failing_agent)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteTraining, match=r"step 25: .*critic_loss.*last good checkpoint"):
         train(tiny_run(out, 40))
