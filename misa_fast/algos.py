@@ -20,6 +20,11 @@ class Algorithm:
     summary: str
     overrides: Dict[str, object] = field(default_factory=dict)
 
+    @property
+    def default_obs_norm(self) -> str:
+        """TD3+BC and SPOT normalise states per dimension (both official codes); MISA does not."""
+        return "per-dim" if self.family == "td3" else "none"
+
 
 ALGORITHMS: Dict[str, Algorithm] = {
     a.name: a
@@ -68,7 +73,7 @@ def build_config(name: str, domain: str, dataset_name: Optional[str] = None, **f
         cfg = config_lib.preset(domain)
         # The domain's Lagrange budget is tuned for MISA's gap; methods without an energy term drop it.
         return cfg.replace(**{**algo.overrides, **fields})
-    cfg = config_lib.TD3Config()
+    cfg = config_lib.td3_preset(domain)
     values = dict(algo.overrides)
     if algo.overrides.get("behavior_reg") == "vae" and dataset_name is not None:
         values["spot_lambda"] = config_lib.spot_lambda_for(dataset_name)

@@ -176,3 +176,43 @@ def alpha_loss(log_alpha: Tensor, log_pi_new: Tensor, target_entropy: float) -> 
     """SAC temperature loss in the official (JaxCQL) form -log_alpha * mean(log pi + H_target):
     alpha grows while the policy's entropy is below the target."""
     return -(log_alpha * (log_pi_new.detach() + target_entropy)).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# TD3 family (TD3+BC, SPOT)
+def smoothed_target_action(next_action: Tensor, noise: Tensor, policy_noise: float, noise_clip: float) -> Tensor:
+    """TD3's target policy smoothing: clip(pi'(s') + clip(sigma * eps, -c, c), -1, 1), no gradient.
+    noise: standard normal, shape of ``next_action``."""
+    smoothing = (policy_noise * noise).clamp(-noise_clip, noise_clip)
+    return (next_action + smoothing).clamp(-1.0, 1.0).detach()
+
+
+def q_scale(q_pi: Tensor, alpha: float = 1.0) -> Tensor:
+    """alpha / mean|Q(s, pi(s))|, held fixed: TD3+BC's lambda (alpha = 2.5) and SPOT's Q
+    normalisation (alpha = 1), which make the actor's Q term scale-free."""
+    return alpha / q_pi.detach().abs().mean()
+
+
+def td3bc_actor_loss(q_pi: Tensor, policy_actions: Tensor, data_actions: Tensor, alpha: float
+                     ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """TD3+BC: -lambda * mean Q(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean|Q| (fixed).
+
+    q_pi must come from critics whose weights carry no gradient (only pi(s) may). The squared error
+    is averaged over batch and action dims (the official F.mse_loss). Returns (loss, terms)."""
+    lam = q_scale(q_pi, alpha)
+    terms = {
+        "actor_q_term": -lam * q_pi.mean(),
+        "actor_bc_term": (policy_actions - data_actions.detach()).pow(2).mean(),
+    }
+    return terms["actor_q_term"] + terms["actor_bc_term"], {**terms, "actor_lambda": lam}
+
+
+def spot_actor_loss(q_pi: Tensor, neg_log_density: Tensor, lam: float, normalize_q: bool = True
+                    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """SPOT: -mean Q(s, pi(s)) / mean|Q| (fixed) + lambda * mean(-log pi_beta(pi(s)|s)).
+
+    neg_log_density (B,) comes from the frozen VAE evaluated at pi(s) (the gradient reaches the
+    actor through the action only). ``normalize_q`` False is the official --without_Q_norm."""
+    scale = q_scale(q_pi) if normalize_q else torch.ones((), device=q_pi.device)
+    terms = {"actor_q_term": -scale * q_pi.mean(), "actor_density_term": lam * neg_log_density.mean()}
+    return terms["actor_q_term"] + terms["actor_density_term"], {**terms, "actor_lambda": scale}

@@ -27,6 +27,8 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 ATANH_LIMIT = 1.0 - 2.0**-24
 
 Layers = List[Tuple[Tensor, Tensor]]  # [(weight (E, out, in), bias (E, out)), ...]
+# Hidden activations of the critics; both backward passes use only their result, so in place is safe.
+_ACTIVATIONS = {"elu": F.elu, "relu": F.relu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,13 +156,15 @@ def state_half(layers: Layers, obs: Tensor) -> Tensor:
     return torch.matmul(obs, weight[:, :, : obs.shape[-1]].transpose(1, 2)) + bias.unsqueeze(1)
 
 
-def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor) -> Tensor:
+def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor, activation: str = "elu") -> Tensor:
     """Q of every critic from the precomputed state half of layer 1.
 
     state_half: (E, B, H1) = obs @ W1[:, :, :S]^T + b1 (see ``first_layer_state_half``).
     actions:    (B, A) -> returns (E, B);  (B, K, A) -> returns (E, B, K). For K samples per state the
     state half is broadcast, not recomputed.
+    activation: "elu" (MISA, the official flax critics) or "relu" (the TD3 family's critics).
     """
+    act = _ACTIVATIONS[activation]
     w1 = layers[0][0]
     E, B, H = state_half.shape
     act_dim = actions.shape[-1]
@@ -169,9 +173,9 @@ def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor) -> Tensor:
     # 26 MB at B=256, K=50, H=256.
     z = torch.matmul(actions.reshape(-1, act_dim), w1[:, :, -act_dim:].transpose(1, 2))  # (E, N, H)
     z.view(E, B, -1, H).add_(state_half.unsqueeze(2))
-    h = F.elu(z, inplace=True)
+    h = act(z, inplace=True)
     for weight, bias in layers[1:-1]:
-        h = F.elu(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)), inplace=True)
+        h = act(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)), inplace=True)
     weight, bias = layers[-1]
     q = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (E, N, 1)
     return q.view(E, *actions.shape[:-1])
@@ -212,7 +216,9 @@ def ensemble_q_and_action_grad(
 
 
 class EnsembleCritic(nn.Module):
-    """E independent Q networks MLP(concat(s, a)) with ELU, stored stacked.
+    """E independent Q networks MLP(concat(s, a)) with ELU (or ReLU: ``activation="relu"``, the TD3
+    family's critics), stored stacked. Only ``forward`` knows the activation: the HMC sampler and the
+    fused ops assume ELU.
 
     ``forward(obs, actions)`` returns (E, B) for actions (B, A) and (E, B, K) for (B, K, A)."""
 
@@ -223,9 +229,13 @@ class EnsembleCritic(nn.Module):
         hidden: Sequence[int] = (256, 256),
         num_critics: int = 2,
         generator: Optional[torch.Generator] = None,
+        activation: str = "elu",
     ):
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
         self.obs_dim, self.act_dim, self.num_critics = obs_dim, act_dim, num_critics
+        self.activation = activation
         sizes = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -252,14 +262,15 @@ class EnsembleCritic(nn.Module):
         return state_half(self.stacked_layers(detach)[:1], obs)
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
-        return ensemble_q(self.stacked_layers(), self.first_layer_state_half(obs), actions)
+        return ensemble_q(self.stacked_layers(), self.first_layer_state_half(obs), actions, self.activation)
 
 
 class TwinCritic(EnsembleCritic):
     """The two critics of MISA (an ensemble of 2)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), generator=None):
-        super().__init__(obs_dim, act_dim, hidden, num_critics=2, generator=generator)
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), generator=None,
+                 activation: str = "elu"):
+        super().__init__(obs_dim, act_dim, hidden, num_critics=2, generator=generator, activation=activation)
 
 
 @torch.no_grad()

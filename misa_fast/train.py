@@ -45,7 +45,7 @@ class RunConfig:
     checkpoint_every: Optional[int] = None  # None: every evaluation
     log_every: int = 1_000
     data_source: str = "auto"  # "auto" | "prefetch" | "device"
-    obs_norm: str = "none"  # "none" | "scalar" | "per-dim"
+    obs_norm: Optional[str] = None  # "none" | "scalar" | "per-dim"; None: the algorithm's default
     overrides: tuple = ()  # "key=value" for the agent config
     progress: bool = True
     tensorboard: bool = True
@@ -191,6 +191,8 @@ def train(run: RunConfig) -> dict:
                                   device=run.device, out=str(out), resume=True)
         dataset = run.dataset or DEFAULT_DATASET
 
+    if run.obs_norm is None:
+        run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
     data, info = prepare(dataset, obs_norm=run.obs_norm)
     if state is not None:
         info = DataInfo.from_dict(state["data_info"])
@@ -221,6 +223,10 @@ def train(run: RunConfig) -> dict:
                           "data_info": info.to_dict(), "agent": agent.state_dict(),
                           "sampler": source.state_dict(), "rng": ckpt.rng_state(), "last_eval": last_eval},
                          out / ckpt.CHECKPOINT_NAME)
+
+    if getattr(agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
+        agent.pretrain_vae(source, agent.pretrain_steps, progress=run.progress)
+        save(start_step)
 
     from tqdm.auto import tqdm
 
@@ -302,7 +308,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress.csv rows")
     p.add_argument("--data-source", default=d.data_source, choices=SOURCES,
                    help="batches from the C++ prefetcher or a device-resident dataset (auto: device on CUDA)")
-    p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"])
+    p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"],
+                   help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an agent config value, e.g. --set num_samples=20 (repeatable)")

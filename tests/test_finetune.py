@@ -44,7 +44,10 @@ def test_finetune_appends_online_transitions_and_keeps_learning(offline_runs, tm
     assert state["agent"]["step"] == offline["agent"]["step"] + 200  # one update per environment step
     # The online rows are Pendulum transitions: observations (cos, sin, velocity), clipped actions.
     online = {k: v[n_offline:] for k, v in state["buffer"]["data"].items()}
-    assert np.allclose(online["observations"][:, 0] ** 2 + online["observations"][:, 1] ** 2, 1.0, atol=1e-5)
+    info = state["data_info"]  # SPOT normalises observations per dimension; online rows must match
+    assert (info["obs_norm"] == "per-dim") == (algo == "spot")
+    raw = online["observations"] * np.asarray(info["obs_std"] or 1.0) + np.asarray(info["obs_mean"] or 0.0)
+    assert np.allclose(raw[:, 0] ** 2 + raw[:, 1] ** 2, 1.0, atol=1e-4)
     assert np.abs(online["actions"]).max() <= 0.999 + 1e-7
     assert np.array_equal(online["observations"][1:], online["next_observations"][:-1])
     assert (online["rewards"] <= 0).all() and (online["terminals"] == 0).all()

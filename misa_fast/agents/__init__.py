@@ -1,4 +1,6 @@
-"""Agents. MISA and its variants are one learner configured by ``misa_fast.config.MISAConfig``."""
+"""Agents. MISA and its variants are one learner configured by ``misa_fast.config.MISAConfig``;
+TD3+BC and SPOT are one deterministic-actor learner configured by ``misa_fast.config.TD3Config``."""
 from misa_fast.agents.misa import MISA, LossOutput, NonFiniteLossError, UpdateNoise
+from misa_fast.agents.td3 import TD3, TD3Noise
 
-__all__ = ["MISA", "LossOutput", "NonFiniteLossError", "UpdateNoise"]
+__all__ = ["MISA", "LossOutput", "NonFiniteLossError", "TD3", "TD3Noise", "UpdateNoise"]

@@ -1,0 +1,380 @@
+"""The deterministic-actor learner: TD3 (Fujimoto et al. 2018) with a behaviour regulariser on the
+actor, ``behavior_reg="bc"`` = TD3+BC (Fujimoto & Gu 2021), ``"vae"`` = SPOT (Wu et al. 2022; DESIGN.md
+section 3). One class, the variants are configuration (``TD3Config``).
+
+One ``update(batch)`` follows the official PyTorch code step for step: the twin critics take a TD
+step towards r + gamma (1 - d) min_i Q'_i(s', clip(pi'(s') + clip(0.2 eps, +-0.5), -1, 1)); every
+``policy_freq``-th update the actor then takes a step on its loss, evaluated with the *updated*
+first critic Q1 (as in the official code), and the target actor and critics move by Polyak
+averaging. Sequential, unlike MISA's simultaneous step: so that a non-finite actor loss still leaves
+the agent as it was, the critic step of an actor update is undone (parameters and Adam state) before
+``NonFiniteLossError`` is raised.
+
+SPOT needs its VAE pretrained on the data first: ``needs_pretraining`` / ``pretrain_vae(batches,
+steps)``; the state dict records whether that happened, so a resumed run does not pretrain again.
+Randomness (target smoothing noise, dropout masks, VAE latents, exploration) comes from
+``self.generator`` (seeded from config.seed), saved in ``state_dict``: a resume is bit-identical on
+CPU.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from misa_fast import losses, nets
+from misa_fast import vae as vae_lib
+from misa_fast.agents.misa import NonFiniteLossError, _derive_seeds
+from misa_fast.config import TD3Config
+
+# The actor metrics of each variant (returned by every update: the last actor step's values).
+_ACTOR_METRICS = {
+    "bc": ("actor_loss", "actor_q_term", "actor_bc_term", "actor_lambda", "q_pi"),
+    "vae": ("actor_loss", "actor_q_term", "actor_density_term", "actor_lambda", "q_pi", "neg_log_density"),
+}
+# Must match the architecture for a checkpoint to load.
+_ARCHITECTURE_KEYS = ("obs_dim", "act_dim", "actor_hidden", "critic_hidden", "num_critics", "critic_activation",
+                      "behavior_reg", "vae_hidden", "vae_latent")
+
+
+class DeterministicActor(nn.Module):
+    """MLP (ReLU) -> tanh, action in [-1, 1]. Dropout (official SPOT: after each hidden Linear) is
+    applied through masks passed to ``forward``, drawn by the agent from its own generator, so the
+    module itself is deterministic: ``act`` (evaluation, export) never drops anything."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256),
+                 generator: Optional[torch.Generator] = None, init_w: Optional[float] = None):
+        super().__init__()
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        sizes = [obs_dim, *hidden]
+        self.hidden = nn.ModuleList(
+            vae_lib.torch_default_linear(fan_in, fan_out, generator) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+        self.out = vae_lib.torch_default_linear(sizes[-1], act_dim, generator, init_w)
+
+    def forward(self, obs: Tensor, masks: Sequence[Tensor] = ()) -> Tensor:
+        """masks: () or one (B, H_i) scaled keep-mask per hidden layer."""
+        h = obs
+        for i, layer in enumerate(self.hidden):
+            h = layer(h)
+            if masks:
+                h = h * masks[i]
+            h = F.relu(h)
+        return torch.tanh(self.out(h))
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic evaluation action pi(s), no dropout."""
+        return self.forward(obs)
+
+
+class TD3Noise(NamedTuple):
+    """The randomness of one update, in the order it is drawn from the agent's generator."""
+
+    target: Tensor  # (B, A) standard normal: target policy smoothing
+    target_masks: Tuple[Tensor, ...]  # dropout keep-masks of the target actor at s' (() without dropout)
+    actor_masks: Tuple[Tensor, ...] = ()  # ... of the actor at s (actor steps)
+    density: Optional[Tensor] = None  # (B, L, D) VAE latent noise of -log pi_beta (SPOT actor steps)
+
+
+class TD3:
+    """``TD3(config)``; ``update(batch) -> metrics`` (detached 0-dim tensors, no host sync apart from
+    the optional finite check). Batch as for :class:`misa_fast.agents.MISA`."""
+
+    def __init__(self, config: TD3Config, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
+        obs_dim = obs_dim if obs_dim is not None else config.obs_dim
+        act_dim = act_dim if act_dim is not None else config.act_dim
+        if obs_dim is None or act_dim is None:
+            raise ValueError("TD3 needs obs_dim and act_dim (in the config or as arguments)")
+        self.config = cfg = config.replace(obs_dim=obs_dim, act_dim=act_dim)
+        self.device = torch.device(cfg.device)
+        self.dropout = cfg.resolved_actor_dropout
+
+        init_seed, sample_seed = _derive_seeds(cfg.seed)
+        init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
+        self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w)
+        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator,
+                                          activation=cfg.critic_activation)
+        _torch_default_init_(self.critic, init_generator, cfg.critic_init_w)
+        self.vae: Optional[vae_lib.ConditionalVAE] = None
+        if cfg.behavior_reg == "vae":
+            self.vae = vae_lib.ConditionalVAE(obs_dim, act_dim, cfg.vae_hidden, cfg.resolved_vae_latent(act_dim),
+                                              init_generator).to(self.device).requires_grad_(False)
+        self.vae_trained = False
+        self.policy.to(self.device)
+        self.critic.to(self.device)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.generator = torch.Generator(device=self.device).manual_seed(sample_seed)
+        self.optimizers = {
+            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.actor_lr),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr),
+        }
+        nan = torch.tensor(math.nan, device=self.device)
+        self._actor_metrics: Dict[str, Tensor] = {k: nan for k in _ACTOR_METRICS[cfg.behavior_reg]}  # none yet
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def needs_pretraining(self) -> bool:
+        """True while SPOT's VAE has not been pretrained (never for TD3+BC)."""
+        return self.vae is not None and not self.vae_trained
+
+    @property
+    def pretrain_steps(self) -> int:
+        return self.config.vae_steps if self.vae is not None else 0
+
+    def pretrain_vae(self, batches, steps: Optional[int] = None, progress: bool = True) -> Dict[str, float]:
+        """Fits the VAE to the (observations, actions) of ``next(batches)`` (a trainer data source, or
+        any iterable of batch dicts) by SPOT's loss, Adam lr ``vae_lr``, one latent sample per row;
+        ``steps`` defaults to ``pretrain_steps``. Marks the VAE trained and returns the last batch's
+        loss. Raises NonFiniteLossError (before that step's update; the VAE stays untrained)."""
+        if self.vae is None:
+            raise RuntimeError("only SPOT (behavior_reg='vae') has a VAE to pretrain")
+        from tqdm.auto import tqdm
+
+        cfg, vae = self.config, self.vae
+        steps = self.pretrain_steps if steps is None else steps
+        if not hasattr(batches, "__next__"):  # the trainer's sources are next()-only; lists/iterables work too
+            batches = iter(batches)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+        vae.requires_grad_(True)
+        last: Dict[str, float] = {}
+        try:
+            for i in tqdm(range(steps), disable=not progress, desc="VAE pretraining", unit="step",
+                          dynamic_ncols=True, mininterval=1.0):
+                batch = next(batches)
+                obs, actions = _as_tensor(batch["observations"], self.device), _as_tensor(batch["actions"], self.device)
+                noise = torch.randn((obs.shape[0], 1, vae.latent_dim), generator=self.generator, device=self.device)
+                loss = vae_lib.vae_loss(vae, obs, actions, cfg.vae_beta, noise).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.check_finite:
+                    self._check_finite({"vae_loss": loss}, {"vae_loss": list(vae.parameters())}, step=i)
+                optimizer.step()
+                if i == steps - 1:
+                    last = {"vae_loss": float(loss.detach())}
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            vae.requires_grad_(False)
+        self.vae_trained = True
+        return last
+
+    # ----------------------------------------------------------------------------------------------
+    def is_actor_step(self, step: Optional[int] = None) -> bool:
+        """Whether update number ``step`` (0-based; default: the next) updates the actor and targets:
+        the official code's total_it % policy_freq == 0 with total_it counting from 1."""
+        step = self.step if step is None else step
+        return (step + 1) % self.config.policy_freq == 0
+
+    def draw_noise(self, batch_size: int, actor_step: bool) -> TD3Noise:
+        cfg = self.config
+
+        def masks():
+            if self.dropout == 0.0:
+                return ()
+            return tuple((torch.rand((batch_size, h), generator=self.generator, device=self.device) >= self.dropout)
+                         .float().div_(1.0 - self.dropout) for h in cfg.actor_hidden)
+
+        target = torch.randn((batch_size, cfg.act_dim), generator=self.generator, device=self.device)
+        noise = TD3Noise(target=target, target_masks=masks())
+        if actor_step:
+            density = None
+            if self.vae is not None:
+                density = torch.randn((batch_size, cfg.density_samples, self.vae.latent_dim), generator=self.generator,
+                                      device=self.device)
+            noise = noise._replace(actor_masks=masks(), density=density)
+        return noise
+
+    def update(self, batch: Mapping, noise: Optional[TD3Noise] = None) -> Dict[str, Tensor]:
+        """One critic step; every ``policy_freq``-th call also an actor step and the target update.
+
+        Raises NonFiniteLossError, leaving every parameter, optimizer state, target and the step
+        counter as they were, if a loss or gradient is not finite (with ``check_finite``)."""
+        if self.needs_pretraining:
+            raise RuntimeError("SPOT's VAE is not trained: call pretrain_vae(batches) first (the trainer does)")
+        cfg = self.config
+        obs, actions, rewards, next_obs, dones = _unpack(batch, self.device)
+        actor_step = self.is_actor_step()
+        if noise is None:
+            noise = self.draw_noise(actions.shape[0], actor_step)
+
+        with torch.no_grad():
+            next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
+                                                         cfg.policy_noise, cfg.noise_clip)
+            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+        q_data = self.critic(obs, actions)
+        td = losses.td_loss(q_data, target)
+        critic_loss = td.sum()  # the official sum of the critics' MSEs
+        critic_opt = self.optimizers["critic"]
+        critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
+        for i in range(cfg.num_critics):
+            metrics[f"q{i + 1}_data"] = q_data[i].mean()
+            metrics[f"q{i + 1}_td_loss"] = td[i]
+        checked = {"critic_loss": critic_loss}
+        params = {"critic_loss": list(self.critic.parameters())}
+
+        if not actor_step:
+            if cfg.check_finite:
+                self._check_finite(checked, params)
+            critic_opt.step()
+        else:
+            undo = _snapshot(critic_opt) if cfg.check_finite else None
+            critic_opt.step()
+            actor_loss, actor_metrics = self._actor_loss(obs, actions, noise)
+            self.optimizers["policy"].zero_grad(set_to_none=True)
+            actor_loss.backward()
+            if cfg.check_finite:
+                checked["actor_loss"] = actor_loss
+                params["actor_loss"] = list(self.policy.parameters())
+                try:
+                    self._check_finite(checked, params)
+                except NonFiniteLossError:
+                    _restore(critic_opt, undo)
+                    raise
+            self.optimizers["policy"].step()
+            nets.polyak_update(self.target_critic, self.critic, cfg.tau)
+            nets.polyak_update(self.target_policy, self.policy, cfg.tau)
+            self._actor_metrics = {k: v.detach() for k, v in actor_metrics.items()}
+        self.step += 1
+        return {**{k: v.detach() for k, v in metrics.items()}, **self._actor_metrics}
+
+    def _actor_loss(self, obs, actions, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The actor's loss at pi(s) under Q1 (official: the first critic only), through detached
+        critic weights so only the actor gets a gradient."""
+        cfg = self.config
+        pi = self.policy(obs, noise.actor_masks)
+        q1_layers = [(w[:1], b[:1]) for w, b in self.critic.stacked_layers(detach=True)]
+        q_pi = nets.ensemble_q(q1_layers, nets.state_half(q1_layers, obs), pi, cfg.critic_activation)[0]
+        if cfg.behavior_reg == "bc":
+            loss, terms = losses.td3bc_actor_loss(q_pi, pi, actions, cfg.bc_alpha)
+        else:
+            neg_log_density = vae_lib.neg_log_density(self.vae, obs, pi, cfg.vae_beta, noise.density,
+                                                      cfg.density_estimator)
+            loss, terms = losses.spot_actor_loss(q_pi, neg_log_density, cfg.spot_lambda, cfg.spot_normalize_q)
+            terms["neg_log_density"] = neg_log_density.mean()
+        return loss, {"actor_loss": loss, "q_pi": q_pi.mean(), **terms}
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs):
+        """Deterministic action pi(s); numpy in -> numpy out, tensor in -> tensor out."""
+        if isinstance(obs, np.ndarray):
+            return self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device)).cpu().numpy()
+        return self.policy.act(obs.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def act_explore(self, obs, noise_std: float = 0.1, generator: Optional[torch.Generator] = None):
+        """clip(pi(s) + noise_std * eps, -1, 1), the TD3 exploration of online fine-tuning (official
+        expl_noise 0.1). eps comes from ``generator``, by default the agent's own."""
+        if isinstance(obs, np.ndarray):
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            return self.act_explore(obs_t, noise_std, generator).cpu().numpy()
+        action = self.policy.act(obs.to(self.device, torch.float32))
+        generator = self.generator if generator is None else generator
+        eps = torch.randn(action.shape, generator=generator, device=self.device)
+        return (action + noise_std * eps).clamp(-1.0, 1.0)
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs (tensors are references, as nn.Module's)."""
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_policy": self.target_policy.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "vae": None if self.vae is None else self.vae.state_dict(),
+            "vae_trained": self.vae_trained,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "actor_metrics": dict(self._actor_metrics),
+            "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        saved = TD3Config.from_dict(state["config"])
+        for key in _ARCHITECTURE_KEYS:
+            if getattr(saved, key) != getattr(self.config, key):
+                raise ValueError(
+                    f"checkpoint has {key}={getattr(saved, key)!r}, agent has {getattr(self.config, key)!r}")
+        self.policy.load_state_dict(state["policy"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_policy.load_state_dict(state["target_policy"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        if self.vae is not None:
+            self.vae.load_state_dict(state["vae"])
+        self.vae_trained = bool(state["vae_trained"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self._actor_metrics = {k: v.detach().clone().to(self.device) for k, v in state["actor_metrics"].items()}
+        # A CPU and a CUDA generator state are different things (see MISA.load_state_dict).
+        if state.get("generator_device", self.device.type) == self.device.type:
+            self.generator.set_state(state["generator"].cpu())
+        self.step = int(state["step"])
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_finite(self, losses_out: Dict[str, Tensor], params: Dict[str, list], step: Optional[int] = None) -> None:
+        """One host sync: every loss and the gradient sum of the parameters it drives."""
+        grad_sums = [torch.stack([p.grad.sum() for p in ps if p.grad is not None]).sum() for ps in params.values()]
+        values = torch.stack([loss.detach() for loss in losses_out.values()] + grad_sums)
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        names = list(losses_out) + [f"{name.removesuffix('_loss')}_grad" for name in params]
+        bad = next(name for name, ok in zip(names, finite.tolist()) if not ok)
+        raise NonFiniteLossError(bad, self.step if step is None else step)
+
+
+# --------------------------------------------------------------------------------------------------
+def _torch_default_init_(critic: nets.EnsembleCritic, generator: torch.Generator, init_w: Optional[float]) -> None:
+    """Re-initialise the stacked critics as PyTorch's default nn.Linear (the official TD3+BC / SPOT
+    critics): weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the output layer U(-init_w,
+    init_w) when given (SPOT's antmaze critic_init_w)."""
+    with torch.no_grad():
+        for i, (weight, bias) in enumerate(zip(critic.weights, critic.biases)):
+            last = i == len(critic.weights) - 1
+            bound = init_w if last and init_w is not None else 1.0 / math.sqrt(weight.shape[-1])
+            weight.uniform_(-bound, bound, generator=generator)
+            bias.uniform_(-bound, bound, generator=generator)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _snapshot(optimizer: torch.optim.Optimizer):
+    """Copies of an optimizer's parameters and per-parameter state (Adam's moments and step count),
+    to undo its next step."""
+    params = _params(optimizer)
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]  # {} before step 1
+    return [p.detach().clone() for p in params], state
+
+
+def _restore(optimizer: torch.optim.Optimizer, snapshot) -> None:
+    """Undo: copy back in place (the tensors keep their identity), or drop state a step created."""
+    values, states = snapshot
+    with torch.no_grad():
+        for p, value, saved in zip(_params(optimizer), values, states):
+            p.copy_(value)
+            if not saved:
+                optimizer.state.pop(p, None)
+            for k, v in saved.items():
+                optimizer.state[p][k].copy_(v)
+
+
+def _as_tensor(x, device) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def _unpack(batch: Mapping, device):
+    return (_as_tensor(batch["observations"], device), _as_tensor(batch["actions"], device),
+            _as_tensor(batch["rewards"], device).reshape(-1), _as_tensor(batch["next_observations"], device),
+            _as_tensor(batch["terminals"], device).reshape(-1))
