@@ -55,14 +55,39 @@ class DeviceSource:
                 raise ValueError(f"sampler state is for {state.get('kind')!r}, not {self.kind!r}")
             self._generator.set_state(state["generator"].cpu())
 
-    def __next__(self) -> Batch:
-        idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
-        parts = torch.split(self._rows.index_select(0, idx), self._widths, dim=1)
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    def _split(self, rows: torch.Tensor) -> Batch:
+        parts = torch.split(rows, self._widths, dim=1)
         return {f: (p if f in ("observations", "next_observations", "actions") else p.squeeze(1))
                 for f, p in zip(FIELDS, parts)}
 
+    def __next__(self) -> Batch:
+        idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
+        return self._split(self._rows.index_select(0, idx))
+
+    def static_batch(self) -> Batch:
+        """Per-field views of one preallocated (B, row) tensor, for :meth:`refill` (CUDA graphs)."""
+        return self._split(torch.empty(self.batch_size, self._rows.shape[1], device=self.device))
+
+    def refill(self, batch: Batch) -> None:
+        """Draws the next batch into a :meth:`static_batch` in place: the same indices, from the same
+        generator, as ``next`` would draw (so graph and eager runs see the same batches)."""
+        idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
+        rows = batch["observations"]._base if batch["observations"]._base is not None else None
+        if rows is None:
+            raise ValueError("refill: expected a batch from static_batch()")
+        torch.index_select(self._rows, 0, idx, out=rows)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"sampler state is for {state.get('kind')!r}, not {self.kind!r}")
+        self._generator.set_state(state["generator"].cpu())
 
     def close(self) -> None:
         pass

@@ -45,6 +45,7 @@ class RunConfig:
     checkpoint_every: Optional[int] = None  # None: every evaluation
     log_every: int = 1_000
     data_source: str = "auto"  # "auto" | "prefetch" | "device"
+    backend: str = "eager"  # "eager" | "compiled" | "graph" (misa_fast.backends)
     obs_norm: Optional[str] = None  # "none" | "scalar" | "per-dim"; None: the algorithm's default
     overrides: tuple = ()  # "key=value" for the agent config
     progress: bool = True
@@ -188,7 +189,7 @@ def train(run: RunConfig) -> dict:
         run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
                                   eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
                                   log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
-                                  device=run.device, out=str(out), resume=True)
+                                  device=run.device, backend=run.backend, out=str(out), resume=True)
         dataset = run.dataset or DEFAULT_DATASET
 
     if run.obs_norm is None:
@@ -228,8 +229,10 @@ def train(run: RunConfig) -> dict:
         agent.pretrain_vae(source, agent.pretrain_steps, progress=run.progress)
         save(start_step)
 
+    from misa_fast.backends import make_step
     from tqdm.auto import tqdm
 
+    train_step = make_step(agent, source, run.backend)
     bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not run.progress, desc=f"{run.algo} {info.name}")
     window_start, window_steps = time.perf_counter(), 0
@@ -237,7 +240,7 @@ def train(run: RunConfig) -> dict:
     try:
         for step in range(start_step + 1, run.steps + 1):
             try:
-                metrics = agent.update(next(source))
+                metrics = train_step()
             except NonFiniteLossError as err:
                 raise NonFiniteTraining(
                     f"stopped at step {step}: non-finite {err.term}; no parameter was updated. The last good checkpoint "
@@ -308,6 +311,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress.csv rows")
     p.add_argument("--data-source", default=d.data_source, choices=SOURCES,
                    help="batches from the C++ prefetcher or a device-resident dataset (auto: device on CUDA)")
+    p.add_argument("--backend", default=d.backend, choices=["eager", "compiled", "graph"],
+                   help="training step: eager PyTorch, torch.compile of the losses, or the whole update "
+                        "captured in a CUDA graph (CUDA only)")
     p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"],
                    help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -331,7 +337,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed, device=args.device, out=args.out,
         eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
         eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        data_source=args.data_source, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
+        data_source=args.data_source, backend=args.backend, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
         progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
     )
 

@@ -271,16 +271,19 @@ class MISA:
         if cfg.auto_alpha:
             losses_out["alpha_loss"] = losses.alpha_loss(self.log_alpha, log_pi_new, self.target_entropy)
 
-    def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> Dict[str, Tensor]:
+    def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None,
+               check_finite: Optional[bool] = None) -> Dict[str, Tensor]:
         """One simultaneous gradient step of every loss, then the Polyak target update.
 
-        Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite."""
+        Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite
+        and ``check_finite`` (default: the config's) is on. The CUDA-graph backend turns it off
+        inside the graph (a host sync cannot be captured) and checks the losses after each replay."""
         out = self.compute_losses(batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         # One backward pass: each loss reaches only its own parameters (see module docstring).
         sum(out.losses.values()).backward()
-        if self.config.check_finite:
+        if self.config.check_finite if check_finite is None else check_finite:
             self._check_finite(out.losses)
         for name in out.losses:
             self.optimizers[LOSS_OWNER[name]].step()
