@@ -83,3 +83,39 @@ def test_update_step_without_hmc(benchmark, device):
     benchmark.group = f"step-{device}-hopper"
     benchmark.pedantic(step, rounds=5 if device == "cpu" else 50, iterations=1, warmup_rounds=1)
     record(benchmark, device)
+
+
+# Backends (misa_fast.backends): the full step including batch sampling from the device-resident
+# dataset. Compiling the faithful K=50 chain takes minutes on a 2-core CPU (the chain is unrolled),
+# so the CPU compiled case uses K=5; CUDA runs every backend at the reference K=50.
+BACKEND_CASES = [
+    pytest.param("cpu", "eager", 5, id="cpu-eager-K5"),
+    pytest.param("cpu", "compiled", 5, id="cpu-compiled-K5"),
+    pytest.param("cpu", "eager", 50, id="cpu-eager-K50"),
+    *[pytest.param("cuda", backend, 50, id=f"cuda-{backend}-K50", marks=pytest.mark.gpu)
+      for backend in ("eager", "compiled", "graph")],
+]
+
+
+@pytest.mark.parametrize("mode", ["faithful", "parallel"])
+@pytest.mark.parametrize("device, backend, k", BACKEND_CASES)
+def test_backend_step(benchmark, device, backend, k, mode):
+    from bench.launch_counts import hopper_like_data
+    from misa_fast.backends import make_step
+    from misa_fast.samplers import DeviceSource
+
+    if device == "cpu" and mode == "parallel" and k == 50:
+        pytest.skip("parallel chains at K=50 on CPU: see test_update_step")
+    agent, _ = make_agent("hopper", device, hmc_mode=mode, num_samples=k)
+    step = make_step(agent, DeviceSource(hopper_like_data(), agent.config.batch_size, 0, device), backend)
+
+    def timed():
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    timed()  # compile / capture
+    benchmark.group = f"backend-{device}-{mode}-K{k}"
+    benchmark.extra_info["backend"] = backend
+    benchmark.pedantic(timed, rounds=5 if device == "cpu" else 50, iterations=1, warmup_rounds=1)
+    record(benchmark, device)

@@ -101,3 +101,12 @@ def test_graph_rejects_a_learning_rate_schedule():
     agent = MISA(tiny_config(device="cuda", lr_schedule="cosine"))
     with pytest.raises(ValueError, match="lr_schedule"):
         make_step(agent, DeviceSource(dataset(), B, seed=0, device="cuda"), "graph")
+
+
+def test_train_cli_reports_the_backend_error(tmp_path, capsys):
+    from misa_fast.cli import main
+
+    code = main(["train", "--steps", "2", "--backend", "graph", "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--no-tensorboard"])
+    assert code == 2
+    assert "--backend graph needs a CUDA device" in capsys.readouterr().err
