@@ -1,31 +1,58 @@
-"""Per-step latency of the MISA update (batch already sampled), across HMC modes, K, burn-in,
-shapes and devices. The reference configuration is B=256, K=50, 2x256 MLPs.
+"""Per-step latency of the MISA training step — one full update, batch sampling included — across
+HMC modes, K, burn-in, shapes, devices and backends (misa_fast.backends: eager, compiled, graph).
+The reference configuration is B=256, K=50, 2x256 MLPs.
 
-    pytest bench/bench_step.py --benchmark-columns=median,iqr,ops --benchmark-json bench/results/step-<device>-<date>.json
-    pytest bench/bench_step.py -k "hopper and K50"          # the headline rows only
+    # the full suite on this machine (compiled cases compile first: ~40 s to ~4 min each on a 2-core CPU)
+    OMP_NUM_THREADS=2 pytest bench/bench_step.py --benchmark-json bench/results/step-<device>-<date>.json
+    pytest bench/bench_step.py -k "hopper and faithful-K50-BI5"      # the headline rows only
+    pytest bench/bench_step.py -k "not compiled"                      # skip the compiles
+    python -m bench.report bench/results/step-<device>-<date>.json    # table + PNG, speed-up over eager
 
-Each case records steps/s and the time 1M steps would take in ``extra_info``.
+Under ``--benchmark-disable`` (CI) every case runs once as a correctness check, except the compiled
+ones: compiling a configuration takes tens of seconds to minutes on a CPU, so only the no-HMC hopper
+case compiles there (tests/test_backends.py checks the compiled step against eager). ``graph`` is
+CUDA only. Each case records steps/s, the time 1M steps would take and the first call's time
+(compile / capture included) in ``extra_info``.
 """
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from misa_fast.agents import MISA
+from misa_fast.backends import make_step
 from misa_fast.config import preset
 from misa_fast.runtime import tune_host_allocator
+from misa_fast.samplers import DeviceSource
 
 tune_host_allocator()  # as the trainer does
 
 SHAPES = {"hopper": (11, 3), "halfcheetah": (17, 6)}
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["eager", "compiled", pytest.param("graph", marks=pytest.mark.gpu)]
 # (hmc_mode, K, burn_in): every mode at the reference K=50, the paper's smaller K, and burn-in 1.
 CASES = [
     ("faithful", 50, 5), ("adaptive", 50, 5), ("parallel", 50, 5),
     ("faithful", 20, 5), ("faithful", 5, 5), ("parallel", 20, 5), ("parallel", 5, 5),
     ("faithful", 50, 1), ("parallel", 50, 1),
 ]
+DATASET_ROWS = 50_000
+
+
+def random_dataset(obs_dim, act_dim, rows=DATASET_ROWS, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "observations": rng.normal(size=(rows, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-0.99, 0.99, size=(rows, act_dim)).astype(np.float32),
+        "rewards": rng.normal(size=rows).astype(np.float32),
+        "next_observations": rng.normal(size=(rows, obs_dim)).astype(np.float32),
+        "terminals": (rng.random(rows) < 0.01).astype(np.float32),
+    }
 
 
 def random_batch(obs_dim, act_dim, batch_size, device, seed=0):
+    """One fixed batch (for timing ``agent.update`` alone)."""
     g = torch.Generator().manual_seed(seed)
     batch = {
         "observations": torch.randn(batch_size, obs_dim, generator=g),
@@ -43,79 +70,70 @@ def make_agent(shape, device, **overrides):
     return MISA(cfg), random_batch(obs_dim, act_dim, cfg.batch_size, device)
 
 
-def timed_update(agent, batch, device):
-    def step():
-        agent.update(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
+def make_train_step(shape, device, backend, **overrides):
+    """(the backend's step, seconds its first call took: compile / capture / allocator warm-up)."""
+    obs_dim, act_dim = SHAPES[shape]
+    agent, _ = make_agent(shape, device, **overrides)
+    source = DeviceSource(random_dataset(obs_dim, act_dim), agent.config.batch_size, seed=0, device=device)
+    start = time.perf_counter()
+    step = make_step(agent, source, backend)
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return step, time.perf_counter() - start
 
-    return step
+
+def synced(step, device):
+    if device != "cuda":
+        return step
+
+    def run():
+        step()
+        torch.cuda.synchronize()
+
+    return run
 
 
-def record(benchmark, device):
+def skip_unless_runnable(request, device, backend, cheap):
+    if backend == "graph" and device != "cuda":
+        pytest.skip("the graph backend is CUDA only")
+    if backend == "compiled" and device == "cpu" and not cheap and request.config.getoption("benchmark_disable"):
+        pytest.skip("compiled CPU cases compile for minutes: under --benchmark-disable only the no-HMC one runs "
+                    "(run the suite with benchmarks enabled for all of them)")
+
+
+def record(benchmark, device, backend, first_call_s, **params):
     stats = benchmark.stats.stats if benchmark.stats else None
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    benchmark.extra_info.update(params, backend=backend, threads=torch.get_num_threads(),
+                                first_call_s=first_call_s,
+                                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     if stats is not None and stats.median > 0:
         benchmark.extra_info["steps_per_s"] = 1.0 / stats.median
         benchmark.extra_info["hours_per_1M_steps"] = stats.median * 1e6 / 3600
 
 
+def rounds_for(device):
+    return 5 if device == "cpu" else 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mode, k, burn_in", CASES, ids=[f"{m}-K{k}-BI{b}" for m, k, b in CASES])
-def test_update_step(benchmark, device, shape, mode, k, burn_in):
-    agent, batch = make_agent(shape, device, hmc_mode=mode, num_samples=k, hmc_burn_in=burn_in)
-    step = timed_update(agent, batch, device)
-    step()  # warm-up (allocator, lazy init)
+def test_train_step(benchmark, request, backend, device, shape, mode, k, burn_in):
+    skip_unless_runnable(request, device, backend, cheap=False)
+    step, first = make_train_step(shape, device, backend, hmc_mode=mode, num_samples=k, hmc_burn_in=burn_in)
     benchmark.group = f"step-{device}-{shape}"
-    rounds = 5 if device == "cpu" else 50
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    record(benchmark, device)
+    benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
+    record(benchmark, device, backend, first, shape=shape, hmc_mode=mode, num_samples=k, burn_in=burn_in)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_update_step_without_hmc(benchmark, device):
+def test_train_step_without_hmc(benchmark, request, backend, device):
     """The same learner with the HMC correction off (MISA-biased): what the sampler costs."""
-    agent, batch = make_agent("hopper", device, use_hmc=False)
-    step = timed_update(agent, batch, device)
-    step()
+    skip_unless_runnable(request, device, backend, cheap=True)
+    step, first = make_train_step("hopper", device, backend, use_hmc=False)
     benchmark.group = f"step-{device}-hopper"
-    benchmark.pedantic(step, rounds=5 if device == "cpu" else 50, iterations=1, warmup_rounds=1)
-    record(benchmark, device)
-
-
-# Backends (misa_fast.backends): the full step including batch sampling from the device-resident
-# dataset. Compiling the faithful K=50 chain takes minutes on a 2-core CPU (the chain is unrolled),
-# so the CPU compiled case uses K=5; CUDA runs every backend at the reference K=50.
-BACKEND_CASES = [
-    pytest.param("cpu", "eager", 5, id="cpu-eager-K5"),
-    pytest.param("cpu", "compiled", 5, id="cpu-compiled-K5"),
-    pytest.param("cpu", "eager", 50, id="cpu-eager-K50"),
-    *[pytest.param("cuda", backend, 50, id=f"cuda-{backend}-K50", marks=pytest.mark.gpu)
-      for backend in ("eager", "compiled", "graph")],
-]
-
-
-@pytest.mark.parametrize("mode", ["faithful", "parallel"])
-@pytest.mark.parametrize("device, backend, k", BACKEND_CASES)
-def test_backend_step(benchmark, device, backend, k, mode):
-    from bench.launch_counts import hopper_like_data
-    from misa_fast.backends import make_step
-    from misa_fast.samplers import DeviceSource
-
-    if device == "cpu" and mode == "parallel" and k == 50:
-        pytest.skip("parallel chains at K=50 on CPU: see test_update_step")
-    agent, _ = make_agent("hopper", device, hmc_mode=mode, num_samples=k)
-    step = make_step(agent, DeviceSource(hopper_like_data(), agent.config.batch_size, 0, device), backend)
-
-    def timed():
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    timed()  # compile / capture
-    benchmark.group = f"backend-{device}-{mode}-K{k}"
-    benchmark.extra_info["backend"] = backend
-    benchmark.pedantic(timed, rounds=5 if device == "cpu" else 50, iterations=1, warmup_rounds=1)
-    record(benchmark, device)
+    benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
+    record(benchmark, device, backend, first, shape="hopper", hmc_mode="off", num_samples=50, burn_in=0)

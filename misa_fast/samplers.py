@@ -36,6 +36,14 @@ class PrefetchSource:
         self._batches.close()
 
 
+class StaticBatch(dict):
+    """A batch (field -> tensor) whose fields are views of one (B, row) tensor ``rows``."""
+
+    def __init__(self, fields: Batch, rows: torch.Tensor):
+        super().__init__(fields)
+        self.rows = rows
+
+
 class DeviceSource:
     """The whole dataset on the device as one (N, row) tensor; each batch is one ``randint`` and
     one ``index_select`` (two kernels, no host round trip), split into per-field views."""
@@ -68,18 +76,19 @@ class DeviceSource:
         idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
         return self._split(self._rows.index_select(0, idx))
 
-    def static_batch(self) -> Batch:
-        """Per-field views of one preallocated (B, row) tensor, for :meth:`refill` (CUDA graphs)."""
-        return self._split(torch.empty(self.batch_size, self._rows.shape[1], device=self.device))
+    def static_batch(self) -> "StaticBatch":
+        """A batch of per-field views of one preallocated (B, row) tensor, for :meth:`refill` (the
+        CUDA-graph backend captures ``refill`` and reads the views)."""
+        rows = torch.empty(self.batch_size, self._rows.shape[1], device=self.device)
+        return StaticBatch(self._split(rows), rows)
 
-    def refill(self, batch: Batch) -> None:
+    def refill(self, batch: "StaticBatch") -> None:
         """Draws the next batch into a :meth:`static_batch` in place: the same indices, from the same
         generator, as ``next`` would draw (so graph and eager runs see the same batches)."""
+        if not isinstance(batch, StaticBatch):
+            raise TypeError("refill: expected a batch made by static_batch()")
         idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
-        rows = batch["observations"]._base if batch["observations"]._base is not None else None
-        if rows is None:
-            raise ValueError("refill: expected a batch from static_batch()")
-        torch.index_select(self._rows, 0, idx, out=rows)
+        torch.index_select(self._rows, 0, idx, out=batch.rows)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "generator": self._generator.get_state()}

@@ -277,7 +277,8 @@ class MISA:
 
         Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite
         and ``check_finite`` (default: the config's) is on. The CUDA-graph backend turns it off
-        inside the graph (a host sync cannot be captured) and checks the losses after each replay."""
+        inside the graph (a host sync cannot be captured): the graph tests the losses and gradients
+        on the device and misa_fast.backends reads that flag after the replay."""
         out = self.compute_losses(batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
