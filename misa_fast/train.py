@@ -241,6 +241,8 @@ def train(run: RunConfig) -> dict:
         for step in range(start_step + 1, run.steps + 1):
             try:
                 metrics = train_step()
+                if step % checkpoint_every == 0 or step == run.steps:
+                    train_step.check()  # graph backend: a deferred finite check before a checkpoint
             except NonFiniteLossError as err:
                 raise NonFiniteTraining(
                     f"stopped at step {step}: non-finite {err.term}; no parameter was updated. The last good checkpoint "
