@@ -6,9 +6,10 @@ untrained policy (actions ~ 0) is evaluated too, so the test shows learning, not
 """
 import pytest
 
+from misa_fast.algos import make_agent
 from misa_fast.config import preset
 from misa_fast.data import DEFAULT_DATASET, prepare
-from misa_fast.train import RunConfig, evaluate_policy, make_agent, train
+from misa_fast.train import RunConfig, evaluate_policy, train
 
 STEPS = 2000
 
@@ -16,7 +17,7 @@ STEPS = 2000
 @pytest.mark.slow
 def test_default_run_beats_the_random_policy_within_cpu_minutes(tmp_path):
     _, info = prepare(DEFAULT_DATASET)
-    untrained = make_agent("misa", preset("pendulum").replace(obs_dim=info.obs_dim, act_dim=info.act_dim))
+    untrained = make_agent(preset("pendulum").replace(obs_dim=info.obs_dim, act_dim=info.act_dim))
     before = evaluate_policy(untrained, info, episodes=10, seed=1_000_000)["mean_normalized"]
 
     summary = train(RunConfig(steps=STEPS, eval_every=STEPS, eval_episodes=10, out=str(tmp_path / "run"),
