@@ -87,7 +87,8 @@ def count(backend: str, device: str, steps: int = 3, **overrides) -> dict:
 
 def format_table(rows, device: str) -> str:
     if device == "cuda":
-        lines = ["| backend | device ops / step | host launches / step | graph launches / step |", "|---|---:|---:|---:|"]
+        lines = ["| backend | device ops / step | host launches / step | graph launches / step |",
+                 "|---|---:|---:|---:|"]
         lines += [f"| {r['backend']} | {r['device_ops_per_step']:.0f} | {r['host_launches_per_step']:.0f} | "
                   f"{r['graph_launches_per_step']:.0f} |" for r in rows]
     else:

@@ -296,7 +296,8 @@ def test_report_compares_each_backend_with_eager_of_the_same_parameters(tmp_path
     import json
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).resolve().parents[1] / "bench" / "report.py")
+    path = Path(__file__).resolve().parents[1] / "bench" / "report.py"
+    spec = importlib.util.spec_from_file_location("bench_report", path)
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     entries = [("eager", "K50", 0.200), ("compiled", "K50", 0.100), ("eager", "K5", 0.040), ("compiled", "K5", 0.020),
