@@ -244,8 +244,10 @@ def train(run: RunConfig) -> dict:
                 if step % checkpoint_every == 0 or step == run.steps:
                     train_step.check()  # graph backend: a deferred finite check before a checkpoint
             except NonFiniteLossError as err:
+                applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
+                           if getattr(err, "applied", False) else "no parameter was updated")
                 raise NonFiniteTraining(
-                    f"stopped at step {step}: non-finite {err.term}; no parameter was updated. The last good checkpoint "
+                    f"stopped at step {step}: non-finite {err.term}; {applied}. The last good checkpoint "
                     f"({out / ckpt.CHECKPOINT_NAME}) was left untouched.") from err
             window_steps += 1
             bar.update(1)
