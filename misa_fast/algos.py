@@ -33,6 +33,7 @@ ALGORITHMS: Dict[str, Algorithm] = {
         Algorithm("misa-dv", "misa", "MISA-DV, eq. 9: one log-mean-exp over the whole batch",
                   {"energy_bound": "dv", **_NO_HMC}),
         Algorithm("misa-f", "misa", "MISA-f, eq. 8: mean exp(Q - 1)", {"energy_bound": "f", **_NO_HMC}),
+        # Without an energy term there is no gap for a domain preset's Lagrange budget: ba drops it.
         Algorithm("ba", "misa", "Barber-Agakov bound only: no energy terms (SAC + log-likelihood BC)",
                   {"energy_bound": "none", "lagrange": False, **_NO_HMC}),
         Algorithm("misa-biased", "misa", "MISA without the HMC correction term of the actor", dict(_NO_HMC)),
@@ -71,7 +72,6 @@ def build_config(name: str, domain: str, dataset_name: Optional[str] = None, **f
     algo = get(name)
     if algo.family == "misa":
         cfg = config_lib.preset(domain)
-        # The domain's Lagrange budget is tuned for MISA's gap; methods without an energy term drop it.
         return cfg.replace(**{**algo.overrides, **fields})
     cfg = config_lib.td3_preset(domain)
     values = dict(algo.overrides)
