@@ -34,11 +34,11 @@ def dataset(n=64, seed=0):
     }
 
 
-def run_steps(backend, device, steps, source_kind="device", **overrides):
+def run_steps(backend, device, steps, source_kind="device", step_options=None, **overrides):
     agent = MISA(tiny_config(device=device, **overrides))
     source = (DeviceSource(dataset(), B, seed=7, device=device) if source_kind == "device"
               else PrefetchSource(dataset(), B, seed=7, device=device))
-    step = make_step(agent, source, backend)
+    step = make_step(agent, source, backend, **(step_options or {}))
     metrics = [{k: v.clone() for k, v in step().items()} for _ in range(steps)]
     return agent, metrics
 
@@ -179,21 +179,25 @@ def test_eager_step_accepts_a_checkpoint_written_with_capturable_adam():
     set_capturable(agent.optimizers["critic"], False)  # idempotent
 
 
-def test_compiled_matches_eager():
-    """One compile (~40 s cold on 2 cores): the adaptive chain (the faithful one plus the step-size
-    carry-over) with the Lagrange multiplier, i.e. every loss and state update of MISA."""
+@pytest.mark.parametrize("hmc_piece", [2, 0], ids=["chain-in-pieces", "chain-unrolled"])
+def test_compiled_matches_eager(hmc_piece):
+    """One compile each (~15-40 s cold on 2 cores): the adaptive chain (the faithful one plus the
+    step-size carry-over) with the Lagrange multiplier, i.e. every loss and state update of MISA; the
+    HMC chain run in compiled pieces (the default) or unrolled into the loss graph."""
     overrides = {"hmc_mode": "adaptive", "lagrange": True}
     eager = run_steps("eager", "cpu", 3, **overrides)
-    compiled = run_steps("compiled", "cpu", 3, **overrides)
+    compiled = run_steps("compiled", "cpu", 3, step_options={"hmc_piece": hmc_piece}, **overrides)
     assert_same_run(eager, compiled, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_close_gives_the_eager_agent_back():
     agent = MISA(tiny_config())
     step = make_step(agent, DeviceSource(dataset(), B, seed=0, device="cpu"), "compiled")
-    assert "compute_losses" in vars(agent)
+    assert {"compute_losses", "_hmc_samples"} <= set(vars(agent))
     step.close()
-    assert "compute_losses" not in vars(agent)
+    assert not {"compute_losses", "_hmc_samples"} & set(vars(agent))
+    with pytest.raises(ValueError, match="hmc_piece must be >= 0"):
+        make_step(agent, DeviceSource(dataset(), B, seed=0, device="cpu"), "compiled", hmc_piece=-1)
 
 
 def _graph_body_on_cpu(agent, source, warmup=2):

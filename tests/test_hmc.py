@@ -318,3 +318,36 @@ def test_tilted_target_matches_quadrature():
     # Sanity: the tilt matters (the policy alone has a different mean).
     w0 = stats.norm.pdf(u, mu, sigma)
     assert abs((w0 * t).sum() / w0.sum() - m) > 10 * se
+
+
+@pytest.mark.parametrize("mode, burn_in, piece", [("adaptive", 3, 2), ("faithful", 1, 3), ("parallel", 4, 4)])
+def test_running_the_chain_in_pieces_changes_nothing(mode, burn_in, piece):
+    """run_chains cut into pieces of a few transitions (how the compiled backend runs it), adaptation
+    ending inside a piece's natural span and recording starting mid-piece: bit-identical to one piece."""
+    prob = Problem()
+    kw = dict(mode=mode, num_samples=4, burn_in=burn_in, step_size=0.8, generator=torch.Generator().manual_seed(3))
+    whole = prob.sample(**kw)
+    token = hmc._runner.set((hmc.hmc_transitions, piece))
+    try:
+        pieces = prob.sample(**{**kw, "generator": torch.Generator().manual_seed(3)})
+    finally:
+        hmc._runner.reset(token)
+    for name in ("samples", "step_size", "accepted", "accept_rate", "accept_prob"):
+        assert torch.equal(getattr(whole, name), getattr(pieces, name)), name
+
+
+def test_compiled_transitions_reproduce_the_eager_chain():
+    """torch.compile of the pieces (3 small graphs: adapting pieces of 2 and 1, recording pieces of 2):
+    the same accept decisions, samples and step sizes up to float rounding."""
+    prob = Problem(q_scale=1.0)
+    noise = hmc.draw_noise("adaptive", prob.batch, 4, 3, prob.act_dim, torch.Generator().manual_seed(5))
+    kw = dict(mode="adaptive", num_samples=4, burn_in=3, step_size=0.8, noise=noise)
+    eager = prob.sample(**kw)
+    with hmc.compiled_transitions(piece=2):
+        compiled = prob.sample(**kw)
+    assert torch.equal(eager.accepted, compiled.accepted)
+    torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.step_size, eager.step_size, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="piece must be >= 1"):
+        with hmc.compiled_transitions(piece=0):
+            pass
