@@ -2,15 +2,15 @@
 HMC modes, K, burn-in, shapes, devices and backends (misa_fast.backends: eager, compiled, graph).
 The reference configuration is B=256, K=50, 2x256 MLPs.
 
-    # the full suite on this machine (compiled cases compile first: ~40 s to ~4 min each on a 2-core CPU)
+    # the full suite on this machine (compiled cases compile first: ~10-40 s each on a 2-core CPU)
     OMP_NUM_THREADS=2 pytest bench/bench_step.py --benchmark-json bench/results/step-<device>-<date>.json
     pytest bench/bench_step.py -k "hopper and faithful-K50-BI5"      # the headline rows only
     pytest bench/bench_step.py -k "not compiled"                      # skip the compiles
     python -m bench.report bench/results/step-<device>-<date>.json    # table + PNG, speed-up over eager
 
 Under ``--benchmark-disable`` (CI) every case runs once as a correctness check, except the compiled
-ones: compiling a configuration takes tens of seconds to minutes on a CPU, so only the no-HMC hopper
-case compiles there (tests/test_backends.py checks the compiled step against eager). ``graph`` is
+ones: compiling a configuration takes 10-40 s on a 2-core CPU, so only the no-HMC hopper case
+compiles there (tests/test_backends.py checks the compiled step against eager). ``graph`` is
 CUDA only. Each case records steps/s, the time 1M steps would take and the first call's time
 (compile / capture included) in ``extra_info``.
 """
@@ -70,13 +70,15 @@ def make_agent(shape, device, **overrides):
     return MISA(cfg), random_batch(obs_dim, act_dim, cfg.batch_size, device)
 
 
-def make_train_step(shape, device, backend, **overrides):
+def make_train_step(shape, device, backend, step_options=None, **overrides):
     """(the backend's step, seconds its first call took: compile / capture / allocator warm-up)."""
     obs_dim, act_dim = SHAPES[shape]
     agent, _ = make_agent(shape, device, **overrides)
     source = DeviceSource(random_dataset(obs_dim, act_dim), agent.config.batch_size, seed=0, device=device)
+    if backend == "compiled":
+        torch._dynamo.reset()  # each case compiles from scratch (first_call_s; inductor's disk cache stays)
     start = time.perf_counter()
-    step = make_step(agent, source, backend)
+    step = make_step(agent, source, backend, **(step_options or {}))
     step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -98,7 +100,7 @@ def skip_unless_runnable(request, device, backend, cheap):
     if backend == "graph" and device != "cuda":
         pytest.skip("the graph backend is CUDA only")
     if backend == "compiled" and device == "cpu" and not cheap and request.config.getoption("benchmark_disable"):
-        pytest.skip("compiled CPU cases compile for minutes: under --benchmark-disable only the no-HMC one runs "
+        pytest.skip("compiled CPU cases compile for 10-40 s each: under --benchmark-disable only the no-HMC one runs "
                     "(run the suite with benchmarks enabled for all of them)")
 
 
@@ -113,7 +115,7 @@ def record(benchmark, device, backend, first_call_s, **params):
 
 
 def rounds_for(device):
-    return 5 if device == "cpu" else 100
+    return 10 if device == "cpu" else 100
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,3 +139,19 @@ def test_train_step_without_hmc(benchmark, request, backend, device):
     benchmark.group = f"step-{device}-hopper"
     benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
     record(benchmark, device, backend, first, shape="hopper", hmc_mode="off", num_samples=50, burn_in=0)
+
+
+@pytest.mark.parametrize("backend", ["compiled-unrolled"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ["hopper"])
+@pytest.mark.parametrize("mode, k, burn_in", [("faithful", 50, 5)], ids=["faithful-K50-BI5"])
+def test_train_step_with_the_chain_unrolled(benchmark, request, backend, device, shape, mode, k, burn_in):
+    """The reference case with the HMC chain unrolled into the compiled loss graph (hmc_piece=0)
+    instead of compiled pieces of 5 transitions: minutes of compiling on a CPU, for how much? The
+    report sets it beside the eager and compiled rows of the same case from the same run."""
+    skip_unless_runnable(request, device, "compiled", cheap=False)
+    step, first = make_train_step(shape, device, "compiled", step_options={"hmc_piece": 0}, hmc_mode=mode,
+                                  num_samples=k, hmc_burn_in=burn_in)
+    benchmark.group = f"step-{device}-{shape}"
+    benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
+    record(benchmark, device, backend, first, shape=shape, hmc_mode=mode, num_samples=k, burn_in=burn_in)

@@ -1,6 +1,6 @@
 """Launches per training step for each backend (misa_fast.backends), counted with torch.profiler.
 
-    python -m bench.launch_counts --device cpu        # eager and compiled (compiling K=50 takes minutes)
+    python -m bench.launch_counts --device cpu        # eager and compiled (compiling takes ~30 s)
     python -m bench.launch_counts --device cuda       # eager, compiled and graph
     python -m bench.launch_counts --device cpu --hmc-mode parallel --num-samples 5 --backends eager
 

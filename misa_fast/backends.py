@@ -50,6 +50,7 @@ from misa_fast.agents.misa import MISA, NonFiniteLossError
 from misa_fast.buffer import FIELDS
 
 BACKENDS = ("eager", "compiled", "graph")
+RECOMPILE_LIMIT = 64  # compiled configurations per function and process (see CompiledStep)
 Metrics = Dict[str, Tensor]
 
 
@@ -119,12 +120,16 @@ class CompiledStep(TrainStep):
         super().__init__(agent, source)
         for optimizer in _optimizers(agent):
             set_capturable(optimizer, False)
+        # dynamo keeps compiled code per function, not per agent: every configuration compiled in this
+        # process (shapes, K, HMC mode, piece lengths) is one more entry, and past the default limit
+        # of 8 it silently runs the function eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # An instance attribute shadows the method: agent.update (the one implementation of the
         # optimizer steps, targets and checks) runs the compiled loss computation.
         self.compiled_losses = torch.compile(type(agent).compute_losses.__get__(agent), dynamic=dynamic,
                                              **compile_options)
         agent.compute_losses = self.compiled_losses
-        if hmc_piece == 0:
+        if hmc_piece == 0 or not agent.config.use_hmc:
             return
         eager_sampler = type(agent)._hmc_samples.__get__(agent)
 
