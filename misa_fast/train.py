@@ -233,6 +233,9 @@ def train(run: RunConfig) -> dict:
     from tqdm.auto import tqdm
 
     train_step = make_step(agent, source, run.backend)
+    if run.backend == "compiled" and run.progress:
+        print("misa-fast train: --backend compiled: the first step compiles (10-60 s on a 2-core CPU; "
+              "inductor caches it for later runs)", file=sys.stderr)
     bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not run.progress, desc=f"{run.algo} {info.name}")
     window_start, window_steps = time.perf_counter(), 0
