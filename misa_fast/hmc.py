@@ -106,64 +106,14 @@ def check_noise(noise: HMCNoise, mode: str, transitions: int, chains: int, act_d
 
 
 # --------------------------------------------------------------------------------------------------
-class Transition(NamedTuple):
-    x: Tensor  # (C, A) state after the transition
+class Transitions(NamedTuple):
+    x: Tensor  # (C, A) state after the last transition
     log_p: Tensor  # (C,) log density there
     grad: Tensor  # (C, A) its gradient (cached for the next transition)
     step: Tensor  # (C,) step size for the next transition
-    accept: Tensor  # (C,) bool
-    prob: Tensor  # (C,) Metropolis acceptance probability
-
-
-def hmc_transition(
-    log_density: LogDensity,
-    x: Tensor,
-    log_p: Tensor,
-    grad: Tensor,
-    step: Tensor,
-    momentum: Tensor,
-    uniform: Tensor,
-    leapfrog_steps: int,
-    adapt: bool = False,
-    target_accept: float = 0.65,
-    adapt_rate: float = 0.5,
-) -> Transition:
-    """One HMC transition of C chains from x (with its cached log p and gradient): momentum (C, A),
-    uniform (C,); ``adapt`` moves the per-chain step sizes towards ``target_accept``."""
-    eps = step.unsqueeze(-1)
-    # Leapfrog: half momentum step, (full position step, full momentum step) x L with the last
-    # momentum step halved. The gradient at the current state is cached from the last transition.
-    p = momentum + 0.5 * eps * grad
-    x_new, in_support = x, None
-    for leap in range(leapfrog_steps):
-        x_new = x_new + eps * p
-        log_p_new, grad_new = log_density(x_new)
-        finite = torch.isfinite(log_p_new)
-        in_support = finite if in_support is None else in_support & finite
-        p = p + (0.5 if leap == leapfrog_steps - 1 else 1.0) * eps * grad_new
-    # log of the Metropolis ratio exp(-H(x', p') + H(x, p)), H = -log p(x) + |p|^2 / 2
-    log_ratio = (log_p_new - 0.5 * (p * p).sum(-1)) - (log_p - 0.5 * (momentum * momentum).sum(-1))
-    # Acceptance probability min(1, exp(log_ratio)); 0 off the support or for a NaN ratio (an
-    # overflowing trajectory), so neither the decision nor the step-size adaptation sees a NaN.
-    prob = torch.exp(log_ratio.clamp(max=0.0)).nan_to_num_(nan=0.0)
-    prob = torch.where(in_support, prob, torch.zeros_like(prob))
-    accept = uniform < prob
-    x = torch.where(accept.unsqueeze(-1), x_new, x)
-    log_p = torch.where(accept, log_p_new, log_p)
-    grad = torch.where(accept.unsqueeze(-1), grad_new, grad)
-    if adapt:
-        step = (step * torch.exp(adapt_rate * (prob - target_accept))).clamp(MIN_STEP_SIZE, MAX_STEP_SIZE)
-    return Transition(x, log_p, grad, step, accept, prob)
-
-
-class Transitions(NamedTuple):
-    x: Tensor  # (C, A) state after the last transition
-    log_p: Tensor  # (C,)
-    grad: Tensor  # (C, A)
-    step: Tensor  # (C,)
     states: Tensor  # (n, C, A) the state after each transition
     accepted: Tensor  # (n, C) bool
-    accept_prob: Tensor  # (n, C)
+    accept_prob: Tensor  # (n, C) Metropolis acceptance probability
 
 
 def hmc_transitions(
@@ -179,13 +129,35 @@ def hmc_transitions(
     target_accept: float = 0.65,
     adapt_rate: float = 0.5,
 ) -> Transitions:
-    """n = len(momentum) consecutive transitions (momentum (n, C, A), uniform (n, C)): the unit that
-    ``run_chains`` runs, eagerly or through one compiled graph (see ``compiled_transitions``)."""
+    """n = len(momentum) consecutive HMC transitions of C chains from x (with its cached log p and
+    gradient): momentum (n, C, A), uniform (n, C); ``adapt`` moves the per-chain step sizes towards
+    ``target_accept`` after each. The unit that ``run_chains`` runs, eagerly or through one compiled
+    graph (see ``compiled_transitions``)."""
     states, accepted, accept_prob = [], [], []
     for t in range(momentum.shape[0]):
-        x, log_p, grad, step, accept, prob = hmc_transition(
-            log_density, x, log_p, grad, step, momentum[t], uniform[t], leapfrog_steps, adapt, target_accept,
-            adapt_rate)
+        eps, p0 = step.unsqueeze(-1), momentum[t]
+        # Leapfrog: half momentum step, (full position step, full momentum step) x L with the last
+        # momentum step halved. The gradient at the current state is cached from the last transition.
+        p = p0 + 0.5 * eps * grad
+        x_new, in_support = x, None
+        for leap in range(leapfrog_steps):
+            x_new = x_new + eps * p
+            log_p_new, grad_new = log_density(x_new)
+            finite = torch.isfinite(log_p_new)
+            in_support = finite if in_support is None else in_support & finite
+            p = p + (0.5 if leap == leapfrog_steps - 1 else 1.0) * eps * grad_new
+        # log of the Metropolis ratio exp(-H(x', p') + H(x, p)), H = -log p(x) + |p|^2 / 2
+        log_ratio = (log_p_new - 0.5 * (p * p).sum(-1)) - (log_p - 0.5 * (p0 * p0).sum(-1))
+        # Acceptance probability min(1, exp(log_ratio)); 0 off the support or for a NaN ratio (an
+        # overflowing trajectory), so neither the decision nor the step-size adaptation sees a NaN.
+        prob = torch.exp(log_ratio.clamp(max=0.0)).nan_to_num_(nan=0.0)
+        prob = torch.where(in_support, prob, torch.zeros_like(prob))
+        accept = uniform[t] < prob
+        x = torch.where(accept.unsqueeze(-1), x_new, x)
+        log_p = torch.where(accept, log_p_new, log_p)
+        grad = torch.where(accept.unsqueeze(-1), grad_new, grad)
+        if adapt:
+            step = (step * torch.exp(adapt_rate * (prob - target_accept))).clamp(MIN_STEP_SIZE, MAX_STEP_SIZE)
         states.append(x)
         accepted.append(accept)
         accept_prob.append(prob)
