@@ -12,7 +12,7 @@
   ~1% of a step: compiling them does not pay for its compile time). The HMC chain is not unrolled
   into that graph (burn-in + K transitions: minutes of compiling at K=50 on a 2-core CPU); it runs
   in pieces of ``hmc_piece`` transitions through one compiled graph per piece shape
-  (``misa_fast.hmc.compiled_transitions``), so the first step compiles in about 25 s there, and
+  (``misa_fast.hmc.compiled_transitions``), so the first step compiles in 10-60 s there, and
   inductor's FX-graph cache makes later runs start faster. On CUDA the fused Triton ops are
   autograd Functions around raw kernel launches, which dynamo may graph-break on (unmeasured): there
   ``compiled`` is a comparison point and ``graph`` the fast path.
@@ -108,7 +108,7 @@ class EagerStep(TrainStep):
 
 class CompiledStep(TrainStep):
     """``hmc_piece``: transitions per compiled piece of the HMC chain (see the module docstring);
-    0 unrolls the whole chain into the loss graph instead (minutes of compiling on a CPU for ~8%
+    0 unrolls the whole chain into the loss graph instead (minutes of compiling on a CPU for ~9%
     less step time). Other keywords go to ``torch.compile``."""
 
     kind = "compiled"

@@ -186,7 +186,11 @@ def compiled_transitions(piece: int = COMPILED_PIECE, **compile_options) -> Iter
     (default ``dynamic=False``)."""
     if piece < 1:
         raise ValueError(f"compiled_transitions: piece must be >= 1, got {piece}")
-    token = _runner.set((_compiled_transitions(tuple(sorted(compile_options.items()))), int(piece)))
+    try:
+        compiled = _compiled_transitions(tuple(sorted(compile_options.items())))
+    except TypeError:  # an unhashable option (a dict of inductor options): compiled for this block only
+        compiled = torch.compile(hmc_transitions, **{"dynamic": False, **compile_options})
+    token = _runner.set((compiled, int(piece)))
     try:
         yield
     finally:

@@ -183,7 +183,7 @@ def test_eager_step_accepts_a_checkpoint_written_with_capturable_adam():
 def test_compiled_matches_eager(hmc_piece):
     """One compile each (~15-40 s cold on 2 cores): the adaptive chain (the faithful one plus the
     step-size carry-over) with the Lagrange multiplier, i.e. every loss and state update of MISA; the
-    HMC chain run in compiled pieces (the default) or unrolled into the loss graph."""
+    HMC chain run in compiled pieces (as by default, here of 2) or unrolled into the loss graph."""
     overrides = {"hmc_mode": "adaptive", "lagrange": True}
     eager = run_steps("eager", "cpu", 3, **overrides)
     compiled = run_steps("compiled", "cpu", 3, step_options={"hmc_piece": hmc_piece}, **overrides)
