@@ -1,7 +1,6 @@
 """Online fine-tuning: an offline checkpoint keeps learning in its environment, online rows go into
 the C++ buffer next to the offline data (with the dataset's transforms), and a killed run resumes."""
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,6 +15,7 @@ CPU.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Dict, Mapping, NamedTuple, Optional
 
@@ -34,6 +35,20 @@ LOSS_OWNER = {
     "alpha_loss": "alpha",
     "energy_loss": "energy",  # MISA-T's separate energy network T_psi
 }
+
+
+def numpy_io(method):
+    """For an agent's ``method(self, obs, ...)``: a numpy observation gives a numpy action, a tensor
+    gives a tensor; the method itself sees a float32 tensor on the agent's device."""
+
+    @functools.wraps(method)
+    def wrapper(self, obs, *args, **kwargs):
+        if isinstance(obs, np.ndarray):
+            return method(self, torch.as_tensor(obs, dtype=torch.float32, device=self.device), *args,
+                          **kwargs).cpu().numpy()
+        return method(self, obs.to(self.device, torch.float32), *args, **kwargs)
+
+    return wrapper
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -305,19 +320,17 @@ class MISA:
         return self._fixed_hmc_step_size
 
     @torch.no_grad()
+    @numpy_io
     def act(self, obs):
         """Deterministic action tanh(mean); numpy in -> numpy out, tensor in -> tensor out."""
-        if isinstance(obs, np.ndarray):
-            return self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device)).cpu().numpy()
-        return self.policy.act(obs.to(self.device, torch.float32))
+        return self.policy.act(obs)
 
     @torch.no_grad()
+    @numpy_io
     def act_explore(self, obs, noise_std: Optional[float] = None, generator: Optional[torch.Generator] = None):
         """Exploration action for online fine-tuning: a sample of the tanh-Gaussian policy (SAC's
         exploration; ``noise_std`` is accepted for interface parity with TD3 and ignored)."""
-        if isinstance(obs, np.ndarray):
-            return self.act_explore(torch.as_tensor(obs, dtype=torch.float32), noise_std, generator).cpu().numpy()
-        mean, std = self.policy.dist_params(obs.to(self.device, torch.float32))
+        mean, std = self.policy.dist_params(obs)
         noise = torch.randn(mean.shape, generator=generator, device=self.device)
         return nets.tanh_gaussian_sample(mean, std, noise)[0]
 

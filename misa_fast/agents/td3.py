@@ -22,14 +22,13 @@ import copy
 import math
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from misa_fast import losses, nets
 from misa_fast import vae as vae_lib
-from misa_fast.agents.misa import NonFiniteLossError, _derive_seeds
+from misa_fast.agents.misa import NonFiniteLossError, _derive_seeds, numpy_io
 from misa_fast.config import TD3Config
 
 # The actor metrics of each variant (returned by every update: the last actor step's values).
@@ -263,20 +262,17 @@ class TD3:
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @numpy_io
     def act(self, obs):
         """Deterministic action pi(s); numpy in -> numpy out, tensor in -> tensor out."""
-        if isinstance(obs, np.ndarray):
-            return self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device)).cpu().numpy()
-        return self.policy.act(obs.to(self.device, torch.float32))
+        return self.policy.act(obs)
 
     @torch.no_grad()
+    @numpy_io
     def act_explore(self, obs, noise_std: float = 0.1, generator: Optional[torch.Generator] = None):
         """clip(pi(s) + noise_std * eps, -1, 1), the TD3 exploration of online fine-tuning (official
         expl_noise 0.1). eps comes from ``generator``, by default the agent's own."""
-        if isinstance(obs, np.ndarray):
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            return self.act_explore(obs_t, noise_std, generator).cpu().numpy()
-        action = self.policy.act(obs.to(self.device, torch.float32))
+        action = self.policy.act(obs)
         generator = self.generator if generator is None else generator
         eps = torch.randn(action.shape, generator=generator, device=self.device)
         return (action + noise_std * eps).clamp(-1.0, 1.0)
