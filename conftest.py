@@ -24,12 +24,16 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    spec = importlib.util.find_spec("misa_fast")
-    if spec is None or importlib.util.find_spec("misa_fast._C") is None:
-        where = spec.submodule_search_locations[0] if spec else "nowhere"
-        pytest.exit(f"misa_fast (found in {where}) has no compiled extension: install it with "
-                    "`pip install .` or `pip install -e .`, and run pytest so that the checkout does not "
-                    "shadow the installed package (scripts/test.sh does both)", returncode=4)
+    if importlib.util.find_spec("misa_fast") is None:
+        pytest.exit("misa_fast is not installed: `bash scripts/test.sh` installs it and runs the tests",
+                    returncode=4)
+    from misa_fast._native import load_extension
+
+    try:
+        load_extension()
+    except ImportError as err:
+        pytest.exit(f"{err} (`bash scripts/test.sh` installs the package and runs the tests from the "
+                    "installed copy)", returncode=4)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,9 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from misa_fast import _C
+from misa_fast._native import load_extension
+
+_C = load_extension()
 
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
 Batch = Dict[str, np.ndarray]
