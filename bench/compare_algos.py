@@ -3,7 +3,8 @@
     python -m bench.compare_algos --datasets ../shared/data/hopper-medium-local.hdf5 \\
         ../shared/data/hopper-medium-replay-local.hdf5 --seeds 0 1 2 --steps 1000 --jobs 2
 
-Each run is one ``misa-fast train`` process (one thread each, ``--jobs`` at a time) writing to
+Each run is one ``misa-fast train`` process (``--jobs`` at a time, each given its share of the
+cores with ``--threads``: one each by default on two cores) writing to
 ``--runs/<dataset>/<algo>/seed<k>``; finished runs (a ``summary.json``) are not run again, so a killed
 comparison continues where it stopped. The results go to ``--out`` (default
 ``bench/results/compare-<device>-<date>``): ``.json`` (every run), ``.md`` (the table) and ``.png``.
@@ -14,7 +15,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from misa_fast.algos import ALGORITHMS
+from misa_fast.runtime import available_cpus
 
 
 def run_one(dataset: str, algo: str, seed: int, args, run_dir: Path) -> dict:
@@ -34,10 +35,10 @@ def run_one(dataset: str, algo: str, seed: int, args, run_dir: Path) -> dict:
                "--no-progress", "--no-tensorboard", "--resume"]
         for assignment in family_sets:
             cmd += ["--set", assignment]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        cmd += ["--threads", str(args.threads)]
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "stdout.log", "w") as log:
-            done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             return {"dataset": dataset, "algo": algo, "seed": seed, "error": f"exit {done.returncode}, see "
                     f"{run_dir / 'stdout.log'}"}
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--threads", type=int, help="intra-op threads per run (default: each run's share of the "
+                                               "cores this process may use, at least 1)")
     p.add_argument("--misa-set", action="append", default=[], metavar="KEY=VALUE",
                    help="--set for the MISA-family algorithms (e.g. num_samples=10)")
     p.add_argument("--td3-set", action="append", default=[], metavar="KEY=VALUE",
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/compare")
     p.add_argument("--out", help="output prefix (default: bench/results/compare-<device>-<date>)")
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = max(1, available_cpus() // args.jobs)
 
     jobs = [(d, a, s) for d in args.datasets for a in args.algos for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -40,6 +40,7 @@ class FinetuneConfig:
     out: Optional[str] = None  # default: <run dir>-finetune
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS, else misa_fast.runtime's rule
     exploration_noise: float = 0.1  # TD3 family: std of the Gaussian action noise (TD3's default)
     start_updates_after: int = 0  # env steps collected before the first update
     eval_every: int = 10_000
@@ -73,6 +74,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
     from misa_fast.envs import make_env, scale_actions
     from misa_fast.plotting import plot_progress
+    from misa_fast.runtime import apply_threads, choose_threads
     from misa_fast.train import ProgressLog, evaluate_policy, metrics_to_floats, resolve_device
 
     device = resolve_device(cfg.device)
@@ -91,6 +93,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     env_id = cfg.env or state.get("env_id") or info.env_id
     agent = algos.agent_from_checkpoint(state, device)
     agent_cfg = agent.config
+    threads = apply_threads(choose_threads(cfg.threads, agent_cfg, device))
+    print(f"misa-fast finetune: {threads.describe()}", file=sys.stderr)
 
     if resuming:
         saved = state["buffer"]
@@ -215,6 +219,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default: <run dir>-finetune)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1)")
     p.add_argument("--exploration-noise", type=float, default=d.exploration_noise,
                    help="TD3-family action noise std (MISA samples its own policy)")
     p.add_argument("--start-updates-after", type=int, default=d.start_updates_after)

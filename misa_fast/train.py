@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from misa_fast import checkpoint as ckpt
+from misa_fast.runtime import apply_threads, choose_threads
 from misa_fast.samplers import SOURCES, make_source
 
 
@@ -46,6 +47,7 @@ class RunConfig:
     log_every: int = 1_000
     data_source: str = "auto"  # "auto" | "prefetch" | "device"
     backend: str = "eager"  # "eager" | "compiled" | "graph" (misa_fast.backends)
+    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS, else misa_fast.runtime's rule
     obs_norm: Optional[str] = None  # "none" | "scalar" | "per-dim"; None: the algorithm's default
     overrides: tuple = ()  # "key=value" for the agent config
     progress: bool = True
@@ -189,7 +191,8 @@ def train(run: RunConfig) -> dict:
         run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
                                   eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
                                   log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
-                                  device=run.device, backend=run.backend, out=str(out), resume=True)
+                                  device=run.device, backend=run.backend, threads=run.threads, out=str(out),
+                                  resume=True)
         dataset = run.dataset or DEFAULT_DATASET
 
     if run.obs_norm is None:
@@ -201,6 +204,8 @@ def train(run: RunConfig) -> dict:
         cfg = config_cls.from_dict({**state["agent_config"], "device": str(device)})
     else:
         cfg = build_agent_config(run, info.name, info.obs_dim, info.act_dim, device)
+    threads = apply_threads(choose_threads(run.threads, cfg, device))
+    print(f"misa-fast train: {threads.describe()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
 
     agent = algos.make_agent(cfg)
@@ -213,7 +218,7 @@ def train(run: RunConfig) -> dict:
                          state=None if state is None else state["sampler"])
     (out / "config.json").write_text(json.dumps(
         {"run": dataclasses.asdict(run), "agent": cfg.to_dict(), "data": info.to_dict(),
-         "data_source": source.kind, "device": str(device)}, indent=2, default=str))
+         "data_source": source.kind, "device": str(device), "threads": threads.threads}, indent=2, default=str))
 
     log = ProgressLog(out, start_step if state is not None else None, run.tensorboard)
     checkpoint_every = run.checkpoint_every or run.eval_every
@@ -321,6 +326,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=d.backend, choices=["eager", "compiled", "graph"],
                    help="training step: eager PyTorch, torch.compile of the losses, or the whole update "
                         "captured in a CUDA graph (CUDA only)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1: see the README's "
+                        "Threads section for the measurement behind it)")
     p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"],
                    help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -344,7 +352,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed, device=args.device, out=args.out,
         eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
         eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        data_source=args.data_source, backend=args.backend, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
+        data_source=args.data_source, backend=args.backend, threads=args.threads, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
         progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
     )
 
