@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # First pass finds the command; the second parses its own options.
     if argv and argv[0] in SUBCOMMANDS:
-        from misa_fast.runtime import tune_host_allocator
+        from misa_fast.runtime import prefer_passive_waiting, tune_host_allocator
 
+        prefer_passive_waiting()  # before the subcommand's module imports torch (see misa_fast.runtime)
         tune_host_allocator()
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"misa-fast {argv[0]}", description=SUBCOMMANDS[argv[0]][1])

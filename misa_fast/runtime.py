@@ -7,6 +7,7 @@ import ctypes.util
 import dataclasses
 import functools
 import os
+import sys
 from typing import Optional
 
 # glibc's mallopt parameter numbers (malloc.h).
@@ -57,22 +58,53 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(cfg, device) -> ThreadChoice:
-    """The measured rule (``python -m bench.threads``; README, "Threads"): one thread.
+# The rule below comes from ``python -m bench.threads`` on the 2-core development machine
+# (bench/results/threads-cpu-2core-2026-12-02.json; README, "Threads"), median ms per step:
+#   64-wide MISA (pendulum, K=10): 1 thread 26.5 idle / 25.4 busy; 2 threads 28.4 / 64.3 (spinning),
+#     41.3 / 30.5 (passive): a second thread never helps.
+#   256-wide MISA (K=50: locomotion, antmaze, adroit, kitchen): 2 threads are 1.5-2.3x faster than 1
+#     when idle, and 2.0-2.3x slower when another process holds a core, because OpenMP threads spin at
+#     every barrier for the one that lost its core. With passive waiting (threads sleep at barriers)
+#     they are still 1.15-1.7x faster idle and at most 1.26x slower busy.
+#   256-wide TD3+BC: 2 threads 1.33x faster idle, 1.5x slower busy; passive 1.15x faster idle and
+#     no slower busy.
+MIN_WIDTH_FOR_THREADS = 256
+MAX_DEFAULT_THREADS = 2  # the most measured; `--threads N` (and bench.threads) for bigger machines
 
-    On the 2-core development machine a second intra-op thread made no preset's step faster when
-    the machine was idle, and when one other single-threaded process was running it made every
-    preset's step slower, often several times (OpenMP's threads spin at each barrier waiting for
-    the one that lost its core). A CUDA run's host side (launches, environment steps) has no use
-    for the pool either."""
+
+def passive_waiting() -> bool:
+    """OpenMP threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def prefer_passive_waiting() -> None:
+    """Ask OpenMP for passive waiting unless the user chose a policy. OpenMP reads the variable
+    once, when torch loads it, so this is done before ``import torch`` or not at all (the CLI calls
+    it first thing; a library user sets ``OMP_WAIT_POLICY`` before importing torch)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def default_threads(cfg, device) -> ThreadChoice:
+    """One thread, except for networks of 256 units or more on CPU with passive waiting in effect:
+    there every core this process may use, up to ``MAX_DEFAULT_THREADS``. The figures behind it are
+    in the comment above."""
     torch_device = getattr(device, "type", str(device))
     if torch_device == "cuda":
         return ThreadChoice(1, "default", "the step runs on the GPU")
     widths = [w for name in ("critic_hidden", "policy_hidden", "actor_hidden") for w in getattr(cfg, name, ())]
-    k = getattr(cfg, "num_samples", None)
-    shape = f"{max(widths) if widths else '?'}-wide networks" + (f", K={k}" if k else "")
-    return ThreadChoice(1, "default", f"{shape} on CPU; more threads measured no faster idle and "
-                                      "several times slower with a core taken")
+    width = max(widths) if widths else 0
+    k = getattr(cfg, "num_samples", None) if hasattr(cfg, "hmc_mode") else None
+    shape = f"{width}-wide networks" + (f", K={k}" if k else "")
+    if width < MIN_WIDTH_FOR_THREADS:
+        return ThreadChoice(1, "default", f"{shape}: a second thread measured no faster")
+    if not passive_waiting():
+        return ThreadChoice(1, "default", f"{shape}, but OMP_WAIT_POLICY is not PASSIVE: spinning threads "
+                                          "measured 2x slower whenever another process takes a core")
+    threads = max(1, min(available_cpus(), MAX_DEFAULT_THREADS))
+    return ThreadChoice(threads, "default", f"{shape} on {available_cpus()} usable core(s), passive "
+                                            "waiting: measured 1.15-1.7x faster idle, at most 1.26x "
+                                            "slower with a core taken")
 
 
 def choose_threads(requested: Optional[int], cfg, device) -> ThreadChoice:

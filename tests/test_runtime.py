@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from misa_fast.config import preset
+from misa_fast.config import preset, td3_preset
 from misa_fast.runtime import apply_threads, available_cpus, choose_threads, default_threads
 
 SMALL = ("policy_hidden=16,16", "critic_hidden=16,16", "num_samples=2", "batch_size=16", "hmc_burn_in=1")
@@ -19,10 +19,33 @@ def test_the_flag_wins_then_the_environment_then_the_rule(monkeypatch):
     assert (choose_threads(2, cfg, "cpu").threads, choose_threads(2, cfg, "cpu").source) == (2, "--threads")
     assert (choose_threads(None, cfg, "cpu").threads, choose_threads(None, cfg, "cpu").source) == (3, "OMP_NUM_THREADS")
     monkeypatch.delenv("OMP_NUM_THREADS")
-    choice = choose_threads(None, cfg, "cpu")
-    assert choice == default_threads(cfg, "cpu") and choice.source == "default"
-    assert choice.threads == 1 and "256-wide networks, K=50 on CPU" in choice.describe()
-    assert choose_threads(None, preset("pendulum"), torch.device("cuda")).threads == 1
+    assert choose_threads(None, cfg, "cpu") == default_threads(cfg, "cpu")
+
+
+def test_the_default_rule(monkeypatch):
+    """One thread for small networks, on CUDA, and wherever threads would spin; the usable cores
+    (at most two, the most measured) for 256-wide networks with passive waiting."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    for cfg in (preset("locomotion"), preset("antmaze"), td3_preset("locomotion")):
+        choice = default_threads(cfg, "cpu")
+        assert (choice.threads, choice.source) == (min(available_cpus(), 2), "default")
+    assert "256-wide networks, K=50 on" in default_threads(preset("locomotion"), "cpu").describe()
+    small = default_threads(preset("pendulum"), "cpu")
+    assert small.threads == 1 and "64-wide networks, K=10: a second thread measured no faster" in small.reason
+    assert default_threads(preset("locomotion"), torch.device("cuda")).threads == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    spinning = default_threads(preset("locomotion"), "cpu")
+    assert spinning.threads == 1 and "OMP_WAIT_POLICY is not PASSIVE" in spinning.reason
+
+
+def test_the_cli_asks_for_passive_waiting_before_torch_loads():
+    probe = ("import os, sys; from misa_fast.runtime import prefer_passive_waiting; prefer_passive_waiting(); "
+             "assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda env: subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.strip()
+    assert run(env) == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"  # the user's choice stands
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
@@ -59,6 +82,11 @@ def test_train_prints_and_records_its_thread_choice(tmp_path):
     assert result.stderr.count("intra-op thread") == 1
     assert "misa-fast train: 2 intra-op threads (--threads: as asked)" in result.stderr
     assert json.loads((out / "config.json").read_text())["threads"] == 2
+    default_run = args[:5] + [str(tmp_path / "default")] + args[6:]
+    result = subprocess.run(default_run, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr  # 16-wide networks: the rule's one thread
+    assert "misa-fast train: 1 intra-op thread (default: 16-wide networks, K=2: a second thread measured " \
+           "no faster)" in result.stderr
 
     result = subprocess.run(args[:5] + [str(tmp_path / "bad")] + args[6:] + ["--threads", "0"], capture_output=True,
                             text=True, env=env, timeout=300)
