@@ -18,8 +18,8 @@ without leaving the kernel (T * L + 1 gradient evaluations). What lives where:
 
 - chain state, in registers for the whole chain, held transposed as (dims, chains) tiles: position,
   cached log-density and gradient, step size, policy mean / 1/std / log-normaliser (loaded once);
-- activations, transposed (features, chains), so that every big dot is a wgmma with the weight
-  tile (M = 256 rows) from shared memory and the chains as N (BLOCK_C = 16 or 32);
+- activations, transposed (features, chains), so that both big dots are a wgmma on sm_90 (mma.sync
+  on sm_80) with the weight tile (M = 256 rows) from shared memory, the chains as N (BLOCK_C);
 - the hidden weight Wc (HC x H0, 256 KiB fp32 per critic: too large for an SM) and a transposed
   copy Wc^T (a tf32 wgmma needs K-major tiles and cannot transpose in shared memory) stream from
   L2 by TMA in (256 x BLOCK_K) tiles, pipelined (num_stages), once per evaluation per program;
@@ -42,10 +42,10 @@ of (transition t, chain c, dim a) at counter ``(t*C + c)*A + a``, the uniform of
 ``2**48 + t*C + c``. The stream does not depend on the launch configuration (BLOCK_C, warps).
 
 Precision (constexpr PREC, the two big hidden-layer dots per critic): 0 = fp32 ("ieee", FMA units),
-1 = tf32 (default on GPU), 3 = "tf32x3" (three tf32 products: ~fp32 accuracy on tensor cores),
-2 = bf16 operands (bf16 copies of Wc / Wc^T: half the L2 traffic). The small action-side dots
-(layer-1 action half, dQ/da) use PREC0 (fp32). Accumulation, the chain state, momentum,
-log-densities and the Metropolis ratio are always fp32.
+1 = tf32 (hmc_sample's default), 3 = "tf32x3" (three tf32 MMAs per tile: ~fp32; the MISA agent's
+default, config hmc_precision), 2 = bf16 operands (bf16 copies of Wc / Wc^T: half the L2 traffic).
+The small action-side dots (layer-1 action half, dQ/da) use PREC0 (fp32, FMA units). Accumulation,
+the chain state, momentum, log-densities and the Metropolis ratio are always fp32.
 
 Only triton and torch are imported here; dispatch and the torch reference live in misa_fast.
 """
@@ -335,12 +335,16 @@ def launch_config(C: int, A: int, H0: int, HC: int, has_chunk: bool = True, prec
     memory), not from timings: no GPU was available. Each gradient evaluation streams Wc and Wc^T
     (2 x 256 KiB fp32 per 256x256 critic) from L2 through shared memory once per program, whatever
     BLOCK_C, so fewer chains per program buy SM parallelism but no shorter evaluation:
-    BLOCK_C = 16 where chains are few (paper-faithful, B = 256 chains: 16 programs; 190 registers,
-    no spill, 103 KiB shared with 3 TMA stages), BLOCK_C = 32 once there are enough chains to fill
-    every SM anyway (parallel mode, B*K = 12,800 chains: 400 programs; 245 registers, no spill,
-    74 KiB with 2 stages). BLOCK_K = 32: the contraction depth of every big dot, a 32 KiB fp32
-    weight tile per TMA copy. 8 warps: two warpgroups split the 256 rows of each wgmma. Re-tune with
-    timings on the GPU (``block_c`` overrides the chains per program).
+    BLOCK_C = 16 where chains are few (paper-faithful, B = 256 chains: 16 programs, 3 TMA stages),
+    BLOCK_C = 32 once there are enough chains to fill every SM anyway (parallel mode, B*K = 12,800
+    chains: 400 programs, 2 stages). On sm_90, 2x256 critics, A <= 16, supplied noise
+    (bench/results/kernels-aot-2026-12-02.md): faithful tf32 219 registers, no spill, 103 KiB
+    shared; faithful tf32x3 (the agent's default) 240 registers, no spill, 73 KiB; parallel tf32
+    250 registers, no spill, 74 KiB. In-kernel RNG adds ~32 spill bytes, A > 16 up to 80. On sm_80
+    these tiles spill 0.5-2 KiB per thread in every variant (no wgmma: the operands go through
+    registers): an A100 needs its own configuration. BLOCK_K = 32: the contraction depth of every
+    big dot, a 32 KiB fp32 weight tile per TMA copy. 8 warps: two warpgroups split the 256 rows of
+    each wgmma. Re-tune with timings on the GPU (``block_c`` overrides the chains per program).
     """
     BLOCK_A = max(16, triton.next_power_of_2(A))
     BLOCK_H = max(16, triton.next_power_of_2(H0))

@@ -4,9 +4,9 @@ The critic is an MLP on ``concat(s, a)`` with one or two hidden ELU layers:
 ``L0 (H0, S+A) -> ELU -> [Lc (HC, H0) -> ELU] -> Ll (1, HC or H0)`` (MISA/CQL: H0 = HC = 256).
 
 Orientation: activations are held transposed, (features, samples) = (BLOCK_H, BLOCK_K), so each
-layer is ``W @ h^T`` with the weight tile on the left and the computed activation on the right;
-on Hopper the activation is written once to shared memory as the wgmma B operand and weight
-chunks stream through the A side (no (BLOCK_K, H) operand replicated in every warp's registers).
+layer is ``W @ h^T`` with the weight tile on the left and the computed activation on the right.
+On sm_90 most dots are wgmma, but ``Wc @ h^T`` in the forward and the trunk compiles to mma.sync
+(register operands); sm_80 has mma.sync only (bench/results/kernels-aot-2026-12-02.md, per dot).
 
 Forward (``_sq_fwd_kernel``, grid (B,), one program per state, looping over K in BLOCK_K blocks):
 the state half of L0, ``W0[:, :S] s + b0``, is computed once per state (an (H0, S) multiply-reduce)
@@ -58,8 +58,8 @@ MAX_HEAD = 4096      # the second layer is streamed in column chunks
 # ----------------------------------------------------------------------------------------------
 # jit helpers. Activations are held transposed, (features, samples) = (BLOCK_H, BLOCK_K): every
 # layer is W @ h^T with the weight tile as the left operand and the computed activation as the
-# right one, so on Hopper the activation sits once in shared memory as the wgmma B operand and the
-# weight chunks stream through the A side; no (BLOCK_K, H) operand is replicated in registers.
+# right one. Which MMA each call site becomes on sm_90 (wgmma, or mma.sync where Triton keeps the
+# operands in registers) is in bench/results/kernels-aot-*.md ("dots"); fp32 ("ieee") runs on FMAs.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
@@ -398,11 +398,14 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int):
 
     Chosen from sm_90 compiles (registers, spills, shared memory reported by Triton's bundled
     ptxas/cuobjdump: ``python bench/kernel_resources.py``), not from timings: no GPU was available.
-    At the MISA sizes (H0 = HC = 256, tf32) that gives: forward BLOCK_K 64, BLOCK_C 32, 8 warps:
-    141 registers, no spill, 112 KiB shared; trunk BLOCK_K 32, BLOCK_C 32, 8 warps: 226 registers,
-    no spill; head BLOCK_K 32, BLOCK_C 64 (its (BLOCK_C, H0) weight-gradient accumulator stays in
-    registers), 8 warps: 255 registers, 8 bytes spilled, 144 KiB shared. Software pipelining
-    (num_stages 2) only added shared memory and spills here. Re-tune with timings on the GPU.
+    At the MISA sizes (H0 = HC = 256, K = 50, A <= 16, tf32) on sm_90 that gives
+    (bench/results/kernels-aot-2026-12-02.md): forward BLOCK_K 64, BLOCK_C 32, 8 warps: 136
+    registers, no spill, 112 KiB shared; trunk BLOCK_K 32, BLOCK_C 32, 8 warps: 232 registers, no
+    spill, 114 KiB; head BLOCK_K 32, BLOCK_C 64 (its (BLOCK_C, H0) weight-gradient accumulator stays
+    in registers), 8 warps: 255 registers, no spill, 144 KiB (A in 17..32: 160 KiB). Software
+    pipelining (num_stages 2) only added shared memory and spills here. Not tuned for sm_80, where
+    the head spills 312 bytes (1.6 KiB for A > 16), nor for "ieee": fp32 dots on the FMA units
+    spill kilobytes at H0 = 256 on both architectures. Re-tune with timings on the GPU.
     """
     BLOCK_H = max(16, triton.next_power_of_2(H0))
     BLOCK_S = 16

@@ -25,13 +25,12 @@ from scipy import stats
 
 from misa_fast import hmc, nets
 from misa_fast.ops import hmc_sample, use_backend
-from misa_fast.ops.dispatch import interpreter_enabled
+from misa_fast.ops.testing import kernel_device, kernels_compiled
 
-needs_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() or interpreter_enabled()),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Forced-Triton calls need tensors where the kernels run: CUDA on a GPU host (compiled kernels,
+# no interpreter), the CPU under TRITON_INTERPRET=1 (see misa_fast.ops.testing).
+needs_kernels = pytest.mark.skipif(kernel_device() is None, reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = kernel_device() or "cpu"
 MODES = ["faithful", "adaptive", "parallel"]
 
 
@@ -108,7 +107,7 @@ def test_supplied_noise_reproduces_reference(mode):
 
 
 @needs_kernels
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter semantics (fp32 dots)")
+@pytest.mark.skipif(kernels_compiled(), reason="CPU interpreter semantics (fp32 dots)")
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
 def test_tensor_core_precisions_in_the_interpreter(precision):
     """The tf32 / tf32x3 code paths (the interpreter computes their dots in fp32, so they reproduce

@@ -17,14 +17,16 @@ Noise, two ways:
   distribution, different stream: the samples are statistically, not numerically, those of the
   reference. Determinism and resume follow the generator's state, as with the reference.
 
-Precision of the hidden-layer dots on the GPU: ``"tf32"`` (default), ``"tf32x3"`` (three tf32
-products, ~fp32 accuracy on tensor cores; the chain is bound by streaming weights from L2, so the
-extra MMAs should cost little: measure), ``"ieee"`` (fp32 FMA dots: agreement with the reference
-to float rounding) or ``"bf16"`` (bf16 weights and activations, half the L2 traffic, a coarser
-target). tf32 rounds the dot inputs to 10 mantissa bits: Q carries a relative error of ~1e-3, i.e.
-an absolute error of ~0.1-0.5 at |Q| ~ 100-500 (locomotion returns), which perturbs the target
-exp(Q) accordingly. The chain state, momentum, log-densities and the Metropolis ratio are fp32 in
-all cases. The reference ignores ``precision``.
+Precision of the hidden-layer dots on the GPU: ``"tf32"`` (this function's default), ``"tf32x3"``
+(three tf32 products, ~fp32 accuracy on tensor cores; the chain is bound by streaming weights from
+L2, so the extra MMAs should cost little: measure. It is what the MISA agent runs: its config's
+``hmc_precision`` defaults to it), ``"ieee"`` (fp32 FMA dots: agreement with the reference to float
+rounding) or ``"bf16"`` (bf16 weights and activations, half the L2 traffic, a coarser target).
+tf32 rounds the dot inputs to 10 mantissa bits: Q carries a relative error of ~1e-3, i.e. an
+absolute error of ~0.1-0.5 at |Q| ~ 100-500 (locomotion returns), which perturbs the target exp(Q)
+accordingly. The chain state, momentum, log-densities and the Metropolis ratio are fp32 in all
+cases. The reference ignores ``precision``. Registers, spills and the MMA instructions of every
+configuration, per architecture: bench/results/kernels-aot-2026-12-02.md.
 
 Supported by the kernel: stacked critics (weights (E, out, in)) with 1 or 2 hidden ELU layers, first
 width <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one device. Anything else runs the
