@@ -19,6 +19,8 @@ EnergyNetwork = Literal["q", "separate"]
 LseNorm = Literal["k", "batch"]
 HMCMode = Literal["faithful", "adaptive", "parallel"]
 DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
+# The sampled-Q kernel has no tf32x3 path (kernels/sampled_q.py): its choices are these.
+SampledQPrecision = Literal["tf32", "ieee", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
 
 
@@ -111,6 +113,12 @@ class MISAConfig(ConfigBase):
     # logsumexp_k Q - log(norm): "k" = log K (a true log-mean-exp), "batch" = log(batch size) as in the
     # official code. Gradients are the same; under Lagrange the threshold shifts by log K - log B.
     lse_norm: LseNorm = "k"
+    # Dot precision of the fused sampled-Q log-mean-exp on CUDA: the log-partition of the "misa" and
+    # "cql" bounds (the torch path is always fp32). "tf32", the op's default, rounds the dot inputs
+    # to 10 mantissa bits (Q off by ~1e-3 relative); "ieee" gives fp32 dots (the torch path's
+    # values to float rounding); "bf16" halves the operand traffic at ~1e-2. Which one learns as
+    # well as fp32 is unmeasured: no GPU has run it yet.
+    sampled_q_precision: SampledQPrecision = "tf32"
 
     # --- Lagrange variant (paper eq. 17 / 26) ----------------------------------------------------
     lagrange: bool = False

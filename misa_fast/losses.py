@@ -51,16 +51,19 @@ def sampled_q_log_mean_exp(
     norm: float,
     state_half: Optional[Tensor] = None,
     log_weights: Optional[Tensor] = None,
+    precision: str = "tf32",
 ) -> Tensor:
     """logsumexp_k (Q_i(s, a_k) + log_weights_k) - norm for every critic and state: (E, B). Each
     critic uses its own Q. ``log_weights`` (B, K): CQL's importance weights, -log proposal density.
+    ``precision``: the fused kernel's dot precision ("tf32", "ieee" or "bf16"; see
+    :func:`misa_fast.ops.sampled_q_log_mean_exp`); the torch path below is fp32 whatever it says.
 
     The single place the agent evaluates a log-partition. Where the ops dispatch picks Triton
     (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
     recomputes the state half in-kernel and never materialises the (B*K, H) activations; otherwise
     it is the eager torch code below, sharing the precomputed state half."""
     if ops.resolve_backend(None, obs, actions) == "triton":  # falls back itself for unsupported shapes
-        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm)
+        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision)
     q = sampled_q(layers, obs, actions, state_half)
     if log_weights is not None:
         q = q + log_weights
@@ -93,6 +96,7 @@ def energy_gap(
     norm: float,
     state_half: Optional[Tensor] = None,
     log_weights: Optional[Tensor] = None,
+    precision: str = "tf32",
 ) -> Tuple[Tensor, Tensor]:
     """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
     log-partition term alone (both (E,)). ``sample_actions`` (B, K, A) are policy samples at s
@@ -102,14 +106,19 @@ def energy_gap(
     dv   (eq. 9):  log mean_{s,k} exp Q(s, a_k)
     f    (eq. 8):  mean_{s,k} exp(Q(s, a_k) - 1)
     cql  (paper section 4.4): mean_s [log sum_k exp(Q(s, a_k) - log q(a_k))], importance-sampled
+
+    ``precision``: dot precision of the fused log-partition ("misa" and "cql" bounds on the Triton
+    path); "dv" and "f" always run the fp32 torch code.
     """
     data_term = q_data.mean(dim=1)
     if bound == "misa":
-        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half).mean(dim=1)
+        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half,
+                                           precision=precision).mean(dim=1)
     elif bound == "cql":
         if log_weights is None:
             raise ValueError("energy bound 'cql' needs the proposals' log_weights")
-        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, 0.0, state_half, log_weights).mean(dim=1)
+        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, 0.0, state_half, log_weights,
+                                           precision).mean(dim=1)
     elif bound == "dv":
         q = sampled_q(layers, obs, sample_actions, state_half).flatten(1)
         partition = torch.logsumexp(q, dim=1) - math.log(q.shape[1])

@@ -328,6 +328,8 @@ def test_checkpoint_resume_is_bit_identical(mode, algo):
 def test_cuda_update_matches_cpu_and_resumes():
     """Same init and supplied noise on both devices: the losses agree (without HMC, whose accept
     decisions may flip on rounding); a CUDA run with HMC resumes from its state_dict."""
+    from misa_fast.ops.testing import dot_tolerance
+
     cfg = tiny_config(lagrange=True)
     cpu, gpu = MISA(cfg.replace(use_hmc=False)), MISA(cfg.replace(use_hmc=False, device="cuda"))
     batch = make_batch()
@@ -335,9 +337,13 @@ def test_cuda_update_matches_cpu_and_resumes():
     moved = type(noise)(noise.policy.cuda(), noise.next_policy.cuda(), noise.samples.cuda(), None)
     m_cpu = cpu.compute_losses(batch, noise).metrics
     m_gpu = gpu.compute_losses({k: v.cuda() for k, v in batch.items()}, moved).metrics
+    # On CUDA the log-partition is the fused sampled-Q kernel at the config's dot precision (tf32 by
+    # default), the CPU's the fp32 torch code: one forward through the critic's three Linear layers.
+    # (Never tighter than the rel=1e-3, abs=1e-4 the fp32 comparison has always used.)
+    tol = dot_tolerance(cfg.sampled_q_precision, reduction=S + A, depth=len(cfg.critic_hidden) + 1, floor=1e-4)
     for k in m_cpu:
         assert m_gpu[k].device.type == "cuda"
-        assert m_gpu[k].item() == pytest.approx(m_cpu[k].item(), rel=1e-3, abs=1e-4), k
+        assert m_gpu[k].item() == pytest.approx(m_cpu[k].item(), rel=max(tol["rtol"], 1e-3), abs=tol["atol"]), k
     for i in range(2):
         gpu.update(batch)
     state = copy.deepcopy(gpu.state_dict())
@@ -498,3 +504,35 @@ def test_config_round_trip_and_replace_checks():
     with pytest.raises(ValueError, match="gamma"):
         cfg.replace(gamma="0.9")
     assert cfg.replace(gamma=1).gamma == 1.0 and isinstance(cfg.replace(gamma=1).gamma, float)
+
+
+def test_sampled_q_precision_is_a_validated_config_key():
+    """``--set sampled_q_precision=...`` (the fused sampled-Q op's dot precision): tf32 by default,
+    and a value the kernel has no path for is an error naming the key and the choices."""
+    assert MISAConfig().sampled_q_precision == "tf32"
+    assert apply_overrides(MISAConfig(), ["sampled_q_precision=ieee"]).sampled_q_precision == "ieee"
+    with pytest.raises(ValueError, match=r"'tf32x3' for config key 'sampled_q_precision'; choose one of "
+                                         r"\('tf32', 'ieee', 'bf16'\)"):
+        apply_overrides(MISAConfig(), ["sampled_q_precision=tf32x3"])
+    with pytest.raises(ValueError, match="sampled_q_precision"):
+        MISAConfig(sampled_q_precision="fp8")
+
+
+@pytest.mark.parametrize("bound", ["misa", "cql"])
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_sampled_q_precision_reaches_the_fused_op(monkeypatch, bound, precision):
+    """Where the dispatch picks Triton (forced here on any machine), the agent's log-partition is
+    the fused op called with the config's precision (the spy returns the reference's values)."""
+    from misa_fast import ops
+
+    seen = []
+
+    def spy(obs, actions, layers, log_weights=None, normalizer="k", *, precision, **options):
+        seen.append(precision)
+        return ops.sampled_q_log_mean_exp_reference(obs, actions, layers, log_weights, normalizer)
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton")
+    monkeypatch.setattr(ops, "sampled_q_log_mean_exp", spy)
+    agent = MISA(tiny_config(energy_bound=bound, use_hmc=False, sampled_q_precision=precision))
+    agent.update(make_batch())
+    assert seen == [precision]

@@ -10,14 +10,14 @@ import torch
 
 from misa_fast.ops import LogMeanExp, log_mean_exp, log_mean_exp_reference, use_backend
 from misa_fast.ops.dispatch import ENV_VAR, interpreter_enabled, resolve_backend
+from misa_fast.ops.testing import kernel_device
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
-needs_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() or interpreter_enabled()),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Forced-Triton calls need tensors where the kernels run: CUDA on a GPU host (compiled kernels,
+# no interpreter), the CPU under TRITON_INTERPRET=1 (see misa_fast.ops.testing).
+needs_kernels = pytest.mark.skipif(kernel_device() is None, reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = kernel_device() or "cpu"
 
 
 def _expected(x, dim, keepdim=False):

@@ -150,13 +150,16 @@ def test_elbo_below_iw_below_log_p_and_iw_converges():
     assert np.allclose(iw[1000][0], log_p, atol=0.01)  # ... and IW(L) -> log p
 
 
-def test_importance_weighted_estimate_uses_the_fused_op():
-    vae = tiny_vae(obs_dim=2, act_dim=2, latent=2).float()
-    obs, act, noise = (t.float() for t in data(A=2, L=6, D=2))
+def test_importance_weighted_estimate_uses_the_fused_op(kernel_device):
+    """On ``kernel_device`` (tests/conftest.py): CUDA where there is one, else the interpreter. The
+    log-mean-exp kernel has no dots: fp32 throughout, on either device."""
+    vae = tiny_vae(obs_dim=2, act_dim=2, latent=2).float().to(kernel_device)
+    obs, act, noise = (t.float().to(kernel_device) for t in data(A=2, L=6, D=2))
     with use_backend("torch"):
         ref = vae_lib.importance_weighted_log_prob(vae, obs, act, BETA, noise)
-    with use_backend("triton"):  # the Triton kernel (interpreted on CPU)
+    with use_backend("triton"):
         fused = vae_lib.importance_weighted_log_prob(vae, obs, act, BETA, noise)
+    assert "LogMeanExpFunction" in type(fused.grad_fn).__name__  # the kernel ran
     assert torch.allclose(ref, fused, rtol=1e-5, atol=1e-5)
 
 

@@ -208,7 +208,7 @@ class MISA:
                 energy_layers = self.energy.stacked_layers()
                 energy_data = nets.ensemble_q(energy_layers, energy_half, actions)
             gap, partition = losses.energy_gap(cfg.energy_bound, energy_data, energy_layers, obs, sample_actions,
-                                               norm, energy_half, log_weights)
+                                               norm, energy_half, log_weights, cfg.sampled_q_precision)
             alpha_prime = None
             if cfg.lagrange:
                 alpha_prime = losses.alpha_prime_value(self.log_alpha_prime, cfg.alpha_prime_min, cfg.alpha_prime_max)
