@@ -320,21 +320,12 @@ def result_path(out_dir: Path, device_name: str, date: Optional[datetime.date] =
 
 
 def write_json_atomic(path: Path, doc: Mapping) -> None:
-    """Write ``doc`` so that ``path`` always holds a complete document: a temporary file in the same
-    directory, flushed, then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``doc`` so that ``path`` always holds a complete document (misa_fast.checkpoint's
+    temporary file + rename); values JSON cannot hold are written as text."""
+    from misa_fast.checkpoint import write_atomic
+
+    text = json.dumps(doc, indent=1, default=str) + "\n"  # serialised first: a bad document writes nothing
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,13 +18,15 @@ CHECKPOINT_NAME = "checkpoint.pt"
 POLICY_NAME = "policy.pt2"
 
 
-def save_atomic(state: dict, path: os.PathLike) -> Path:
+def write_atomic(path: os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``: a reader (or a kill) only ever sees the old or the new complete file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +39,10 @@ def save_atomic(state: dict, path: os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_atomic(state: dict, path: os.PathLike) -> Path:
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load(path: os.PathLike, map_location="cpu") -> dict:

@@ -164,7 +164,7 @@ def test_json_writer_is_atomic_and_names_are_stable(gpu_check, tmp_path):
     assert gpu_check.result_path(tmp_path / "out", "NVIDIA H200", day).name == "gpu-check-nvidia-h200-2026-12-02-2.json"
     assert [p.name for p in (tmp_path / "out").iterdir()] == [first.name]  # no temporary file left behind
     with pytest.raises(TypeError):
-        gpu_check.write_json_atomic(first, {1j: 1})  # a key JSON cannot hold: fails mid-write
+        gpu_check.write_json_atomic(first, {1j: 1})  # a key JSON cannot hold: fails before anything is written
     assert json.loads(first.read_text()) == {"a": 2, "path": "/x"}  # the previous document survives
     assert [p.name for p in (tmp_path / "out").iterdir()] == [first.name]
 
