@@ -3,7 +3,6 @@
     python bench/kernel_resources.py --out bench/results     # sm_80 + sm_90, every binary: the table
     python bench/kernel_resources.py --arch 90 --scope pairwise   # fewer compiles (see distinct_jobs)
     python bench/kernel_resources.py --list                  # the distinct configurations, no compile
-    python bench/kernel_resources.py --ops hmc [--precision tf32]   # the older quick report (sm_90)
 
 Every binary (470 for both architectures) takes ~25 minutes on two cores, ``--scope pairwise``
 (110) ~3 minutes; Triton's cache makes a rerun take about a minute. Other code can call
@@ -850,95 +849,6 @@ def print_table(rows: Sequence[dict], file=sys.stdout) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the older quick report (one shape set, sm_90, hand-written generic signature); kept for the
-# checks in tests/test_ops_sampled_q.py and tests/test_ops_hmc.py, which parse its lines
-# ----------------------------------------------------------------------------------------------
-PREC = {"ieee": 0, "tf32": 1, "bf16": 2}
-
-
-def compile_report(kern, const, num_warps, num_stages, label, floats=(), types=None):
-    sig = {}
-    for n in kern.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif types and n in types:
-            sig[n] = types[n]
-        elif n.endswith("_ptr"):
-            sig[n] = "*fp32"
-        else:
-            sig[n] = "fp32" if n in floats else "i32"
-    src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=const)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(c.asm["cubin"])
-    try:
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
-    print(f"{label:58s} warps={num_warps} regs={regs:>3s} spill_bytes={stack:>5s} "
-          f"smem_KiB={c.metadata.shared / 1024:6.1f} wgmma={'wgmma' in c.asm['ptx']}")
-    return c.metadata.shared <= SMEM_LIMIT[90]
-
-
-def quick_report(a) -> int:
-    H, S, A, K = a.hidden, a.obs_dim, a.action_dim, a.k
-    ops = {"sampled_q", "log_mean_exp", "hmc"} if a.ops == "all" else set(a.ops.split(","))
-    unknown = ops - {"sampled_q", "log_mean_exp", "hmc"}
-    if unknown:
-        print(f"unknown --ops {sorted(unknown)}", file=sys.stderr)
-        return 2
-    ok = True
-    if "hmc" in ops:
-        ok &= hmc_reports(H, A, K, a.precision)
-    if "sampled_q" in ops:
-        for kind, kern in (("fwd", sq._sq_fwd_kernel), ("trunk", sq._sq_bwd_trunk_kernel),
-                           ("head", sq._sq_bwd_head_kernel)):
-            blocks, nw, ns = sq.launch_config(kind, K, S, A, H, H)
-            const = dict(blocks, HAS_LOGW=False, PREC=PREC[a.precision])
-            if kind != "head":
-                const["HAS_CHUNK"] = True
-            if kind == "trunk":
-                const.update(NEED_DOBS=False, NEED_DACT=False, ACCUM_DIN=False)
-            ok &= compile_report(kern, const, nw, ns,
-                                 f"sampled_q {kind} H={H} S={S} A={A} K={K} {a.precision} {blocks}", floats=("norm",))
-    if "log_mean_exp" in ops:
-        for M, Kl in ((256, 50), (100_000, 50), (4096, 1024)):
-            BM, BK, nw = lme.launch_config(M, Kl)
-            ok &= compile_report(lme._lme_fwd_kernel, dict(BLOCK_M=BM, BLOCK_K=BK), nw, 2,
-                                 f"log_mean_exp fwd M={M} K={Kl} BLOCK_M={BM} BLOCK_K={BK}", floats=("log_k",))
-            ok &= compile_report(lme._lme_bwd_kernel, dict(BLOCK_M=BM, BLOCK_K=BK), nw, 2,
-                                 f"log_mean_exp bwd M={M} K={Kl} BLOCK_M={BM} BLOCK_K={BK}")
-    if not ok:
-        print(f"some kernel needs more than {SMEM_LIMIT[90] // 1024} KiB of shared memory", file=sys.stderr)
-    return 0 if ok else 1
-
-
-def hmc_reports(H, A, K, precision, batch=256):
-    """The fused HMC chain at the MISA sizes: paper-faithful (B chains) and parallel (B*K chains),
-    noise supplied and in-kernel (and tf32x3 dots with --precision tf32)."""
-    ok = True
-    prec = PREC[precision]
-    wdt = "bf16" if prec == 2 else "fp32"
-    for mode, C in (("faithful", batch), ("parallel", batch * K)):
-        blocks, nw, ns = hmck.launch_config(C, A, H, H, True, prec)
-        types = {"seed_ptr": "*i64", "acc_ptr": "*u8",
-                 "wc_desc": f"tensordesc<{wdt}[1,{blocks['BLOCK_HC']},{blocks['BLOCK_K']}]>",
-                 "wct_desc": f"tensordesc<{wdt}[1,{blocks['BLOCK_H']},{blocks['BLOCK_K']}]>"}
-        variants = [(prec, precision, False), (prec, precision, True)]
-        if precision == "tf32":
-            variants.append((3, "tf32x3", False))
-        for p, pname, rng in variants:
-            const = dict(blocks, HAS_CHUNK=True, PREC=p, PREC0=0, RNG=rng)
-            blk = ",".join(f"{k[6:]}={v}" for k, v in blocks.items())
-            ok &= compile_report(hmck._hmc_kernel, const, nw, ns,
-                                 f"hmc {mode} C={C} H={H} A={A} {pname} {'rng' if rng else 'noise'} {blk}",
-                                 floats=("target_accept", "adapt_rate", "init_clip"), types=types)
-    return ok
-
-
-# ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", choices=ARCHS,
@@ -951,18 +861,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scope", default="all", choices=SCOPES,
                     help="all: every distinct binary; structural: one per code path (see distinct_jobs)")
     ap.add_argument("--list", action="store_true", help="only list the distinct configurations (no compile)")
-    quick = ap.add_argument_group("quick report (one shape set, sm_90, generic signature)")
-    quick.add_argument("--ops", default=None, help="sampled_q, log_mean_exp, hmc or all: the quick report")
-    quick.add_argument("--precision", default=None, choices=list(PREC))
-    quick.add_argument("--hidden", type=int, default=256)
-    quick.add_argument("--obs-dim", type=int, default=17)
-    quick.add_argument("--action-dim", type=int, default=6)
-    quick.add_argument("--k", type=int, default=50)
     a = ap.parse_args(argv)
-    if a.ops is not None or a.precision is not None:
-        a.ops = a.ops or "sampled_q,log_mean_exp"
-        a.precision = a.precision or "tf32"
-        return quick_report(a)
 
     archs = tuple(a.arch) if a.arch else ARCHS
     envs = [e for e in a.envs.split(",") if e]
