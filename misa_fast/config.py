@@ -188,8 +188,15 @@ def preset(name: str, **overrides) -> MISAConfig:
 
 
 def preset_name_for_env(env_name: str) -> str:
-    """Map a D4RL-style dataset name (e.g. "antmaze-umaze-v0", "hopper-medium-v2") to a preset."""
+    """Map a D4RL-style dataset name (e.g. "antmaze-umaze-v0", "hopper-medium-v2") or a Minari id
+    ("mujoco/hopper/medium-v0", "D4RL/door/human-v2") to a preset."""
+    from misa_fast.data import minari_ids
+
     name = env_name.lower()
+    if minari_ids.is_minari_id(name):  # the environment is the id's middle part
+        if minari_ids.namespace_part(name) in minari_ids.LOCOMOTION_NAMESPACES:
+            return "locomotion"
+        name = minari_ids.environment_part(name)
     # antmaze before locomotion: "antmaze" contains "ant".
     if "antmaze" in name:
         return "antmaze"

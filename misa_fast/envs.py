@@ -21,7 +21,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from misa_fast.data import registry
 from misa_fast.data.registry import env_id_for
-from misa_fast.data.scores import normalized_score
+from misa_fast.data.scores import normalized_score, scale_to_reference
 
 __all__ = ["env_id_for", "evaluate", "make_env", "scale_actions", "unscale_actions"]
 
@@ -31,7 +31,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 # hold, in D4RL's order after flattening (sorted keys): antmaze = [x, y] + the ant's own state.
 # Not checked against D4RL here (gymnasium-robotics is optional); FrankaKitchen-v1's "observation"
 # is known to differ from D4RL kitchen's 60-dim vector, so kitchen policies need --env care.
-_DICT_OBS_KEYS = {"antmaze": ("achieved_goal", "observation"), "kitchen": ("observation",)}
+DICT_OBSERVATION_KEYS = {"antmaze": ("achieved_goal", "observation"), "kitchen": ("observation",)}
 
 
 def _domain_for_env(env_id: str):
@@ -62,7 +62,7 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         warnings.filterwarnings("ignore", message=".*is out of date.*")
         env = gym.make(env_id, **kwargs)
     if isinstance(env.observation_space, gym.spaces.Dict):
-        keys = _DICT_OBS_KEYS.get(domain.name if domain else "", tuple(env.observation_space.spaces))
+        keys = DICT_OBSERVATION_KEYS.get(domain.name if domain else "", tuple(env.observation_space.spaces))
         env = gym.wrappers.FlattenObservation(gym.wrappers.FilterObservation(env, list(keys)))
     return env
 
@@ -93,6 +93,7 @@ def evaluate(
     dataset_name: str | None = None,
     vectorization: str = "sync",
     env_kwargs: dict | None = None,
+    reference_returns="by-name",
 ) -> dict:
     """Run ``policy`` (float32 observations (n_envs, obs_dim) -> actions (n_envs, act_dim) in
     [-1, 1], deterministic) for exactly ``episodes`` episodes.
@@ -103,7 +104,9 @@ def evaluate(
     machine sync is faster (10 HalfCheetah episodes of 1000 steps with a 256x256 MLP policy:
     0.6-0.7 s sync, 1.5 s async), async pays off only with expensive environments and many cores. Returns raw ``returns`` and ``lengths`` per episode (in
     episode order), ``mean_return``, ``std_return`` and, where reference returns exist for
-    ``dataset_name`` (default: the env id's domain), ``normalized`` and ``mean_normalized``."""
+    ``dataset_name`` (default: the env id's domain), ``normalized`` and ``mean_normalized``.
+    ``reference_returns``: "by-name" (the domain's, found from ``dataset_name`` or ``env_id``), a
+    (ref_min, ref_max) pair (a Minari dataset's own), or None (no normalized score)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     n_envs = max(1, min(episodes, n_envs or 10))
@@ -161,6 +164,13 @@ def evaluate(
         "normalized": None,
         "mean_normalized": None,
     }
+    if reference_returns is None:
+        return result
+    if reference_returns != "by-name":
+        scores = scale_to_reference(returns, *reference_returns)
+        result["normalized"] = scores.tolist()
+        result["mean_normalized"] = float(scores.mean())
+        return result
     scores = None
     for name in (dataset_name, env_id):  # a custom dataset name may not tell the domain
         try:

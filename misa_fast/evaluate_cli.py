@@ -2,6 +2,9 @@
 
     misa-fast eval --checkpoint runs/pendulum-default-misa-seed0 --episodes 10
     misa-fast eval --checkpoint runs/x/policy.pt2 --env Hopper-v4 --dataset-name hopper-medium-v2
+
+A checkpoint trained on a Minari dataset is evaluated in the environment its env spec records
+(with its kwargs) and scored with the dataset's own reference returns, when it has them.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from misa_fast import checkpoint as ckpt
+from misa_fast.data.prepare import DataInfo
 
 
 def load_policy(path: Path):
@@ -60,11 +64,19 @@ def run(args: argparse.Namespace) -> int:
     if env_id is None:
         print("misa-fast eval: an exported policy does not record its environment: pass --env", file=sys.stderr)
         return 2
+    data_info = DataInfo.from_dict(info).in_env(env_id) if info else None
+    # --dataset-name asks for that name's reference returns instead of the dataset's own.
+    own_scores = data_info is not None and not args.dataset_name
+    reference = data_info.reference_returns() if own_scores else "by-name"
+    if own_scores and reference is None:
+        print(f"misa-fast eval: {data_info.no_reference_scores_note()}", file=sys.stderr)
     result = evaluate(
         act, env_id, episodes=args.episodes, seed=args.seed,
         obs_mean=None if normalised_inside else info.get("obs_mean"),
         obs_std=None if normalised_inside else info.get("obs_std"),
         dataset_name=args.dataset_name or (info or {}).get("name"),
+        env_kwargs=data_info.env_kwargs if data_info else None,
+        reference_returns=reference,
     )
     if args.json:
         print(json.dumps(result, indent=2))

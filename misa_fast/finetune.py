@@ -91,6 +91,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     algo = algos.get(offline_run["algo"])
     info = DataInfo.from_dict(state["data_info"])
     env_id = cfg.env or state.get("env_id") or info.env_id
+    info = info.in_env(env_id)  # recorded make() kwargs and reference returns only in the recorded env
     agent = algos.agent_from_checkpoint(state, device)
     agent_cfg = agent.config
     threads = apply_threads(choose_threads(cfg.threads, agent_cfg, device))
@@ -118,7 +119,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     (out / "config.json").write_text(json.dumps({"finetune": dataclasses.asdict(cfg), "offline_run": offline_run,
                                                  "agent": agent_cfg.to_dict(), "env_id": env_id}, indent=2, default=str))
 
-    env = make_env(env_id)
+    env = make_env(env_id, **info.env_kwargs)
     low, high = env.action_space.low, env.action_space.high
     explore_generator = torch.Generator(device=agent.device).manual_seed(cfg.seed + env_steps)
     obs, _ = env.reset(seed=cfg.seed + episodes)
@@ -173,7 +174,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 elapsed = time.perf_counter() - window_start
                 row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
             if evaluate_now:
-                result = evaluate_policy(agent, dataclasses.replace(info, env_id=env_id), cfg.eval_episodes,
+                result = evaluate_policy(agent, info, cfg.eval_episodes,
                                          seed=cfg.seed + 1_000_000)
                 last_eval = {"step": env_steps, "mean_return": result["mean_return"],
                              "std_return": result["std_return"], "mean_normalized": result["mean_normalized"]}
@@ -201,7 +202,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _normalized(info, env_id: str, episode_return: float) -> Optional[float]:
     from misa_fast.data import normalized_score
+    from misa_fast.data.scores import scale_to_reference
 
+    reference = info.reference_returns()
+    if reference is None:  # a dataset without reference scores: returns stay raw
+        return None
+    if reference != "by-name":
+        return float(scale_to_reference(episode_return, *reference))
     for name in (info.name, env_id):
         try:
             return float(normalized_score(name, np.asarray([episode_return]))[0])

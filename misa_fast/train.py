@@ -2,6 +2,7 @@
 
     misa-fast train                                   # embedded Pendulum dataset, a few CPU minutes
     misa-fast train --dataset hopper-medium-v2 --steps 1000000 --device cuda
+    misa-fast train --dataset mujoco/hopper/medium-v0  # a Minari id: Minari's cache, its env spec and scores
     misa-fast train --dataset data/hopper-medium.hdf5 --set hmc_mode=parallel   # any D4RL-format file
     misa-fast train --out runs/x --resume             # continue after a kill, bit-identical on CPU
 
@@ -35,6 +36,7 @@ class RunConfig:
     """Run-level settings (the learner's hyperparameters live in the agent's config)."""
 
     dataset: Optional[str] = None  # name, path, or None for the embedded default
+    env: Optional[str] = None  # gymnasium id to evaluate in; None: the one the dataset records, else its domain's
     algo: str = "misa"
     preset: Optional[str] = None  # None: from the dataset name (locomotion when unknown)
     steps: int = 1_000_000
@@ -87,8 +89,12 @@ def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim:
 
 
 def default_out_dir(run: RunConfig, dataset: str) -> Path:
+    from misa_fast.data.minari_ids import is_minari_id
+
     path = Path(dataset)
     label = path.stem if path.suffix in (".hdf5", ".h5", ".npz") else path.name
+    if is_minari_id(dataset) and not path.exists():  # mujoco/hopper/medium-v0 -> mujoco-hopper-medium-v0
+        label = str(dataset).replace("/", "-")
     return Path("runs") / f"{label}-{run.algo}-seed{run.seed}"
 
 
@@ -162,7 +168,8 @@ def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
         return agent.policy.act(torch.as_tensor(obs, device=device)).cpu().numpy()
 
     return evaluate(act, info.env_id, episodes=episodes, seed=seed, obs_mean=info.obs_mean,
-                    obs_std=info.obs_std, dataset_name=info.name)
+                    obs_std=info.obs_std, dataset_name=info.name, env_kwargs=info.env_kwargs,
+                    reference_returns=info.reference_returns())
 
 
 def train(run: RunConfig) -> dict:
@@ -197,13 +204,16 @@ def train(run: RunConfig) -> dict:
 
     if run.obs_norm is None:
         run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
-    data, info = prepare(dataset, obs_norm=run.obs_norm)
+    data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env)
     if state is not None:
         info = DataInfo.from_dict(state["data_info"])
         config_cls = algos.config_class(algos.get(run.algo).family)
         cfg = config_cls.from_dict({**state["agent_config"], "device": str(device)})
     else:
         cfg = build_agent_config(run, info.name, info.obs_dim, info.act_dim, device)
+    note = info.no_reference_scores_note()
+    if note:
+        print(f"misa-fast train: {note}", file=sys.stderr)
     threads = apply_threads(choose_threads(run.threads, cfg, device))
     print(f"misa-fast train: {threads.describe()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,10 +308,13 @@ def train(run: RunConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
-    p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), a .hdf5/.npz file or a Minari "
-                                     "directory; default: the embedded Pendulum dataset")
+    p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), Minari id (e.g. "
+                                     "mujoco/hopper/medium-v0), a .hdf5/.npz file or a Minari directory; "
+                                     "default: the embedded Pendulum dataset")
     from misa_fast.algos import ALGORITHMS
 
+    p.add_argument("--env", help="gymnasium id to evaluate in (default: the environment the dataset records, "
+                                 "e.g. a Minari dataset's env spec, else the one of its domain)")
     p.add_argument("--algo", default=d.algo, choices=list(ALGORITHMS), metavar="NAME",
                    help="algorithm (default: %(default)s): " + "; ".join(
                        f"{a.name}: {a.summary}" for a in ALGORITHMS.values()))
@@ -347,7 +360,7 @@ def _flag_overrides(args: argparse.Namespace) -> tuple:
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     embedded = args.dataset is None
     return RunConfig(
-        dataset=args.dataset, algo=args.algo, preset=args.preset,
+        dataset=args.dataset, env=args.env, algo=args.algo, preset=args.preset,
         steps=args.steps if args.steps is not None else (3_000 if embedded else 1_000_000),
         seed=args.seed, device=args.device, out=args.out,
         eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from misa_fast.data import registry
+from misa_fast.data import minari_ids, registry
 from misa_fast.data.download import resolve_dataset
 
 # What each required key must hold, as said in error messages.
@@ -39,7 +39,7 @@ def load_dataset(name_or_path: str | os.PathLike, download: bool = True) -> dict
     terminals/timeouts become bool; metadata strings become ``str``."""
     path = resolve_dataset(name_or_path, download=download)
     if path.is_dir():
-        raw = read_minari(path)
+        raw = read_minari_dataset(path)
     elif path.suffix == ".npz":
         raw = read_npz(path)
     else:
@@ -83,12 +83,45 @@ def read_npz(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: cannot read this .npz file ({err}); it is probably truncated or corrupted") from err
 
 
-def read_minari(path: str | os.PathLike) -> dict:
+def read_minari_dataset(path: str | os.PathLike) -> dict:
+    """``read_minari`` plus what a Minari directory's ``data/metadata.json`` says, when it has one:
+    its spaces are checked (flat Box observations and actions; Dict observations only where the
+    domain's evaluation keys are known), actions are converted to the [-1, 1] units policies act
+    in, and ``metadata/`` entries record the dataset id, the evaluation environment
+    (``env_id``, ``env_kwargs``) and the reference returns (``ref_min_score``, ``ref_max_score``,
+    absent when the dataset has none; ``scores_from_dataset`` says not to use the domain's)."""
+    metadata = minari_ids.read_metadata(path)
+    if metadata is None:  # an h5py-only directory: episodes and nothing else
+        return read_minari(path)
+    from misa_fast.envs import DICT_OBSERVATION_KEYS, unscale_actions
+
+    dataset_id = str(metadata.get("dataset_id") or Path(path).name)
+    minari_ids.check_storage_format(metadata, dataset_id)
+    action_space = minari_ids.check_action_space(metadata, dataset_id)
+    keys = minari_ids.observation_keys(metadata, dataset_id, DICT_OBSERVATION_KEYS)
+    raw = read_minari(path, observation_keys=keys)
+    bounds = minari_ids.action_bounds(action_space)
+    if bounds is not None:  # stored in the environment's units; policies act in [-1, 1]
+        raw["actions"] = unscale_actions(raw["actions"], *bounds)
+    raw["metadata/dataset_name"] = dataset_id
+    raw["metadata/scores_from_dataset"] = True
+    env_id, env_kwargs = minari_ids.evaluation_env(metadata)
+    if env_id:
+        raw["metadata/env_id"] = env_id
+        raw["metadata/env_kwargs"] = env_kwargs
+    scores = minari_ids.reference_scores(metadata)
+    if scores is not None:
+        raw["metadata/ref_min_score"], raw["metadata/ref_max_score"] = scores
+    return raw
+
+
+def read_minari(path: str | os.PathLike, observation_keys: tuple | None = None) -> dict:
     """A local Minari dataset directory (``data/main_data.hdf5`` with ``episode_<id>`` groups),
     flattened to D4RL rows. Minari stores T+1 observations per episode of T steps: rows get
     obs[:-1] as observations and obs[1:] as next_observations; terminations/truncations become
-    terminals/timeouts. Dict observations are concatenated in sorted key order. Per-step infos
-    are kept when aligned with the rows (Minari's infos include the reset info: T+1 entries).
+    terminals/timeouts. Dict observations are concatenated in sorted key order (only
+    ``observation_keys``, in that order, when given). Per-step infos are kept when aligned with
+    the rows (Minari's infos include the reset info: T+1 entries).
     Reading needs only h5py, not the minari package."""
     main = Path(path) / "data" / "main_data.hdf5"
     if not main.is_file():
@@ -100,21 +133,22 @@ def read_minari(path: str | os.PathLike) -> dict:
             if not episodes:
                 raise ValueError(f"{main}: no 'episode_<id>' groups found")
             for key in episodes:
-                for column, values in _minari_episode(f[key], f"{main}:{key}").items():
+                for column, values in _minari_episode(f[key], f"{main}:{key}", observation_keys).items():
                     columns.setdefault(column, []).append(values)
             metadata = {f"metadata/{k}": _plain(v) for k, v in f.attrs.items()}
     except (OSError, RuntimeError) as err:
         raise ValueError(f"{main}: cannot read this HDF5 file ({err}); it is probably truncated or corrupted") from err
     raw = {column: np.concatenate(parts) for column, parts in columns.items() if len(parts) == len(episodes)}
-    return {**raw, **metadata}
+    # Every row holds its own true s', so the q-learning view takes s' from next_observations.
+    return {**raw, **metadata, "metadata/format": "minari"}
 
 
-def _minari_episode(group: h5py.Group, where: str) -> dict:
+def _minari_episode(group: h5py.Group, where: str, observation_keys: tuple | None = None) -> dict:
     for key in ("observations", "actions", "rewards", "terminations", "truncations"):
         if key not in group:
             raise ValueError(f"{where}: missing key '{key}' (Minari episodes hold observations, actions, "
                              f"rewards, terminations and truncations)")
-    obs = _flat_observations(group["observations"])
+    obs = _flat_observations(group["observations"], observation_keys)
     actions = group["actions"][()]
     steps = len(actions)
     if len(obs) != steps + 1:
@@ -132,11 +166,11 @@ def _minari_episode(group: h5py.Group, where: str) -> dict:
     return episode
 
 
-def _flat_observations(item) -> np.ndarray:
+def _flat_observations(item, keys: tuple | None = None) -> np.ndarray:
     if isinstance(item, h5py.Dataset):
         obs = item[()]
         return obs.reshape(len(obs), -1)
-    return np.concatenate([_flat_observations(item[k]) for k in sorted(item)], axis=1)
+    return np.concatenate([_flat_observations(item[k]) for k in (keys or sorted(item))], axis=1)
 
 
 def _plain(value):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from misa_fast.data import registry
+from misa_fast.data import minari_ids, registry
 
 CHUNK_BYTES = 1 << 20
 
@@ -25,10 +25,12 @@ def default_dataset_path() -> Path:
 
 
 def resolve_dataset(name_or_path: str | os.PathLike, download: bool = True) -> Path:
-    """A local path for a file/directory path, the default dataset's name, or a D4RL name.
+    """A local path for a file/directory path, the default dataset's name, a D4RL name or a Minari
+    id (``mujoco/hopper/medium-v0``).
 
     Named D4RL datasets are looked up in the misa-fast cache, then in D4RL's own cache, and are
-    downloaded into the misa-fast cache when missing (``download=False`` forbids that)."""
+    downloaded into the misa-fast cache when missing; Minari ids are looked up in Minari's cache
+    and downloaded there by the minari package (``download=False`` forbids downloads)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
@@ -38,11 +40,14 @@ def resolve_dataset(name_or_path: str | os.PathLike, download: bool = True) -> P
             raise FileNotFoundError(f"the embedded dataset {default_dataset_path()} is missing from this "
                                     f"installation; regenerate it with scripts/make_default_dataset.py")
         return default_dataset_path()
+    if minari_ids.is_minari_id(name):
+        return minari_ids.resolve_minari_id(name, download=download)
     if name not in registry.D4RL_URLS:
         raise FileNotFoundError(
             f"{name!r} is neither an existing file or directory nor a known dataset name; known names "
-            f"are {registry.DEFAULT_DATASET!r} and D4RL's, e.g. 'hopper-medium-v2' "
-            f"(see misa_fast.data.registry.D4RL_URLS)"
+            f"are {registry.DEFAULT_DATASET!r}, D4RL's, e.g. 'hopper-medium-v2' "
+            f"(see misa_fast.data.registry.D4RL_URLS), and Minari ids of the form "
+            f"'namespace/name/dataset-vN', e.g. 'mujoco/hopper/medium-v0'"
         )
     filename = registry.d4rl_filename(name)
     target = registry.data_dir() / filename

@@ -5,6 +5,7 @@ The returned ``DataInfo`` is everything evaluation needs to know about the data:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,33 @@ class DataInfo:
     reward_transform: str = "none"  # "none" | "antmaze" | "minmax"
     reward_params: dict = field(default_factory=dict)  # e.g. {"min": .., "max": ..} for minmax
     action_clip: float = transforms.ACTION_CLIP
+    env_kwargs: dict = field(default_factory=dict)  # gym.make kwargs the dataset records (Minari env spec)
+    # Where the normalized score's reference returns come from: "domain" (D4RL's, by name) or
+    # "dataset" (the dataset's own ref_min/ref_max; None when it records none: no normalized score).
+    scores_from: str = "domain"
+    ref_min: float | None = None
+    ref_max: float | None = None
+
+    def reference_returns(self):
+        """What ``misa_fast.envs.evaluate`` takes as ``reference_returns``: "by-name" (the domain's
+        reference returns), the dataset's own (ref_min, ref_max), or None (no normalized score)."""
+        if self.scores_from != "dataset":
+            return "by-name"
+        return None if self.ref_min is None or self.ref_max is None else (self.ref_min, self.ref_max)
+
+    def in_env(self, env_id: str) -> "DataInfo":
+        """This info evaluated in ``env_id``: the recorded make() kwargs and the dataset's own reference
+        returns hold for the recorded environment only, another one is scored by its domain."""
+        if env_id == self.env_id:
+            return self
+        return dataclasses.replace(self, env_id=env_id, env_kwargs={}, scores_from="domain")
+
+    def no_reference_scores_note(self) -> str | None:
+        """The log line that stands in for a normalized score the dataset gives no reference for."""
+        if self.reference_returns() is not None:
+            return None
+        return (f"{self.name}: no reference scores in this dataset (its metadata has no ref_min_score / "
+                f"ref_max_score): returns are reported raw, without a normalized score")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,9 +85,13 @@ def prepare(
     ``reward_transform="auto"`` picks the dataset domain's (antmaze, minmax for kitchen/adroit,
     none otherwise); ``obs_norm`` is off by default; actions are always clipped to
     ±``action_clip``. ``env_id`` overrides the evaluation environment (default: the one recorded
-    in the file by make-dataset, else the domain's)."""
+    in the file by make-dataset or in a Minari dataset's env spec, else the domain's)."""
     raw = load_dataset(name_or_path, download=download)
     name = dataset_name(name_or_path, raw)
+    if raw.get("metadata/format") == "minari":
+        # Minari rows carry their true s': the last step of a truncated episode stays a (bootstrapped)
+        # transition, and no s' is ever taken from the next episode.
+        use_next_observations = True
     data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations)
     if len(data["rewards"]) == 0:
         raise ValueError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
@@ -74,11 +106,15 @@ def prepare(
         data[key] = transforms.normalize_observations(data[key], mean, std)
 
     recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
-    env_id = env_id or (str(recorded_env) if recorded_env else None)
+    recorded_env = str(recorded_env) if recorded_env else None
+    # The recorded make() kwargs belong to the recorded environment, not to an override.
+    env_kwargs = dict(raw.get("metadata/env_kwargs") or {}) if env_id in (None, recorded_env) else {}
+    env_id = env_id or recorded_env
     if env_id is None:
         if domain is None:
             raise ValueError(f"{name}: cannot tell which environment this dataset comes from (no "
-                             f"'metadata/env_id' in the file, unknown name); pass env_id=...")
+                             f"'metadata/env_id' in the file and no env spec, unknown name); pass env_id=... "
+                             f"(misa-fast train --env ID)")
         env_id = registry.env_id_for(name)
     info = DataInfo(
         name=name,
@@ -92,8 +128,16 @@ def prepare(
         reward_transform=reward_transform,
         reward_params=reward_params,
         action_clip=float(action_clip),
+        env_kwargs=env_kwargs,
+        scores_from="dataset" if raw.get("metadata/scores_from_dataset") else "domain",
+        ref_min=_float_or_none(raw.get("metadata/ref_min_score")),
+        ref_max=_float_or_none(raw.get("metadata/ref_max_score")),
     )
     return data, info
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
 
 
 def dataset_name(name_or_path, raw: dict) -> str:

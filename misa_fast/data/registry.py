@@ -128,9 +128,13 @@ _ENV_NAME_TO_DOMAIN = {
 
 
 def domain_of(name: str) -> Domain:
-    """Domain of a dataset name (``hopper-medium-v2``), a file name (``hopper-medium-local.hdf5``)
-    or a gymnasium id (``Hopper-v4``, ``AntMaze_UMaze-v4``)."""
+    """Domain of a dataset name (``hopper-medium-v2``), a file name (``hopper-medium-local.hdf5``),
+    a Minari id (``mujoco/hopper/medium-v0``) or a gymnasium id (``Hopper-v4``, ``AntMaze_UMaze-v4``)."""
+    from misa_fast.data import minari_ids
+
     stem = Path(str(name)).name.lower()
+    if minari_ids.is_minari_id(name):  # mujoco/hopper/medium-v0: the environment is the middle part
+        stem = minari_ids.environment_part(name).lower()
     if stem.endswith((".hdf5", ".h5", ".npz")):
         stem = stem.rsplit(".", 1)[0]
     if stem.startswith("antmaze"):
@@ -171,6 +175,12 @@ def env_id_for(dataset_name: str, override: str | None = None) -> str:
         return override
     domain = domain_of(dataset_name)
     if domain.name == "antmaze":
-        size = Path(str(dataset_name)).name.lower().split("-")[1] if "-" in str(dataset_name) else "umaze"
+        from misa_fast.data import minari_ids
+
+        stem = Path(str(dataset_name)).name.lower()
+        if minari_ids.is_minari_id(dataset_name):  # D4RL/antmaze/medium-diverse-v1: the size leads the last part
+            size = stem.split("-")[0]
+        else:
+            size = stem.split("-")[1] if "-" in stem else "umaze"
         return ANTMAZE_ENV_IDS.get(size, domain.env_id)
     return domain.env_id
