@@ -8,6 +8,8 @@ cores with ``--threads``: one each by default on two cores) writing to
 ``--runs/<dataset>/<algo>/seed<k>``; finished runs (a ``summary.json``) are not run again, so a killed
 comparison continues where it stopped. The results go to ``--out`` (default
 ``bench/results/compare-<device>-<date>``): ``.json`` (every run), ``.md`` (the table) and ``.png``.
+The paper-layout tables (last and best evaluation, domain totals) and learning curves of the same
+runs: ``misa-fast report <--runs>``.
 """
 from __future__ import annotations
 
