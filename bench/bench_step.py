@@ -132,6 +132,22 @@ def test_train_step(benchmark, request, backend, device, shape, mode, k, burn_in
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mode", ["faithful", "adaptive"], ids=["pre_tanh-K50-BI5", "pre_tanh-adaptive-K50-BI5"])
+def test_train_step_pre_tanh(benchmark, request, backend, device, shape, mode):
+    """The pre-tanh sampler (hmc_space=pre_tanh) at the reference case: its cost beside the rows
+    above (same chain length; a rotation and a tanh per leapfrog step instead of an atanh)."""
+    skip_unless_runnable(request, device, backend, cheap=False)
+    step, first = make_train_step(shape, device, backend, hmc_mode=mode, hmc_space="pre_tanh", num_samples=50,
+                                  hmc_burn_in=5, hmc_step_size=0.7)
+    benchmark.group = f"step-{device}-{shape}"
+    benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
+    record(benchmark, device, backend, first, shape=shape, hmc_mode=mode, hmc_space="pre_tanh", num_samples=50,
+           burn_in=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_train_step_without_hmc(benchmark, request, backend, device):
     """The same learner with the HMC correction off (MISA-biased): what the sampler costs."""
     skip_unless_runnable(request, device, backend, cheap=True)

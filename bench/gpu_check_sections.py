@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 # The tests of the fused HMC chain that feed it the reference's own noise and demand the same
 # chains (tests/test_ops_hmc.py): on a CUDA host they run on CUDA tensors at fp32 dots.
 EXACT_NOISE_HMC_TESTS = ("supplied_noise_reproduces_reference or per_chain_step_sizes or shapes_and_edge_cases "
-                         "or support_boundary_and_init_clip")
+                         "or support_boundary_and_init_clip or pre_tanh_shapes_and_step_bound")
 # The other kernel-vs-reference tests that run on CUDA tensors on a CUDA host (not gpu-marked).
 KERNEL_TEST_TARGETS = [
     "tests/test_ops_sampled_q.py",
@@ -406,13 +406,15 @@ def op_timings(ctx) -> dict:
     S, A = HOPPER
     torch.manual_seed(0)
     problems = {}
-    for mode in ("faithful", "parallel"):
+    # the official post-tanh chains in both layouts, and the pre-tanh chains (its own step size)
+    for name, mode, space, step in (("faithful", "faithful", "post_tanh", 0.3), ("parallel", "parallel", "post_tanh", 0.3),
+                                    ("faithful-pre_tanh", "faithful", "pre_tanh", 0.7)):
         mean, std, layers, state_half, init = hmc_problem(S, A, "cuda")
         noise = hmc_lib.draw_noise(mode, BATCH, SAMPLES, BURN_IN, A, torch.Generator(device="cuda").manual_seed(0),
                                    "cuda")
-        problems[mode] = ((mean, std, layers, state_half, init),
-                          dict(mode=mode, num_samples=SAMPLES, burn_in=BURN_IN, leapfrog_steps=LEAPFROG,
-                               step_size=0.3, noise=noise))
+        problems[name] = ((mean, std, layers, state_half, init),
+                          dict(mode=mode, space=space, num_samples=SAMPLES, burn_in=BURN_IN, leapfrog_steps=LEAPFROG,
+                               step_size=step, noise=noise))
 
     def hmc_case(case):
         args, kw = problems[case["mode"]]
@@ -431,7 +433,7 @@ def op_timings(ctx) -> dict:
         return row
 
     # Each implementation for both modes before the next implementation: tf32 first, as the agent runs.
-    hmc_cases = [{"mode": mode, "impl": impl} for impl in HMC_IMPLS for mode in ("faithful", "parallel")]
+    hmc_cases = [{"mode": mode, "impl": impl} for impl in HMC_IMPLS for mode in problems]
     hmc_rows = _timed_rows(ctx, hmc_cases, hmc_case)
 
     obs = torch.randn(BATCH, S, device="cuda")

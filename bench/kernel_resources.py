@@ -245,7 +245,7 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
                 hmc_variants: bool = False) -> None:
     """What one MISA update launches: the losses and the backward pass (the optimizer steps launch
     nothing of ours). With ``hmc_variants``, the HMC op is also called the way the agent calls it
-    in every mode, precision and noise source."""
+    in every mode, space, precision and noise source."""
     from misa_fast import hmc as hmc_lib
     from misa_fast import ops
     from misa_fast.agents.misa import MISA
@@ -267,10 +267,11 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
                 noise = hmc_lib.draw_noise(mode, actions.shape[0], kwargs["num_samples"], kwargs["burn_in"],
                                            actions.shape[1], gen)
                 for source, supplied in (("noise", noise), ("rng", None)):
-                    variant = dict(kwargs, mode=mode, precision=precision, adapt=mode == "adaptive",
-                                   noise=supplied, generator=gen)
-                    with log.labelled(f"{env} hmc {mode} {precision} {source}"):
-                        real_hmc_sample(mean, std, layers, state_half, actions, **variant)
+                    for space in hmc_lib.SPACES:
+                        variant = dict(kwargs, mode=mode, space=space, precision=precision,
+                                       adapt=mode == "adaptive", noise=supplied, generator=gen)
+                        with log.labelled(f"{env} hmc {mode} {space} {precision} {source}"):
+                            real_hmc_sample(mean, std, layers, state_half, actions, **variant)
         return result
 
     ops.hmc_sample = hmc_sample_and_variants

@@ -1,17 +1,24 @@
 """Fused HMC chain for the MISA target: the whole chain (all transitions, all leapfrog steps) in ONE
 kernel launch.
 
-Target per chain (``misa_fast.hmc.policy_q_log_density``): ``log pi(a|s) + min_e Q_e(s, a)`` in
-post-tanh action space (tanh Jacobian included), ``-inf`` outside the open box (-1, 1)^A, with its
-gradient in ``a`` computed analytically in-kernel: the tanh-Gaussian part elementwise from the
-per-state policy mean/std, the critic part by a forward and an explicit backward pass through the
-ELU MLP ``L0 (H0, S+A) -> ELU -> [Lc (HC, H0) -> ELU] -> Ll (1, .)``, starting from the critics'
-precomputed layer-1 state halves ``W0[:, :S] s + b0`` (E, B, H0); the argmin critic's gradient is
-taken. Transitions follow ``misa_fast.hmc.run_chains`` step for step (unit-mass momentum, L leapfrog
-steps, the gradient at the current state cached across transitions, any leapfrog position outside
+Target per chain (``misa_fast.hmc.tilted_log_density``), in one of two spaces (constexpr SPLIT):
+
+- post-tanh (SPLIT = 0, the official sampler): ``log pi(a|s) + min_e Q_e(s, a)`` in action space
+  (tanh Jacobian included), ``-inf`` outside the open box (-1, 1)^A, unit-mass leapfrog;
+- pre-tanh (SPLIT = 1): whitened positions z = (atanh(a) - mean) / std, target
+  N(z; 0, I) exp(min_e Q_e(s, tanh(mean + std z))); the Gaussian part is integrated exactly (a
+  rotation of (z, p) by the step size), only dQ/dz = dQ/da (1 - a^2) std kicks the momentum, and
+  the recorded states are the pre-tanh actions u = mean + std z.
+
+The gradient in the action is computed analytically in-kernel: the tanh-Gaussian part elementwise
+from the per-state policy mean/std, the critic part by a forward and an explicit backward pass
+through the ELU MLP ``L0 (H0, S+A) -> ELU -> [Lc (HC, H0) -> ELU] -> Ll (1, .)``, starting from the
+critics' precomputed layer-1 state halves ``W0[:, :S] s + b0`` (E, B, H0); the argmin critic's
+gradient is taken. Transitions follow ``misa_fast.hmc.run_chains`` step for step (L leapfrog steps,
+the gradient at the current state cached across transitions, any post-tanh leapfrog position outside
 the box rejects, NaN ratios give acceptance probability 0, step-size adaptation
-``step *= exp(rate * (prob - target))`` clamped to [1e-4, 10] during the first ADAPT_STEPS
-transitions).
+``step *= exp(rate * (prob - target))`` clamped to [1e-4, max_step] during the first ADAPT_STEPS
+transitions: 10 post-tanh, a quarter rotation per transition pre-tanh).
 
 Grid (cdiv(C, BLOCK_C),): each program owns BLOCK_C chains and runs all T transitions of them
 without leaving the kernel (T * L + 1 gradient evaluations). What lives where:
@@ -118,7 +125,6 @@ def _log_density(
          program's scratch (Wc^T is a host-made transposed copy: a tf32 wgmma wants K-major tiles);
       G: dQ/dx = sum_k W0a_k^T (dh0_k * ELU'(z0_k)), dh0 read back in chunks from scratch.
     """
-    offs_c = tl.arange(0, BLOCK_C)
     inside = tl.max(tl.abs(x), axis=0) < 1.0  # (BLOCK_C,)
     xa = tl.where(inside[None, :], x, 0.0)  # keep the arithmetic finite outside
     one_m = 1.0 - xa
@@ -128,7 +134,47 @@ def _log_density(
     z = (u - mean) * inv_std
     log_pi = log_norm - tl.sum(0.5 * z * z + tl.log(den), axis=0)
     grad_pi = (2.0 * xa - z * inv_std) / den
+    q_min, g_min = _critic_min(
+        xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
+        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+    log_p = tl.where(inside, log_pi + q_min, float("-inf"))
+    grad = tl.where(inside[None, :], grad_pi + g_min, 0.0)
+    return log_p, grad
 
+
+@triton.jit
+def _tilt_density(
+    z, mean, std, st, c_ok, scratch,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+):
+    """The pre-tanh chains' tilt (``misa_fast.hmc.tilted_log_density``, space "pre_tanh"): at whitened
+    positions z (BLOCK_A, BLOCK_C), Q(tanh(mean + std z)) and its gradient dQ/da (1 - a^2) std in z.
+    The N(z; 0, I) part is the integrator's (an exact rotation)."""
+    e2u = tl.exp(2.0 * (mean + std * z))
+    a = 1.0 - 2.0 / (e2u + 1.0)  # tanh; +-1 (not NaN) where exp overflows or underflows
+    q_min, g_min = _critic_min(
+        a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
+        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+    return q_min, g_min * ((1.0 - a) * (1.0 + a) * std)
+
+
+@triton.jit
+def _critic_min(
+    xa, st, c_ok, scratch,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+):
+    """min_e Q_e(s, a) at actions xa (BLOCK_A, BLOCK_C) and the argmin critic's dQ/da."""
+    offs_c = tl.arange(0, BLOCK_C)
     q_min = tl.full([BLOCK_C], float("inf"), tl.float32)
     g_min = tl.zeros([BLOCK_A, BLOCK_C], tl.float32)
     for e in range(E):
@@ -192,27 +238,50 @@ def _log_density(
         better = q < q_min  # strict: the first critic wins ties, like torch.min
         q_min = tl.where(better, q, q_min)
         g_min = tl.where(better[None, :], ga, g_min)
-    log_p = tl.where(inside, log_pi + q_min, float("-inf"))
-    grad = tl.where(inside[None, :], grad_pi + g_min, 0.0)
-    return log_p, grad
+    return q_min, g_min
 
 
 # ----------------------------------------------------------------------------------------------
 # the chain
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _chain_density(
+    x, mean, std, inv_std, log_norm, st, c_ok, scratch,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The chain's (log density, gradient): post-tanh log pi + Q, or the pre-tanh tilt (SPLIT)."""
+    if SPLIT:
+        log_p, grad = _tilt_density(
+            x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
+            E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+    else:
+        log_p, grad = _log_density(
+            x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
+            bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+    return log_p, grad
+
+
+@triton.jit
 def _hmc_kernel(
     mean_ptr, std_ptr, init_ptr, step_ptr, mom_ptr, unif_ptr, seed_ptr,
     sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
     out_ptr, acc_ptr, prob_ptr, step_out_ptr, scratch_ptr,
     C, T, A, S, E, H0, HC, REPEATS, LEAPFROG, RECORD_FROM, ADAPT_STEPS,
-    target_accept, adapt_rate, init_clip,
+    target_accept, adapt_rate, init_clip, max_step,
     s_mb, s_ma, s_sb, s_sa, s_ib, s_ia,
     s_mt, s_mc, s_mk, s_ut, s_uc,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     s_oc, s_or, s_oa,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, RNG: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # this program's scratch: dz1 (BLOCK_HC, BLOCK_C), dh0 (BLOCK_H, BLOCK_C), q (BLOCK_C,), fp32
@@ -233,12 +302,14 @@ def _hmc_kernel(
 
     x = tl.load(init_ptr + st[None, :] * s_ib + offs_a[:, None] * s_ia, mask=m2, other=0.0).to(tl.float32)
     x = tl.minimum(tl.maximum(x, -init_clip), init_clip)
+    if SPLIT:  # whitened pre-tanh position z = (atanh(a) - mean) / std
+        x = (0.5 * tl.log((1.0 + x) / (1.0 - x)) - mean) * inv_std
     step = tl.load(step_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
 
-    log_p, grad = _log_density(
-        x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-        E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+    log_p, grad = _chain_density(
+        x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
+        bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, SPLIT)
     if RNG:
         seed = tl.load(seed_ptr)
 
@@ -252,6 +323,9 @@ def _hmc_kernel(
                          mask=m2, other=0.0).to(tl.float32)
             unif = tl.load(unif_ptr + t * s_ut + offs_c64 * s_uc, mask=c_ok, other=1.0).to(tl.float32)
         half = 0.5 * step
+        if SPLIT:  # the exact Gaussian flow: a rotation of (z, p) by the step size
+            cos = tl.cos(step)[None, :]
+            sin = tl.sin(step)[None, :]
         # leapfrog: half momentum step, L x (full position step, momentum step), the last one halved
         p = p0 + half[None, :] * grad
         x_new = x
@@ -259,16 +333,26 @@ def _hmc_kernel(
         g_new = grad
         ok = c_ok
         for leap in range(LEAPFROG):
-            x_new = x_new + step[None, :] * p
-            lp_new, g_new = _log_density(
-                x_new, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
-                bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-                BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+            if SPLIT:
+                x_rot = x_new * cos + p * sin
+                p = p * cos - x_new * sin
+                x_new = x_rot
+            else:
+                x_new = x_new + step[None, :] * p
+            lp_new, g_new = _chain_density(
+                x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr,
+                wl_ptr, bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli,
+                s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, SPLIT)
             ok = ok & (tl.abs(lp_new) < float("inf"))  # finite (NaN compares false too)
             coef = tl.where(leap == LEAPFROG - 1, half, step)
             p = p + coef[None, :] * g_new
-        # log Metropolis ratio: -H(x', p') + H(x, p0), H = -log p + |p|^2 / 2
-        log_ratio = (lp_new - 0.5 * tl.sum(p * p, axis=0)) - (log_p - 0.5 * tl.sum(p0 * p0, axis=0))
+        # log Metropolis ratio: -H(x', p') + H(x, p0), H = -log p + |p|^2 / 2 (+ |z|^2 / 2 if SPLIT)
+        kinetic_new = 0.5 * tl.sum(p * p, axis=0)
+        kinetic = 0.5 * tl.sum(p0 * p0, axis=0)
+        if SPLIT:
+            kinetic_new += 0.5 * tl.sum(x_new * x_new, axis=0)
+            kinetic += 0.5 * tl.sum(x * x, axis=0)
+        log_ratio = (lp_new - kinetic_new) - (log_p - kinetic)
         prob = tl.exp(tl.minimum(log_ratio, 0.0))
         prob = tl.where(ok & (log_ratio == log_ratio), prob, 0.0)  # NaN ratio or off support -> 0
         accept = unif < prob
@@ -276,12 +360,16 @@ def _hmc_kernel(
         log_p = tl.where(accept, lp_new, log_p)
         grad = tl.where(accept[None, :], g_new, grad)
         adapted = step * tl.exp(adapt_rate * (prob - target_accept))
-        adapted = tl.minimum(tl.maximum(adapted, 1e-4), 10.0)
+        adapted = tl.minimum(tl.maximum(adapted, 1e-4), max_step)
         step = tl.where(t < ADAPT_STEPS, adapted, step)
         tl.store(acc_ptr + t * C + offs_c64, accept.to(tl.uint8), mask=c_ok)
         tl.store(prob_ptr + t * C + offs_c64, prob, mask=c_ok)
         r = t - RECORD_FROM
-        tl.store(out_ptr + offs_c64[None, :] * s_oc + r * s_or + offs_a[:, None] * s_oa, x,
+        if SPLIT:  # record the pre-tanh action u = mean + std z
+            rec = mean + std * x
+        else:
+            rec = x
+        tl.store(out_ptr + offs_c64[None, :] * s_oc + r * s_or + offs_a[:, None] * s_oa, rec,
                  mask=m2 & (r >= 0))
     tl.store(step_out_ptr + offs_c, step, mask=c_ok)
 
@@ -393,7 +481,7 @@ def _weight_descriptors(wc: Optional[torch.Tensor], E: int, blocks, precision: i
 
 
 class HMCKernelOutput(NamedTuple):
-    states: torch.Tensor  # (C, R, A) the states after transitions RECORD_FROM .. T-1, fp32
+    states: torch.Tensor  # (C, R, A) the states after transitions RECORD_FROM .. T-1, fp32 (pre-tanh u if split)
     accepted: torch.Tensor  # (T, C) bool
     accept_prob: torch.Tensor  # (T, C) fp32
     step_size: torch.Tensor  # (C,) fp32
@@ -406,6 +494,7 @@ def hmc_chains(
     record_from: int = 0, adapt_steps: int = 0, target_accept: float = 0.65, adapt_rate: float = 0.5,
     init_clip: float = 0.999, momentum: Optional[torch.Tensor] = None, uniform: Optional[torch.Tensor] = None,
     seed: Optional[torch.Tensor] = None, precision: int = 1, action_precision: int = 0,
+    split: bool = False, max_step: float = MAX_STEP_SIZE,
     block_c: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> HMCKernelOutput:
     """Run C = B * repeats chains (chain b*repeats + k starts at init[b] and uses state b's policy and
@@ -414,7 +503,8 @@ def hmc_chains(
     mean, std, init: (B, A) (any strides); layers: stacked critic layers [(W (E, out, in), b (E, out))]
     (layer-1 bias unused: it is inside state_half (E, B, H0)); step_size (C,) fp32. Noise: either
     momentum (T, C, A) and uniform (T, C), or seed (a 1-element int64 tensor on the device) for the
-    in-kernel Philox stream."""
+    in-kernel Philox stream. ``split``: pre-tanh chains (whitened positions, exact Gaussian rotation,
+    the recorded states are the pre-tanh actions u); adapted step sizes stay in [1e-4, max_step]."""
     B, A = init.shape
     C = B * repeats
     T = transitions
@@ -465,14 +555,14 @@ def hmc_chains(
         state_half, w0, wc_desc, wct_desc, bc, wl, bl,
         states, accepted, prob, step_out, scratch,
         C, T, A, S, E, H0, HC, repeats, leapfrog_steps, record_from, adapt_steps,
-        float(target_accept), float(adapt_rate), float(init_clip),
+        float(target_accept), float(adapt_rate), float(init_clip), float(max_step),
         mean.stride(0), mean.stride(1), std.stride(0), std.stride(1), init.stride(0), init.stride(1),
         *s_mom, *s_unif,
         state_half.stride(0), state_half.stride(1), state_half.stride(2),
         w0.stride(0), w0.stride(1), w0.stride(2), bc.stride(0),
         wl.stride(0), wl.stride(2), bl.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
-        **blocks, HAS_CHUNK=has_chunk, PREC=precision, PREC0=action_precision, RNG=rng,
+        **blocks, HAS_CHUNK=has_chunk, PREC=precision, PREC0=action_precision, RNG=rng, SPLIT=bool(split),
         num_warps=nw, num_stages=ns,
     )
     return HMCKernelOutput(states, accepted.view(torch.bool), prob, step_out)

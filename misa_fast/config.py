@@ -18,6 +18,7 @@ EnergyBound = Literal["misa", "dv", "f", "cql", "none"]
 EnergyNetwork = Literal["q", "separate"]
 LseNorm = Literal["k", "batch"]
 HMCMode = Literal["faithful", "adaptive", "parallel"]
+HMCSpace = Literal["post_tanh", "pre_tanh"]
 DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
 # The sampled-Q kernel has no tf32x3 path (kernels/sampled_q.py): its choices are these.
 SampledQPrecision = Literal["tf32", "ieee", "bf16"]
@@ -130,6 +131,11 @@ class MISAConfig(ConfigBase):
     # --- HMC sampler for the unbiased actor gradient ---------------------------------------------
     use_hmc: bool = True  # False: drop the correction term ("MISA-biased")
     hmc_mode: HMCMode = "faithful"
+    # Where the chains move (misa_fast.hmc): "post_tanh" the action itself, as the official sampler
+    # does (step 1 leaves the box: no move is ever accepted); "pre_tanh" the policy-whitened pre-tanh
+    # action, split HMC with the step size as the rotation angle of one leapfrog step, which samples
+    # the tilted policy (README, "Does the HMC sample?").
+    hmc_space: HMCSpace = "post_tanh"
     hmc_burn_in: int = 5
     hmc_leapfrog_steps: int = 2
     hmc_step_size: float = 1.0

@@ -187,7 +187,8 @@ def test_every_loss_term_matches_a_hand_computation(algo, lagrange, lse_norm):
     expected = hand_losses(agent, batch, noise, None if out.hmc is None else out.hmc.samples)
     for name, value in expected.items():
         assert out.metrics[name].item() == pytest.approx(value, rel=1e-4, abs=1e-5), name
-    assert set(expected) >= set(out.metrics) - {"hmc_accept_rate", "hmc_accept_prob", "hmc_step_size"}
+    assert set(expected) >= set(out.metrics) - {"hmc_accept_rate", "hmc_accept_prob", "hmc_step_size", "hmc_dist_a",
+                                                "hmc_dist_u", "hmc_ess"}  # sampler diagnostics: tests/test_hmc.py
     expected_losses = {"critic_loss", "actor_loss", "alpha_loss"} | ({"alpha_prime_loss"} if lagrange else set())
     expected_losses |= {"energy_loss"} if agent.energy is not None else set()
     assert set(out.losses) == expected_losses
@@ -536,3 +537,28 @@ def test_sampled_q_precision_reaches_the_fused_op(monkeypatch, bound, precision)
     agent = MISA(tiny_config(energy_bound=bound, use_hmc=False, sampled_q_precision=precision))
     agent.update(make_batch())
     assert seen == [precision]
+
+
+@pytest.mark.parametrize("mode", ["faithful", "adaptive"])
+def test_pre_tanh_hmc_space_feeds_eq15_with_its_exact_pre_tanh_samples(mode):
+    """hmc_space=pre_tanh (also as --set hmc_space=pre_tanh): the correction term is w_u times the
+    mean log pi of the sampler's pre-tanh samples (no atanh round trip, finite where tanh
+    saturates); the chains move, and the diagnostics are reported."""
+    from misa_fast import nets
+
+    cfg = apply_overrides(tiny_config(), [f"hmc_mode={mode}", "hmc_space=pre_tanh", "hmc_step_size=0.7"])
+    assert cfg.hmc_space == "pre_tanh"
+    agent = MISA(cfg)
+    batch = make_batch()
+    out = agent.compute_losses(batch, agent.draw_noise(B))
+    assert out.hmc.pre_tanh is not None and out.hmc.pre_tanh.shape == (B, K, A)
+    mean, std = agent.policy.dist_params(batch["observations"])
+    expected = cfg.unbiased_weight * nets.tanh_gaussian_log_prob_pre_tanh(
+        mean.unsqueeze(1), std.unsqueeze(1), out.hmc.pre_tanh).mean()
+    assert out.metrics["actor_unbiased_term"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.hmc.accept_rate.item() > 0.3
+    assert out.metrics["hmc_dist_u"].item() > 0 and 1 <= out.metrics["hmc_ess"].item() <= K
+    agent.update(batch)
+    assert 0 < agent.hmc_step_size.item() <= math.pi / (2 * cfg.hmc_leapfrog_steps) + 1e-6  # a quarter rotation
+    with pytest.raises(ValueError, match="hmc_space"):
+        apply_overrides(tiny_config(), ["hmc_space=tanh"])

@@ -242,8 +242,9 @@ def test_graph_finite_flag_is_sticky_and_reported_after_the_step():
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{}, {"hmc_mode": "adaptive", "lagrange": True}, {"hmc_mode": "parallel"},
                                        {"energy_bound": "cql", "use_hmc": False}, {"use_hmc": False},
-                                       {"energy_network": "separate"}],
-                         ids=["faithful", "adaptive-lagrange", "parallel", "cql", "no-hmc", "misa-t"])
+                                       {"energy_network": "separate"}, {"hmc_mode": "adaptive", "hmc_space": "pre_tanh"}],
+                         ids=["faithful", "adaptive-lagrange", "parallel", "cql", "no-hmc", "misa-t",
+                              "adaptive-pre-tanh"])
 def test_graph_matches_eager_on_cuda(overrides):
     eager = run_steps("eager", "cuda", 5, **overrides)
     graph = run_steps("graph", "cuda", 5, **overrides)

@@ -266,7 +266,9 @@ def test_exact_noise_selection_is_the_supplied_noise_hmc_tests(sections):
     ids = [line for line in out.stdout.splitlines() if "::" in line]
     names = {i.split("::")[1].split("[")[0] for i in ids}
     assert names == {"test_supplied_noise_reproduces_reference", "test_per_chain_step_sizes",
-                     "test_shapes_and_edge_cases", "test_support_boundary_and_init_clip"}, out.stdout[-2000:]
+                     "test_shapes_and_edge_cases", "test_support_boundary_and_init_clip",
+                     "test_pre_tanh_supplied_noise_reproduces_reference",
+                     "test_pre_tanh_shapes_and_step_bound"}, out.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -351,3 +351,156 @@ def test_compiled_transitions_reproduce_the_eager_chain():
     with pytest.raises(ValueError, match="piece must be >= 1"):
         with hmc.compiled_transitions(piece=0):
             pass
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-tanh space: whitened pre-tanh positions, the Gaussian part integrated exactly
+def naive_pre_tanh_hmc(prob: Problem, noise, *, mode, num_samples, burn_in, leapfrog_steps, step_size,
+                       adapt=False, target_accept=0.65, adapt_rate=0.5):
+    """Written from the definition: u ~ N(mean, std) tilted by exp(min_i Q_i(s, tanh u)), in
+    z = (u - mean) / std with H(z, p) = |z|^2 / 2 - Q + |p|^2 / 2; the flow of |z|^2 / 2 + |p|^2 / 2
+    for time eps is the rotation [[cos, sin], [-sin, cos]], Q enters through half/full kicks;
+    autograd for dQ/dz, all densities recomputed every transition."""
+    mean, std, obs = prob.mean, prob.std, prob.obs
+    if mode == "parallel":
+        mean, std, obs = (t.repeat_interleave(num_samples, 0) for t in (mean, std, obs))
+    init = prob.init.clamp(-0.999, 0.999)
+    if mode == "parallel":
+        init = init.repeat_interleave(num_samples, 0)
+    z = (torch.atanh(init) - mean) / std
+
+    def q_and_grad(z):
+        z = z.detach().requires_grad_(True)
+        a = torch.tanh(mean + std * z)
+        q = torch.minimum(_naive_q(prob.critic, 0, obs, a), _naive_q(prob.critic, 1, obs, a))
+        (g,) = torch.autograd.grad(q.sum(), z)
+        return q.detach(), g
+
+    def hamiltonian(z, p):
+        return -q_and_grad(z)[0] + 0.5 * (z**2).sum(-1) + 0.5 * (p**2).sum(-1)
+
+    eps = torch.full((z.shape[0], 1), float(step_size))
+    samples, accepted = [], []
+    for t in range(noise.momentum.shape[0]):
+        p0 = noise.momentum[t]
+        zc, p = z, p0
+        for leap in range(leapfrog_steps):
+            p = p + eps / 2 * q_and_grad(zc)[1]
+            zc, p = torch.cos(eps) * zc + torch.sin(eps) * p, -torch.sin(eps) * zc + torch.cos(eps) * p
+            p = p + eps / 2 * q_and_grad(zc)[1]
+        prob_acc = torch.exp(torch.clamp(hamiltonian(z, p0) - hamiltonian(zc, p), max=0.0))
+        acc = noise.uniform[t] < prob_acc
+        z = torch.where(acc[:, None], zc, z)
+        if adapt and t < burn_in:
+            eps = (eps * torch.exp(adapt_rate * (prob_acc[:, None] - target_accept))).clamp(
+                1e-4, math.pi / (2 * leapfrog_steps))
+        if t >= burn_in:
+            samples.append(mean + std * z)
+        accepted.append(acc)
+    if mode == "parallel":
+        u = samples[-1].view(prob.batch, num_samples, -1)
+    else:
+        u = torch.stack(samples, 1)
+    return u, torch.stack(accepted), eps.squeeze(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("step_size", [0.3, 0.9])
+def test_pre_tanh_matches_naive_loop_with_supplied_noise(mode, step_size):
+    prob = Problem(q_scale=1.5)
+    prob.init[0] = torch.tensor([1.0, -1.0])  # clipped dataset actions, far in the policy's tail
+    kw = dict(mode=mode, num_samples=6, burn_in=3, leapfrog_steps=2)
+    noise = hmc.draw_noise(mode, prob.batch, 6, 3, prob.act_dim, torch.Generator().manual_seed(1))
+    res = prob.sample(space="pre_tanh", step_size=step_size, noise=noise, **kw)
+    u, ref_acc, ref_step = naive_pre_tanh_hmc(prob, noise, step_size=step_size, adapt=mode == "adaptive", **kw)
+    assert torch.equal(res.accepted, ref_acc)
+    torch.testing.assert_close(res.pre_tanh, u, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(res.samples, torch.tanh(u), atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.step_size, ref_step, rtol=1e-4, atol=1e-7)
+    assert 0.1 < res.accept_rate.item() < 1.0  # accepts and rejects both exercised
+
+
+def test_pre_tanh_density_is_the_tilt_with_its_autograd_gradient():
+    prob = Problem(batch=32)
+    layers = prob.critic.stacked_layers(detach=True)
+    half = prob.critic.first_layer_state_half(prob.obs, detach=True)
+    fast = hmc.policy_q_log_density(prob.mean, prob.std, layers, half, space="pre_tanh")
+    slow = hmc.autograd_log_density(
+        lambda z: prob.critic(prob.obs, torch.tanh(prob.mean + prob.std * z)).min(0).values)
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(3)) * 4.0  # saturated tanh included
+    (lf, gf), (ls, gs) = fast(z), slow(z)
+    torch.testing.assert_close(lf, ls, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gf, gs, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown HMC space"):
+        hmc.policy_q_log_density(prob.mean, prob.std, layers, half, space="tanh")
+
+
+def test_pre_tanh_tilted_target_matches_quadrature():
+    """The kinked target of test_tilted_target_matches_quadrature, one sequential chain per state
+    started at the box's edge: the pre-tanh chains reach its mean and variance; the post-tanh chains
+    from the same start do not move (the official sampler's behaviour at step size 1)."""
+    batch, mu, sigma = 400, 0.2, 0.6
+    w1 = torch.zeros(2, 1, S + 1)
+    w1[:, 0, -1] = 1.0
+    layers = [(w1, torch.zeros(2, 1)), (torch.tensor([[[4.0]], [[-3.0]]]), torch.tensor([[-40.0], [31.0]]))]
+    state_half = torch.full((2, batch, 1), 10.0)
+    args = (torch.full((batch, 1), mu), torch.full((batch, 1), sigma), layers, state_half, torch.full((batch, 1), -1.0))
+    kw = dict(mode="faithful", num_samples=20, burn_in=5, step_size=1.0)
+    res = hmc.hmc_sample(*args, space="pre_tanh", generator=torch.Generator().manual_seed(0), **kw)
+    a = res.samples[:, -1].double()  # one sample per chain: independent
+    u = np.linspace(-8, 8, 200001)
+    t = np.tanh(u)
+    w = stats.norm.pdf(u, mu, sigma) * np.exp(np.minimum(4 * t, 1.0 - 3.0 * t))
+    w /= w.sum()
+    m, v = (w * t).sum(), (w * (t - (w * t).sum()) ** 2).sum()
+    se = math.sqrt(v / batch)
+    assert abs(a.mean().item() - m) < 4 * se
+    assert abs(a.var().item() - v) < 0.2 * v
+    assert res.accept_rate.item() > 0.25  # the kink's slopes (4, -3) kick hard at step 1
+    post = hmc.hmc_sample(*args, space="post_tanh", generator=torch.Generator().manual_seed(0), **kw)
+    assert post.accept_rate.item() < 0.05 and abs(post.samples[:, -1].double().mean().item() - m) > 10 * se
+
+
+def test_effective_sample_size():
+    g = torch.Generator().manual_seed(0)
+    n, k = 400, 50
+    iid = torch.randn(n, k, generator=g)
+    ar = torch.zeros(n, k)
+    ar[:, 0] = torch.randn(n, generator=g)
+    for t in range(1, k):  # AR(1), phi 0.9: true ESS 50 * 0.1 / 1.9 = 2.6 (short chains: biased up)
+        ar[:, t] = 0.9 * ar[:, t - 1] + math.sqrt(1 - 0.81) * torch.randn(n, generator=g)
+    ess_iid, ess_ar = hmc.effective_sample_size(iid), hmc.effective_sample_size(ar)
+    assert ess_iid.shape == (n,) and 35 < ess_iid.mean().item() <= 50
+    assert ess_ar.mean().item() < 12
+    alternating = torch.tensor([[1.0, -1.0] * 25])  # anti-correlated: clamped to K
+    assert hmc.effective_sample_size(alternating).item() == 50
+    assert hmc.effective_sample_size(torch.full((3, k), 0.7)).tolist() == [1.0, 1.0, 1.0]  # never moved
+
+
+def test_chain_diagnostics_of_a_stuck_and_a_mixing_chain():
+    prob = Problem(batch=64)
+    prob.init[:] = 0.9999  # clipped to 0.999: post-tanh steps of 1 leave the box, nothing moves
+    stuck = prob.sample(mode="faithful", num_samples=20, burn_in=2, step_size=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    d = hmc.chain_diagnostics(stuck, prob.mean, prob.std, prob.init)
+    assert stuck.accept_rate.item() == 0.0
+    assert d["hmc_dist_a"].item() == 0.0 and d["hmc_dist_u"].item() < 1e-4 and d["hmc_ess"].item() == 1.0
+    mixing = prob.sample(mode="faithful", space="pre_tanh", num_samples=20, burn_in=2, step_size=0.7,
+                         generator=torch.Generator().manual_seed(0))
+    d = hmc.chain_diagnostics(mixing, prob.mean, prob.std, prob.init)
+    assert d["hmc_dist_u"].item() > 1.0 and d["hmc_ess"].item() > 5.0
+    parallel = prob.sample(mode="parallel", space="pre_tanh", num_samples=4, burn_in=2, step_size=0.7,
+                           generator=torch.Generator().manual_seed(0))
+    assert set(hmc.chain_diagnostics(parallel, prob.mean, prob.std, prob.init)) == {"hmc_dist_a", "hmc_dist_u"}
+
+
+def test_pre_tanh_compiled_transitions_reproduce_the_eager_chain():
+    prob = Problem(q_scale=1.0)
+    noise = hmc.draw_noise("adaptive", prob.batch, 4, 3, prob.act_dim, torch.Generator().manual_seed(5))
+    kw = dict(mode="adaptive", space="pre_tanh", num_samples=4, burn_in=3, step_size=0.6, noise=noise)
+    eager = prob.sample(**kw)
+    with hmc.compiled_transitions(piece=2):
+        compiled = prob.sample(**kw)
+    assert torch.equal(eager.accepted, compiled.accepted)
+    torch.testing.assert_close(compiled.pre_tanh, eager.pre_tanh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.step_size, eager.step_size, rtol=1e-5, atol=1e-6)

@@ -76,9 +76,15 @@ def test_every_family_and_arch_is_covered(table):
         assert {"sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel", "hmc_kernel"} <= defaults, env
     assert not any(u.startswith("antmaze") for u in users)
     for mode in ("faithful", "adaptive", "parallel"):
-        for precision in ("ieee", "tf32", "tf32x3", "bf16"):
-            for source in ("noise", "rng"):
-                assert f"halfcheetah hmc {mode} {precision} {source}" in users
+        for space in ("post_tanh", "pre_tanh"):
+            for precision in ("ieee", "tf32", "tf32x3", "bf16"):
+                for source in ("noise", "rng"):
+                    assert f"halfcheetah hmc {mode} {space} {precision} {source}" in users
+    # both chain spaces were compiled (the SPLIT constexpr of the HMC kernel), on each architecture
+    for arch in ARCHS:
+        splits = {split for r in rows if r["arch"] == arch and r["kernel"] == "hmc_kernel"
+                  for split in ("SPLIT=0", "SPLIT=1") if split in r["config"].split()}
+        assert splits == {"SPLIT=0", "SPLIT=1"}, arch
 
 
 @pytest.mark.slow

@@ -81,6 +81,10 @@ def assert_same_chains(res, ref, atol=1e-4, max_flip_fraction=0.0):
     rows = chain_ok.expand(B, K)
     torch.testing.assert_close(res.samples[rows], ref.samples[rows], atol=atol, rtol=0)
     torch.testing.assert_close(res.step_size[same], ref.step_size[same], atol=1e-6, rtol=1e-5)
+    assert (res.pre_tanh is None) == (ref.pre_tanh is None)
+    if ref.pre_tanh is not None:  # pre-tanh space: the samples' u, as recorded
+        torch.testing.assert_close(res.pre_tanh[rows], ref.pre_tanh[rows], atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tanh(res.pre_tanh), res.samples, atol=1e-6, rtol=0)
     if max_flip_fraction == 0.0:
         assert res.accept_rate.item() == pytest.approx(ref.accept_rate.item(), abs=1e-7)
         assert res.accept_prob.item() == pytest.approx(ref.accept_prob.item(), abs=1e-5)
@@ -100,6 +104,55 @@ def test_supplied_noise_reproduces_reference(mode):
     assert_same_chains(res, ref)
     assert 0.1 < ref.accept_rate.item() < 0.95  # accepts and rejects were both exercised
     assert (res.samples.abs() < 1).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", MODES)
+def test_pre_tanh_supplied_noise_reproduces_reference(mode):
+    """The pre-tanh chains (whitened positions, exact Gaussian rotation, Q kicks): same decisions,
+    same pre-tanh samples. Dataset actions at +-1 and a larger Q exercise saturated tanh."""
+    prob = Problem(batch=5, act_dim=3, seed=3, q_scale=1.5)
+    prob.init[0] = torch.tensor([1.0, -1.0, 0.999])
+    kw = dict(mode=mode, space="pre_tanh", num_samples=6, burn_in=3, leapfrog_steps=2, step_size=0.9,
+              noise=prob.noise(mode, 6, 3))
+    res, ref = prob.fused(**kw), prob.reference(**kw)
+    assert res.samples.shape == res.pre_tanh.shape == (5, 6, 3)
+    assert_same_chains(res, ref)
+    assert 0.1 < ref.accept_rate.item() < 1.0  # accepts and rejects were both exercised
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,B,K,S,A,hidden,E", [
+    ("adaptive", 5, 3, 7, 8, (48, 40), 2),  # adapted steps hit the quarter-period bound
+    ("faithful", 5, 4, 6, 1, (24,), 3),  # one hidden layer, A = 1, three critics
+])
+def test_pre_tanh_shapes_and_step_bound(mode, B, K, S, A, hidden, E):
+    prob = Problem(batch=B, obs_dim=S, act_dim=A, hidden=hidden, n_critics=E, seed=B + A, q_scale=0.2)
+    C, _ = hmc.layout(mode, B, K, 3)
+    steps = torch.linspace(0.05, 0.78, C, device=DEV)
+    kw = dict(mode=mode, space="pre_tanh", num_samples=K, burn_in=3, leapfrog_steps=2, step_size=steps,
+              noise=prob.noise(mode, K, 3, seed=A))
+    res, ref = prob.fused(**kw), prob.reference(**kw)
+    assert_same_chains(res, ref)
+    if mode == "adaptive":  # mostly accepted: the steps grow, up to a quarter rotation per transition
+        assert res.step_size.max().item() == pytest.approx(math.pi / 4, rel=1e-6)
+
+
+@needs_kernels
+def test_pre_tanh_zero_q_accepts_everything_and_samples_the_policy():
+    """Q = 0: the exact rotation leaves H unchanged, so every transition is accepted whatever the
+    start (dataset actions at +-0.999, far in the policy's tail), and after a quarter rotation per
+    transition the last sample is a fresh policy draw (KS of the PIT through each state's CDF)."""
+    B, A = 320, 2
+    prob = Problem(batch=B, act_dim=A, hidden=(16,), zero_q=True, seed=4)
+    prob.init = torch.where(torch.rand(B, A, generator=torch.Generator().manual_seed(2)) < 0.5, -1.0, 1.0).to(DEV)
+    res = prob.fused(mode="faithful", space="pre_tanh", num_samples=2, burn_in=1, step_size=math.pi / 4,
+                     generator=torch.Generator(device=DEV).manual_seed(3))
+    assert res.accept_rate.item() == 1.0
+    a = res.samples[:, -1].double().cpu().numpy()
+    m, s = prob.mean.double().cpu().numpy(), prob.std.double().cpu().numpy()
+    for d in range(A):
+        assert stats.kstest(_tanh_gaussian_cdf(a[:, d], m[:, d], s[:, d]), "uniform").pvalue > 1e-3, d
 
 
 @needs_kernels
@@ -357,4 +410,20 @@ def test_cuda_misa_sizes(mode, A):
     rnd = prob.fused(precision="tf32", mode=mode, num_samples=K, burn_in=5, step_size=0.2,
                      generator=torch.Generator(device="cuda").manual_seed(0))
     assert rnd.samples.shape == (B, K, A) and (rnd.samples.abs() < 1).all()
+    assert abs(rnd.accept_rate.item() - ref.accept_rate.item()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["faithful", "adaptive", "parallel"])
+def test_cuda_misa_sizes_pre_tanh(mode):
+    """The pre-tanh chains at MISA sizes: fp32 dots reproduce the reference (rare near-tie flips),
+    tf32x3 nearly so; in-kernel noise gives the reference's acceptance."""
+    B, K, S, A = 256, 50, 17, 6
+    prob = Problem(batch=B, obs_dim=S, act_dim=A, hidden=(256, 256), seed=A, q_scale=0.3)
+    kw = dict(mode=mode, space="pre_tanh", num_samples=K, burn_in=5, step_size=0.7,
+              noise=prob.noise(mode, K, 5, seed=A))
+    ref = prob.reference(**kw)
+    assert_same_chains(prob.fused(precision="ieee", **kw), ref, atol=1e-3, max_flip_fraction=0.005)
+    assert_same_chains(prob.fused(precision="tf32x3", **kw), ref, atol=1e-2, max_flip_fraction=0.05)
+    rnd = prob.fused(precision="tf32x3", **{**kw, "noise": None}, generator=torch.Generator(device="cuda").manual_seed(0))
     assert abs(rnd.accept_rate.item() - ref.accept_rate.item()) < 0.05

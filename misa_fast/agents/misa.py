@@ -247,6 +247,7 @@ class MISA:
             energy_half,
             actions,
             mode=cfg.hmc_mode,
+            space=cfg.hmc_space,
             num_samples=cfg.num_samples,
             burn_in=cfg.hmc_burn_in,
             leapfrog_steps=cfg.hmc_leapfrog_steps,
@@ -260,6 +261,7 @@ class MISA:
         metrics["hmc_accept_rate"] = result.accept_rate
         metrics["hmc_accept_prob"] = result.accept_prob
         metrics["hmc_step_size"] = result.step_size.mean()
+        metrics.update(hmc_lib.chain_diagnostics(result, mean, std, actions))
         return result
 
     def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result, losses_out, metrics):
@@ -272,7 +274,11 @@ class MISA:
         log_pi_data = nets.tanh_gaussian_log_prob(mean, std, actions) if cfg.use_ba else None
         log_pi_mcmc = None
         if hmc_result is not None:  # samples carry no gradient; log pi of them does (eq. 15)
-            log_pi_mcmc = nets.tanh_gaussian_log_prob(mean.unsqueeze(1), std.unsqueeze(1), hmc_result.samples)
+            if hmc_result.pre_tanh is not None:  # exact, even where tanh saturates to +-1
+                log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1),
+                                                                   hmc_result.pre_tanh)
+            else:
+                log_pi_mcmc = nets.tanh_gaussian_log_prob(mean.unsqueeze(1), std.unsqueeze(1), hmc_result.samples)
         alpha = self.log_alpha.exp()
         losses_out["actor_loss"], terms = losses.actor_loss(
             alpha, log_pi_new, q_new, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight

@@ -97,6 +97,7 @@ def hmc_sample(
     init_actions: Tensor,
     *,
     mode: str = "faithful",
+    space: str = "post_tanh",
     num_samples: int = 50,
     burn_in: int = 5,
     leapfrog_steps: int = 2,
@@ -112,16 +113,18 @@ def hmc_sample(
 ) -> HMCResult:
     """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC; see
     :func:`misa_fast.hmc.hmc_sample` for the arguments and the modes ("faithful", "adaptive",
-    "parallel"). ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"); ``backend``:
+    "parallel") and spaces ("post_tanh", "pre_tanh"). ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"); ``backend``:
     "triton", "torch" or "auto". Returns :class:`misa_fast.hmc.HMCResult`: samples (B, K, A),
     accept_rate and accept_prob (0-dim), step_size (C,) after adaptation, accepted (T, C) bool."""
     if precision not in ("tf32", "tf32x3", "bf16", "ieee", "fp32"):
         raise ValueError(f"precision must be 'tf32', 'tf32x3', 'bf16' or 'ieee', got {precision!r}")
     if leapfrog_steps < 1:
         raise ValueError(f"leapfrog_steps must be >= 1, got {leapfrog_steps}")
+    if space not in hmc_lib.SPACES:
+        raise ValueError(f"unknown HMC space {space!r}; choose one of {hmc_lib.SPACES}")
     batch, act_dim = init_actions.shape
     chains, transitions = layout(mode, batch, num_samples, burn_in)
-    kw = dict(mode=mode, num_samples=num_samples, burn_in=burn_in, leapfrog_steps=leapfrog_steps,
+    kw = dict(mode=mode, space=space, num_samples=num_samples, burn_in=burn_in, leapfrog_steps=leapfrog_steps,
               step_size=step_size, adapt=adapt, target_accept=target_accept, adapt_rate=adapt_rate, noise=noise,
               generator=generator, init_clip=init_clip)
     layers = [(w, b) for w, b in critic_layers]
@@ -158,15 +161,21 @@ def hmc_sample(
         transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=burn_in,
         adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
         init_clip=init_clip, momentum=momentum, uniform=uniform, seed=seed, precision=k.PRECISIONS[precision],
+        split=space == "pre_tanh", max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"),
     )
     if mode == "parallel":
-        samples = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
+        states = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
     else:
-        samples = out.states  # (B, K, A): chain b recorded K times
+        states = out.states  # (B, K, A): chain b recorded K times
+    pre_tanh = None
+    if space == "pre_tanh":  # the kernel recorded u
+        pre_tanh = states.to(init_actions.dtype)
+        states = torch.tanh(states)
     return HMCResult(
-        samples=samples.to(init_actions.dtype),
+        samples=states.to(init_actions.dtype),
         accept_rate=out.accepted.float().mean(),
         accept_prob=out.accept_prob.mean(),
         step_size=out.step_size,
         accepted=out.accepted,
+        pre_tanh=pre_tanh,
     )
