@@ -139,7 +139,7 @@ def test_train_step_pre_tanh(benchmark, request, backend, device, shape, mode):
     above (same chain length; a rotation and a tanh per leapfrog step instead of an atanh)."""
     skip_unless_runnable(request, device, backend, cheap=False)
     step, first = make_train_step(shape, device, backend, hmc_mode=mode, hmc_space="pre_tanh", num_samples=50,
-                                  hmc_burn_in=5, hmc_step_size=0.7)
+                                  hmc_burn_in=5)
     benchmark.group = f"step-{device}-{shape}"
     benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
     record(benchmark, device, backend, first, shape=shape, hmc_mode=mode, hmc_space="pre_tanh", num_samples=50,

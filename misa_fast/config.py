@@ -138,7 +138,9 @@ class MISAConfig(ConfigBase):
     hmc_space: HMCSpace = "post_tanh"
     hmc_burn_in: int = 5
     hmc_leapfrog_steps: int = 2
-    hmc_step_size: float = 1.0
+    # None: 1 post-tanh (official), a quarter rotation per transition pre-tanh (pi / (2 L)); see
+    # misa_fast.hmc.default_step_size
+    hmc_step_size: Optional[float] = None
     # Per-chain step-size adaptation during burn-in. None -> on exactly when hmc_mode == "adaptive";
     # True also adapts the parallel chains.
     hmc_adapt: Optional[bool] = None
@@ -158,6 +160,14 @@ class MISAConfig(ConfigBase):
     @property
     def adapt_hmc(self) -> bool:
         return self.hmc_mode == "adaptive" if self.hmc_adapt is None else self.hmc_adapt
+
+    @property
+    def resolved_hmc_step_size(self) -> float:
+        from misa_fast.hmc import default_step_size
+
+        if self.hmc_step_size is not None:
+            return float(self.hmc_step_size)
+        return default_step_size(self.hmc_space, self.hmc_leapfrog_steps)
 
     def resolved_target_entropy(self, act_dim: int) -> float:
         return -float(act_dim) if self.target_entropy is None else float(self.target_entropy)
@@ -332,7 +342,7 @@ def _validate(cfg: MISAConfig) -> None:
     if not cfg.policy_hidden or not cfg.critic_hidden or min(cfg.policy_hidden + cfg.critic_hidden) < 1:
         raise ValueError("hidden sizes must be non-empty tuples of positive ints")
     for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "energy_lr", "hmc_step_size"):
-        if not getattr(cfg, name) > 0:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.tau <= 1.0 or not 0.0 <= cfg.gamma <= 1.0:
         raise ValueError("tau and gamma must lie in [0, 1]")

@@ -12,7 +12,8 @@ The target, per state s, is the tilted policy p(a|s) ~ pi(a|s) exp(min_i Q_i(s, 
               one step size serves every state and dimension. The Gaussian part is integrated
               exactly (a rotation of (z, p) by the step size, "split" HMC), only Q's gradient
               kicks the momentum: with Q = 0 every transition is accepted and a total rotation of
-              pi/2 draws an independent policy sample, however far in the tail the chain starts.
+              pi/2 (the default step size, pi / (2 L)) draws an independent policy sample, however
+              far in the tail the chain starts.
               Samples are returned as actions and as pre-tanh u (``HMCResult.pre_tanh``), so
               log pi of a sample never goes through atanh(+-1).
 
@@ -61,6 +62,14 @@ SPACES = ("post_tanh", "pre_tanh")
 MIN_STEP_SIZE, MAX_STEP_SIZE = 1e-4, 10.0
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
+
+
+def default_step_size(space: str, leapfrog_steps: int) -> float:
+    """1 post-tanh (the official sampler's); pre-tanh, a quarter rotation per transition
+    (L * step = pi / 2): with Q = 0 each transition then draws a fresh policy sample from any start,
+    whereas a larger rotation carries a chain started far in one tail (a dataset action the policy
+    finds unlikely) to the far side of the other, where the tilt can reject it again and again."""
+    return 0.5 * math.pi / leapfrog_steps if space == "pre_tanh" else 1.0
 
 
 def max_step_size(leapfrog_steps: int, split: bool) -> float:
@@ -376,7 +385,7 @@ def sample_tilted(
     num_samples: int = 50,
     burn_in: int = 5,
     leapfrog_steps: int = 2,
-    step_size: Union[float, Tensor] = 1.0,
+    step_size: Union[float, Tensor, None] = None,
     adapt: Optional[bool] = None,
     target_accept: float = 0.65,
     adapt_rate: float = 0.5,
@@ -390,6 +399,8 @@ def sample_tilted(
     hand-written Q. Arguments as :func:`hmc_sample`."""
     if space not in SPACES:
         raise ValueError(f"unknown HMC space {space!r}; choose one of {SPACES}")
+    if step_size is None:
+        step_size = default_step_size(space, leapfrog_steps)
     batch, act_dim = init_actions.shape
     chains, transitions = layout(mode, batch, num_samples, burn_in)
     if noise is None:
@@ -452,7 +463,7 @@ def hmc_sample(
     num_samples: int = 50,
     burn_in: int = 5,
     leapfrog_steps: int = 2,
-    step_size: Union[float, Tensor] = 1.0,
+    step_size: Union[float, Tensor, None] = None,
     adapt: Optional[bool] = None,
     target_accept: float = 0.65,
     adapt_rate: float = 0.5,
@@ -467,7 +478,7 @@ def hmc_sample(
     layer-1 state halves (E, B, H1); init_actions: (B, A) dataset actions, clipped to +-init_clip.
     space: "post_tanh" (the official sampler) or "pre_tanh" (see the module docstring); in
     "pre_tanh" the step size is the rotation angle of one leapfrog step.
-    step_size: a scalar or a (C,) per-chain tensor. adapt: None -> mode == "adaptive".
+    step_size: a scalar or a (C,) per-chain tensor; None: ``default_step_size(space, leapfrog_steps)``. adapt: None -> mode == "adaptive".
     noise: supplied HMCNoise (see ``draw_noise`` for shapes) or None to draw it from ``generator``.
     Returns HMCResult with samples (B, K, A) (and their pre-tanh values in "pre_tanh" space)."""
     repeats = num_samples if mode == "parallel" else 1

@@ -447,7 +447,9 @@ def test_config_defaults_are_the_official_values():
     assert (cfg.gamma, cfg.tau, cfg.batch_size, cfg.num_samples) == (0.99, 5e-3, 256, 50)
     assert (cfg.min_q_weight, cfg.bc_weight, cfg.unbiased_weight) == (5.0, 0.5, 0.1)
     assert (cfg.policy_lr, cfg.critic_lr, cfg.alpha_lr) == (1e-4, 3e-4, 1e-4)
-    assert (cfg.hmc_burn_in, cfg.hmc_leapfrog_steps, cfg.hmc_step_size, cfg.hmc_mode) == (5, 2, 1.0, "faithful")
+    assert (cfg.hmc_burn_in, cfg.hmc_leapfrog_steps, cfg.resolved_hmc_step_size, cfg.hmc_mode, cfg.hmc_space) == (
+        5, 2, 1.0, "faithful", "post_tanh")
+    assert cfg.replace(hmc_space="pre_tanh").resolved_hmc_step_size == pytest.approx(math.pi / 4)
     assert (cfg.lagrange, cfg.log_alpha_prime_init, cfg.alpha_prime_max) == (False, 1.0, 1e6)
     assert cfg.policy_hidden == cfg.critic_hidden == (256, 256)
     assert cfg.resolved_target_entropy(6) == -6.0

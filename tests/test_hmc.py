@@ -445,8 +445,9 @@ def test_pre_tanh_tilted_target_matches_quadrature():
     layers = [(w1, torch.zeros(2, 1)), (torch.tensor([[[4.0]], [[-3.0]]]), torch.tensor([[-40.0], [31.0]]))]
     state_half = torch.full((2, batch, 1), 10.0)
     args = (torch.full((batch, 1), mu), torch.full((batch, 1), sigma), layers, state_half, torch.full((batch, 1), -1.0))
-    kw = dict(mode="faithful", num_samples=20, burn_in=5, step_size=1.0)
+    kw = dict(mode="faithful", num_samples=20, burn_in=5)  # each space's default step size
     res = hmc.hmc_sample(*args, space="pre_tanh", generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(res.step_size, torch.full((batch,), math.pi / 4))
     a = res.samples[:, -1].double()  # one sample per chain: independent
     u = np.linspace(-8, 8, 200001)
     t = np.tanh(u)
@@ -456,7 +457,7 @@ def test_pre_tanh_tilted_target_matches_quadrature():
     se = math.sqrt(v / batch)
     assert abs(a.mean().item() - m) < 4 * se
     assert abs(a.var().item() - v) < 0.2 * v
-    assert res.accept_rate.item() > 0.25  # the kink's slopes (4, -3) kick hard at step 1
+    assert res.accept_rate.item() > 0.25  # the kink's slopes (4, -3) kick hard
     post = hmc.hmc_sample(*args, space="post_tanh", generator=torch.Generator().manual_seed(0), **kw)
     assert post.accept_rate.item() < 0.05 and abs(post.samples[:, -1].double().mean().item() - m) > 10 * se
 
@@ -504,3 +505,26 @@ def test_pre_tanh_compiled_transitions_reproduce_the_eager_chain():
     assert torch.equal(eager.accepted, compiled.accepted)
     torch.testing.assert_close(compiled.pre_tanh, eager.pre_tanh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled.step_size, eager.step_size, rtol=1e-5, atol=1e-6)
+
+
+def test_pre_tanh_default_step_is_a_quarter_rotation_that_leaves_any_tail():
+    """A narrow policy (std 0.05) and dataset actions far in its tails (z up to ~80): with a quarter
+    rotation per transition (the pre-tanh default) every chain reaches the target; with 1 rad per
+    leapfrog step (2 per transition) chains started in one tail are carried to the far side of the
+    other and rejected there again and again."""
+    batch, mu, sd = 1000, 0.5, 0.05
+
+    def q_and_grad(a):
+        return (-8.0 * (a + 0.2) ** 2).sum(-1), -16.0 * (a + 0.2)
+
+    init = torch.rand(batch, 1, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    args = (torch.full((batch, 1), mu), torch.full((batch, 1), sd), q_and_grad, init)
+    kw = dict(space="pre_tanh", num_samples=20, burn_in=5, generator=torch.Generator().manual_seed(0))
+    u = np.linspace(mu - 10 * sd, mu + 10 * sd, 100001)
+    w = stats.norm.pdf(u, mu, sd) * np.exp(-8.0 * (np.tanh(u) + 0.2) ** 2)
+    cdf = np.cumsum(w) / w.sum()
+    quarter = hmc.sample_tilted(*args, **kw)
+    assert stats.kstest(quarter.pre_tanh[:, -1, 0].double().numpy(), lambda x: np.interp(x, u, cdf)).pvalue > 1e-3
+    wide = hmc.sample_tilted(*args, step_size=1.0, **kw)
+    stuck = ((wide.pre_tanh[:, -1, 0] - mu).abs() > 10 * sd).float().mean().item()
+    assert stuck > 0.05

@@ -110,8 +110,8 @@ class MISA:
         self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=self.device))
         self.log_alpha.requires_grad_(cfg.auto_alpha)
         # Adaptive HMC carries the (geometric mean) adapted step size from one update to the next.
-        self.hmc_log_step_size = torch.tensor(math.log(cfg.hmc_step_size), device=self.device)
-        self._fixed_hmc_step_size = torch.tensor(cfg.hmc_step_size, device=self.device)
+        self.hmc_log_step_size = torch.tensor(math.log(cfg.resolved_hmc_step_size), device=self.device)
+        self._fixed_hmc_step_size = torch.tensor(cfg.resolved_hmc_step_size, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(sample_seed)
 
         self.optimizers = {

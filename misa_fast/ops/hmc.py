@@ -101,7 +101,7 @@ def hmc_sample(
     num_samples: int = 50,
     burn_in: int = 5,
     leapfrog_steps: int = 2,
-    step_size: Union[float, Tensor] = 1.0,
+    step_size: Union[float, Tensor, None] = None,
     adapt: Optional[bool] = None,
     target_accept: float = 0.65,
     adapt_rate: float = 0.5,
@@ -122,6 +122,8 @@ def hmc_sample(
         raise ValueError(f"leapfrog_steps must be >= 1, got {leapfrog_steps}")
     if space not in hmc_lib.SPACES:
         raise ValueError(f"unknown HMC space {space!r}; choose one of {hmc_lib.SPACES}")
+    if step_size is None:
+        step_size = hmc_lib.default_step_size(space, leapfrog_steps)
     batch, act_dim = init_actions.shape
     chains, transitions = layout(mode, batch, num_samples, burn_in)
     kw = dict(mode=mode, space=space, num_samples=num_samples, burn_in=burn_in, leapfrog_steps=leapfrog_steps,
