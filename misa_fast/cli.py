@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "finetune": ("misa_fast.finetune", "fine-tune an offline checkpoint online in its gymnasium environment"),
     "eval": ("misa_fast.evaluate_cli", "evaluate a checkpoint in its gymnasium environment"),
     "make-dataset": ("misa_fast.data.make_dataset", "write a D4RL-format dataset from a gymnasium env"),
+    "sweep": ("misa_fast.sweep", "a grid of train runs (datasets x algorithms x seeds x config values) on Ray Tune"),
     "report": ("misa_fast.report", "results table (mean ± std over seeds) and learning curves of run directories"),
 }
 

@@ -13,7 +13,9 @@ is the root of the summed variances, which reproduces the paper's (742.9 ± 4.6 
 
 Datasets whose runs have no normalized score (no reference returns) are reported apart, in raw
 return, and never enter a total. Runs without a ``summary.json`` (still running, killed or failed)
-and runs without an evaluation are listed under "Not in the tables", never dropped silently.
+and runs without an evaluation are listed under "Not in the tables", never dropped silently. A
+sweep's trials (``misa-fast sweep``: a ``trial.json`` in the run directory) that failed for good are
+listed there as failed, with their error, even when they failed before writing a config.json.
 
 Outputs (in ``--out``): ``report.md`` (also printed), ``report-last.csv``, ``report-best.csv`` and
 ``curves-<dataset>.png``: one line per algorithm, the mean over seeds with a min-max band (the
@@ -63,6 +65,7 @@ class RunRecord:
     steps: list = field(default_factory=list)  # evaluation steps
     returns: list = field(default_factory=list)
     normalized: list = field(default_factory=list)  # None where the dataset has no reference returns
+    error: Optional[str] = None  # a sweep trial's error when it failed (trial.json)
 
     @property
     def has_normalized(self) -> bool:
@@ -79,10 +82,34 @@ def _float_or_none(text) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+TRIAL_FILE = "trial.json"  # what misa-fast sweep adds to a trial's run directory
+
+
+def trial_error(trial: dict) -> Optional[str]:
+    """The error of a sweep trial that failed (for good, as the driver recorded it, or in its last
+    attempt), else None."""
+    if trial.get("failed"):
+        return str(trial["failed"])
+    attempts = trial.get("attempts") or []
+    if attempts and attempts[-1].get("status") == "error":
+        return str(attempts[-1].get("error"))
+    return None
+
+
 def read_run(path) -> RunRecord:
-    """One run directory: its identity from config.json, its evaluations from progress.csv."""
+    """One run directory: its identity from config.json, its evaluations from progress.csv (and a
+    sweep trial's error from trial.json)."""
     path = Path(path)
     config_path = path / "config.json"
+    trial = None
+    if (path / TRIAL_FILE).exists():
+        try:
+            trial = json.loads((path / TRIAL_FILE).read_text())
+        except ValueError:
+            trial = None
+    if trial is not None and not config_path.exists():  # a trial that failed before train wrote config.json
+        return RunRecord(path=path, algo=str(trial.get("algo", "?")), seed=trial.get("seed"),
+                         dataset=str(trial.get("dataset", "?")), finished=False, error=trial_error(trial))
     try:
         config = json.loads(config_path.read_text())
         run, data = config["run"], config.get("data") or {}
@@ -102,6 +129,8 @@ def read_run(path) -> RunRecord:
                 record.steps.append(int(float(row["step"])))
                 record.returns.append(ret)
                 record.normalized.append(_float_or_none(row.get("eval_normalized")))
+    if trial is not None and not record.finished:
+        record.error = trial_error(trial)
     return record
 
 
@@ -112,6 +141,7 @@ def find_run_dirs(paths) -> list:
         if not p.is_dir():
             raise FileNotFoundError(f"{p}: expected a run directory or a directory holding run directories")
         found.update(c.parent.resolve() for c in p.rglob("config.json"))
+        found.update(c.parent.resolve() for c in p.rglob(TRIAL_FILE))
         if (p / "config.json").exists():
             found.add(p.resolve())
     return sorted(found)
@@ -195,7 +225,9 @@ class Report:
         """(run, why) for every run not in the tables."""
         out = []
         for r in self.runs:
-            if not r.finished:
+            if not r.finished and r.error:
+                why = f"failed: {r.error}"
+            elif not r.finished:
                 why = (f"unfinished (no summary.json: running, killed or failed), "
                        f"{len(r.steps)} evaluation(s) so far")
             elif not r.steps:

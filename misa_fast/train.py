@@ -172,9 +172,13 @@ def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
                     reference_returns=info.reference_returns())
 
 
-def train(run: RunConfig) -> dict:
+def train(run: RunConfig, on_evaluation=None) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
-    goes non-finite (the last good checkpoint is left untouched)."""
+    goes non-finite (the last good checkpoint is left untouched).
+
+    ``on_evaluation(step, row, checkpoint_path)``, when given, is called after each evaluation once
+    its progress.csv row is written and, if one is due at that step, its checkpoint saved
+    (``checkpoint_path`` is None otherwise): ``misa-fast sweep`` reports to Ray Tune from it."""
     from misa_fast import algos
     from misa_fast.agents import NonFiniteLossError
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
@@ -286,8 +290,11 @@ def train(run: RunConfig) -> dict:
                                 ret=f"{result['mean_return']:.1f}")
             if row:
                 log.write(step, row)
-            if step % checkpoint_every == 0 or step == run.steps:
+            saved = step % checkpoint_every == 0 or step == run.steps
+            if saved:
                 save(step)
+            if evaluate_now and on_evaluation is not None:
+                on_evaluation(step, dict(row), out / ckpt.CHECKPOINT_NAME if saved else None)
             if row:  # evaluation and checkpoint time is not training time
                 window_start, window_steps = time.perf_counter(), 0
     finally:
