@@ -96,6 +96,15 @@ def trial_error(trial: dict) -> Optional[str]:
     return None
 
 
+def trial_column(trial: Optional[dict], algo: str) -> str:
+    """A sweep trial's column: its algorithm plus its --grid values (``misa-hmc_space=pre_tanh``),
+    the name of its run directory's parent, so grid points of one algorithm stay apart."""
+    label = str((trial or {}).get("label") or "")
+    if (trial or {}).get("grid") and label.count("/") >= 2:
+        return label.rsplit("/", 2)[-2]
+    return algo
+
+
 def read_run(path) -> RunRecord:
     """One run directory: its identity from config.json, its evaluations from progress.csv (and a
     sweep trial's error from trial.json)."""
@@ -108,7 +117,7 @@ def read_run(path) -> RunRecord:
         except ValueError:
             trial = None
     if trial is not None and not config_path.exists():  # a trial that failed before train wrote config.json
-        return RunRecord(path=path, algo=str(trial.get("algo", "?")), seed=trial.get("seed"),
+        return RunRecord(path=path, algo=trial_column(trial, str(trial.get("algo", "?"))), seed=trial.get("seed"),
                          dataset=str(trial.get("dataset", "?")), finished=False, error=trial_error(trial))
     try:
         config = json.loads(config_path.read_text())
@@ -116,7 +125,7 @@ def read_run(path) -> RunRecord:
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{config_path}: expected the config.json of a misa-fast train run (with a 'run' "
                          f"section): {err}") from err
-    record = RunRecord(path=path, algo=str(run.get("algo", "?")), seed=run.get("seed"),
+    record = RunRecord(path=path, algo=trial_column(trial, str(run.get("algo", "?"))), seed=run.get("seed"),
                        dataset=str(data.get("name") or run.get("dataset") or "?"),
                        finished=(path / "summary.json").exists())
     progress = path / "progress.csv"

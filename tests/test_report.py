@@ -206,3 +206,20 @@ def test_errors_name_the_path(tmp_path):
     (bad / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=str(bad / "config.json")):
         rp.read_run(bad)
+
+
+def test_sweep_grid_points_are_separate_columns(tmp_path):
+    """Two grid points of one algorithm (misa-fast sweep --grid hmc_space=post_tanh,pre_tanh): one
+    column each, named like their run directories; a plain run keeps its algorithm's name."""
+    root = tmp_path / "sweep"
+    for space, scores in (("post_tanh", [[10, 20], [30, 40]]), ("pre_tanh", [[50, 60], [70, 80]])):
+        for seed, normalized in enumerate(scores):
+            label = f"mujoco/hopper/medium-v0/misa-hmc_space={space}/seed{seed}"
+            run = make_run(root, f"runs/{label}", "misa", seed, "hopper-medium-v2", normalized)
+            (run / "trial.json").write_text(json.dumps(
+                {"label": label, "algo": "misa", "seed": seed, "grid": {"hmc_space": space}, "attempts": []}))
+    make_run(root, "plain/misa/seed0", "misa", 0, "hopper-medium-v2", [5])
+    report = load(root)
+    assert report.algos == ["misa", "misa-hmc_space=post_tanh", "misa-hmc_space=pre_tanh"]
+    assert report.cell("hopper-medium-v2", "misa-hmc_space=post_tanh", "last").mean == 30.0
+    assert report.cell("hopper-medium-v2", "misa-hmc_space=pre_tanh", "last").mean == 70.0
