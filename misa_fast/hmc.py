@@ -54,7 +54,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from misa_fast.nets import Layers, ensemble_q_and_action_grad, tanh_log_det_jacobian
+from misa_fast.nets import ATANH_LIMIT, Layers, ensemble_q_and_action_grad, tanh_log_det_jacobian
 
 MODES = ("faithful", "adaptive", "parallel")
 SPACES = ("post_tanh", "pre_tanh")
@@ -521,8 +521,6 @@ def chain_diagnostics(result: HMCResult, policy_mean: Tensor, policy_std: Tensor
     a_data = init_actions.detach().clamp(-init_clip, init_clip).unsqueeze(1)  # (B, 1, A)
     u_data = torch.atanh(a_data)
     samples = result.samples
-    from misa_fast.nets import ATANH_LIMIT
-
     u = result.pre_tanh if result.pre_tanh is not None else torch.atanh(samples.clamp(-ATANH_LIMIT, ATANH_LIMIT))
     out = {
         "hmc_dist_a": (samples - a_data).norm(dim=-1).mean(),
