@@ -3,10 +3,10 @@ dataset, misa and td3bc, seeds 0-2, 2000 steps, an evaluation of 10 episodes eve
   1. as one sweep, 2 trials at a time (--cpus-per-trial 1 on a 2-CPU Ray instance),
   2. by hand, one `misa-fast train --threads 1` after the other,
   3. as one sweep, 1 trial at a time (--max-concurrent 1): Ray's cost alone, no parallelism.
-Wall times of one run each, written to overhead.json; the sweep's report goes next to this file.
+Wall times of one run each, written to <--out>/overhead.json, with the sweep's report beside it.
 
-    python bench/results/sweep-pendulum-2026-12-02/measure.py [--work /tmp/sweep-measure]
-    python bench/results/sweep-pendulum-2026-12-02/measure.py --only-parallel-sweep --json overhead-rerun.json
+    python -m bench.sweep_overhead [--work /tmp/sweep-measure] [--out bench/results/sweep-pendulum-<date>]
+    python -m bench.sweep_overhead --only-parallel-sweep --json overhead-rerun.json
 """
 import argparse
 import json
@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 COMMON = ["--steps", "2000", "--eval-every", "500"]
 ALGOS, SEEDS = ("misa", "td3bc"), (0, 1, 2)
 
@@ -34,8 +33,11 @@ def main():
     p.add_argument("--skip-serial-sweep", action="store_true")
     p.add_argument("--only-parallel-sweep", action="store_true", help="phase 1 only (no report written)")
     p.add_argument("--json", default="overhead.json")
+    p.add_argument("--out", default=f"bench/results/sweep-pendulum-{time.strftime('%Y-%m-%d')}",
+                   help="folder for the JSON and the sweep's report")
     args = p.parse_args()
-    work = Path(args.work)
+    work, out = Path(args.work), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -52,7 +54,7 @@ def main():
     result["sweep_2_at_a_time_trial_s"] = trials
     if args.only_parallel_sweep:
         result["loadavg_end"] = os.getloadavg()
-        (HERE / args.json).write_text(json.dumps(result, indent=2))
+        (out / args.json).write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return
     runs = {}
@@ -70,8 +72,8 @@ def main():
     result["sweep_over_by_hand"] = result["sweep_2_at_a_time_s"] / result["by_hand_sequential_s"]
     if "sweep_1_at_a_time_s" in result:
         result["serial_sweep_over_by_hand"] = result["sweep_1_at_a_time_s"] / result["by_hand_sequential_s"]
-    (HERE / args.json).write_text(json.dumps(result, indent=2))
-    subprocess.run([*exe, "report", str(work / "sweep"), "--out", str(HERE)], check=True, env=env)
+    (out / args.json).write_text(json.dumps(result, indent=2))
+    subprocess.run([*exe, "report", str(work / "sweep"), "--out", str(out)], check=True, env=env)
     print(json.dumps(result, indent=2))
 
 
