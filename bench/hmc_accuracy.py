@@ -27,7 +27,7 @@ from the library's default step of its space (1 post-tanh, pi / (2 L) pre-tanh);
 the pre-tanh chain at the official step 1. The adaptive samplers start each call from the geometric mean of the
 previous call's adapted step sizes (as the agent carries it), after ``--warm-calls`` calls.
 
-    cd /work/main && OMP_NUM_THREADS=1 python bench/hmc_accuracy.py --checkpoint /work/runs/hopper-k10/checkpoint.pt
+    OMP_NUM_THREADS=1 python bench/hmc_accuracy.py --checkpoint runs/hopper-k10/checkpoint.pt
     python bench/hmc_accuracy.py --checkpoint CKPT --states 256 --is-samples 10000 --seed 0 --out /tmp/acc
 
 Writes bench/results/hmc-accuracy-2026-12-02.{json,md} by default and prints the Markdown table.
@@ -49,7 +49,7 @@ from misa_fast.data import DataInfo, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "hmc-accuracy-2026-12-02"
-DEFAULT_CHECKPOINT = "/work/runs/hopper-k10/checkpoint.pt"
+DEFAULT_CHECKPOINT = "runs/hopper-k10/checkpoint.pt"  # where the README's training command writes it
 # name -> (space, mode, initial step; None: misa_fast.hmc.default_step_size of the space)
 SAMPLERS = {
     "faithful": ("post_tanh", "faithful", None),

@@ -35,7 +35,7 @@ The adaptive samplers start each call at the geometric mean of the previous call
 sizes, as the agent carries it across updates; ``--warm-calls`` calls on fresh initial actions
 precede the measured one.
 
-    cd /work/main && OMP_NUM_THREADS=1 python bench/hmc_mixing.py        # ~30 s on one core
+    OMP_NUM_THREADS=1 python bench/hmc_mixing.py        # ~30 s on one core
     python bench/hmc_mixing.py --chains 4000 --seed 1 --out /tmp/hmc-mixing   # writes /tmp/hmc-mixing.{json,md}
 
 Writes bench/results/hmc-mixing-2026-12-02.{json,md} by default and prints the Markdown table.
