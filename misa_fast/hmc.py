@@ -397,8 +397,6 @@ def sample_tilted(
     a (C, A) -> (Q (C,), dQ/da (C, A)), C chains (in "parallel" mode chain b*K + k samples state b).
     :func:`hmc_sample` is this with the critics' min Q; the known-target checks call it with a
     hand-written Q. Arguments as :func:`hmc_sample`."""
-    if space not in SPACES:
-        raise ValueError(f"unknown HMC space {space!r}; choose one of {SPACES}")
     if step_size is None:
         step_size = default_step_size(space, leapfrog_steps)
     batch, act_dim = init_actions.shape
@@ -431,15 +429,14 @@ def sample_tilted(
         split=space == "pre_tanh",
     )
     states = out.states  # (R, C, A)
-    if mode == "parallel":
-        states = states[-1:].view(batch, num_samples, act_dim).transpose(0, 1)  # (K, B, A) like the others
-        mean, std = policy_mean.detach(), policy_std.detach()
-    pre_tanh = None
     if space == "pre_tanh":
-        pre_tanh = (mean + std * states).transpose(0, 1)  # (B, K, A)
-        samples = torch.tanh(pre_tanh)
+        states = mean + std * states  # the pre-tanh actions u of each chain
+    if mode == "parallel":
+        states = states[-1].view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
     else:
-        samples = states.transpose(0, 1)  # (K, B, A) -> (B, K, A)
+        states = states.transpose(0, 1)  # (K, B, A) -> (B, K, A)
+    pre_tanh = states if space == "pre_tanh" else None
+    samples = torch.tanh(states) if space == "pre_tanh" else states
     return HMCResult(
         samples=samples,
         accept_rate=out.accepted.float().mean(),
