@@ -129,7 +129,7 @@ class CompiledStep(TrainStep):
         self.compiled_losses = torch.compile(type(agent).compute_losses.__get__(agent), dynamic=dynamic,
                                              **compile_options)
         agent.compute_losses = self.compiled_losses
-        if hmc_piece == 0 or not agent.config.use_hmc:
+        if hmc_piece == 0 or not agent.config.hmc_chain:  # no chain: off, or unbiased_estimator=snis
             return
         eager_sampler = type(agent)._hmc_samples.__get__(agent)
 

@@ -19,6 +19,7 @@ EnergyNetwork = Literal["q", "separate"]
 LseNorm = Literal["k", "batch"]
 HMCMode = Literal["faithful", "adaptive", "parallel"]
 HMCSpace = Literal["post_tanh", "pre_tanh"]
+UnbiasedEstimator = Literal["hmc", "snis"]
 DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
 # The sampled-Q kernel has no tf32x3 path (kernels/sampled_q.py): its choices are these.
 SampledQPrecision = Literal["tf32", "ieee", "bf16"]
@@ -130,6 +131,12 @@ class MISAConfig(ConfigBase):
 
     # --- HMC sampler for the unbiased actor gradient ---------------------------------------------
     use_hmc: bool = True  # False: drop the correction term ("MISA-biased")
+    # How the correction term's E_p[grad log pi(a|s)] is estimated: "hmc" (the paper's) chains
+    # sampling p(a|s) ~ pi(a|s) e^{min_i Q_i(s, a)} with the hmc_* settings below; "snis" reweights
+    # the K detached policy samples of the critic's log-partition term by w_k = softmax_k(min_i Q_i(s,
+    # a_k)) (self-normalised importance sampling, no chain, no extra critic evaluation; accurate
+    # while the tilt is weak: see the snis_ess diagnostic and README, "SNIS instead of HMC").
+    unbiased_estimator: UnbiasedEstimator = "hmc"
     hmc_mode: HMCMode = "faithful"
     # Where the chains move (misa_fast.hmc): "post_tanh" the action itself, as the official sampler
     # does (step 1 leaves the box: no move is ever accepted); "pre_tanh" the policy-whitened pre-tanh
@@ -156,6 +163,16 @@ class MISAConfig(ConfigBase):
 
     def validate(self) -> None:
         _validate(self)
+
+    @property
+    def hmc_chain(self) -> bool:
+        """Whether an update runs the HMC chain: the correction term is on and estimated by HMC."""
+        return self.use_hmc and self.unbiased_estimator == "hmc"
+
+    @property
+    def snis_term(self) -> bool:
+        """Whether the correction term is the self-normalised importance-sampling estimate."""
+        return self.use_hmc and self.unbiased_estimator == "snis"
 
     @property
     def adapt_hmc(self) -> bool:

@@ -52,22 +52,26 @@ def sampled_q_log_mean_exp(
     state_half: Optional[Tensor] = None,
     log_weights: Optional[Tensor] = None,
     precision: str = "tf32",
-) -> Tensor:
+    return_q: bool = False,
+):
     """logsumexp_k (Q_i(s, a_k) + log_weights_k) - norm for every critic and state: (E, B). Each
     critic uses its own Q. ``log_weights`` (B, K): CQL's importance weights, -log proposal density.
     ``precision``: the fused kernel's dot precision ("tf32", "ieee" or "bf16"; see
     :func:`misa_fast.ops.sampled_q_log_mean_exp`); the torch path below is fp32 whatever it says.
+    ``return_q``: also return the per-sample Q values (E, B, K), detached (the fused op's own, not a
+    second evaluation): the SNIS weights of the actor's correction term.
 
     The single place the agent evaluates a log-partition. Where the ops dispatch picks Triton
     (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
     recomputes the state half in-kernel and never materialises the (B*K, H) activations; otherwise
     it is the eager torch code below, sharing the precomputed state half."""
     if ops.resolve_backend(None, obs, actions) == "triton":  # falls back itself for unsupported shapes
-        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision)
+        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision,
+                                          return_q=return_q)
     q = sampled_q(layers, obs, actions, state_half)
-    if log_weights is not None:
-        q = q + log_weights
-    return torch.logsumexp(q, dim=2) - norm
+    v = q if log_weights is None else q + log_weights
+    out = torch.logsumexp(v, dim=2) - norm
+    return (out, q.detach()) if return_q else out
 
 
 def cql_proposals(
@@ -97,9 +101,11 @@ def energy_gap(
     state_half: Optional[Tensor] = None,
     log_weights: Optional[Tensor] = None,
     precision: str = "tf32",
-) -> Tuple[Tensor, Tensor]:
+    return_q: bool = False,
+):
     """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
-    log-partition term alone (both (E,)). ``sample_actions`` (B, K, A) are policy samples at s
+    log-partition term alone (both (E,)); with ``return_q`` ("misa" bound only) also the detached
+    per-sample Q values (E, B, K) the log-partition was computed from. ``sample_actions`` (B, K, A) are policy samples at s
     (for "cql", the proposals of :func:`cql_proposals` with their ``log_weights``).
 
     misa (eq. 10): mean_s [log mean_k exp Q(s, a_k)]      (normalised by ``norm``)
@@ -111,9 +117,15 @@ def energy_gap(
     path); "dv" and "f" always run the fp32 torch code.
     """
     data_term = q_data.mean(dim=1)
+    if return_q and bound != "misa":
+        raise ValueError(f"return_q needs the 'misa' bound (per-state samples), got {bound!r}")
     if bound == "misa":
         partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half,
-                                           precision=precision).mean(dim=1)
+                                           precision=precision, return_q=return_q)
+        if return_q:
+            partition, q_samples = partition
+            return partition.mean(dim=1) - data_term, partition.mean(dim=1), q_samples
+        partition = partition.mean(dim=1)
     elif bound == "cql":
         if log_weights is None:
             raise ValueError("energy bound 'cql' needs the proposals' log_weights")
@@ -156,6 +168,29 @@ def critic_loss(td: Tensor, penalty: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # actor and temperature
+# Below this mean Kish ESS per state the SNIS estimate rests on one or two samples: the trainer warns.
+SNIS_ESS_WARN = 2.0
+
+
+def snis_weights(q_samples: Tensor) -> Tensor:
+    """Self-normalised importance weights of K policy samples for the tilted policy
+    p(a|s) ~ pi(a|s) exp(min_i Q_i(s, a)): w_k = softmax_k(min_i Q_i(s, a_k)), detached. With the
+    policy itself as proposal, pi cancels from the weight. q_samples (E, B, K) -> (B, K)."""
+    return torch.softmax(q_samples.detach().min(dim=0).values.float(), dim=-1)
+
+
+def kish_ess(weights: Tensor) -> Tensor:
+    """Kish's effective sample size 1 / sum_k w_k^2 of normalised weights (B, K) -> (B,): K for
+    equal weights, 1 when one sample carries all the weight."""
+    return 1.0 / weights.pow(2).sum(dim=-1)
+
+
+def snis_diagnostics(weights: Tensor) -> Dict[str, Tensor]:
+    """The Kish ESS of the SNIS weights per state: its mean and 5th percentile over the batch."""
+    ess = kish_ess(weights.detach())
+    return {"snis_ess": ess.mean(), "snis_ess_p05": torch.quantile(ess, 0.05)}
+
+
 def actor_loss(
     alpha: Tensor,
     log_pi_new: Tensor,
@@ -164,12 +199,15 @@ def actor_loss(
     log_pi_data: Optional[Tensor] = None,
     log_pi_mcmc: Optional[Tensor] = None,
     unbiased_weight: float = 0.0,
+    mcmc_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """bc_weight * mean(alpha log pi(a~|s) - log pi(a_D|s)) - mean(Q(s, a~)) + w_u mean log pi(a_mcmc|s).
 
     q_new must come from critics whose weights are detached (only the path through a~ may carry a
     gradient); alpha is detached here. ``log_pi_data`` None drops the BA term ("no-BA");
-    ``log_pi_mcmc`` None drops the HMC correction ("MISA-biased"). Returns (loss, terms)."""
+    ``log_pi_mcmc`` None drops the HMC correction ("MISA-biased"). ``log_pi_mcmc`` is (B, K) (or
+    (B,)); with ``mcmc_weights`` (B, K), normalised per state (SNIS), the correction is
+    w_u mean_s sum_k w_k log pi(a_k|s) instead of the plain mean over samples. Returns (loss, terms)."""
     terms = {
         "actor_entropy_term": bc_weight * alpha.detach() * log_pi_new.mean(),
         "actor_q_term": -q_new.mean(),
@@ -177,7 +215,10 @@ def actor_loss(
     if log_pi_data is not None:
         terms["actor_ba_term"] = -bc_weight * log_pi_data.mean()
     if log_pi_mcmc is not None:
-        terms["actor_unbiased_term"] = unbiased_weight * log_pi_mcmc.mean()
+        if mcmc_weights is None:
+            terms["actor_unbiased_term"] = unbiased_weight * log_pi_mcmc.mean()
+        else:
+            terms["actor_unbiased_term"] = unbiased_weight * (mcmc_weights.detach() * log_pi_mcmc).sum(-1).mean()
     return sum(terms.values()), terms
 
 

@@ -137,7 +137,9 @@ class ProgressLog:
 
     def write(self, step: int, values: dict) -> None:
         if self.header is None:
-            metric_keys = sorted(k for k in values if k not in ("step", *self.fixed_columns))
+            # The SNIS diagnostics take the place of the HMC columns they replace (unbiased_estimator=snis).
+            metric_keys = sorted((k for k in values if k not in ("step", *self.fixed_columns)),
+                                 key=lambda k: "hmc_" + k if k.startswith("snis_") else k)
             self.header = ["step", *metric_keys, *self.fixed_columns]
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.header)
@@ -155,6 +157,20 @@ class ProgressLog:
 
 def metrics_to_floats(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def snis_collapse_warning(row: dict, step: int) -> Optional[str]:
+    """The warning for a logged row whose SNIS weights have collapsed (mean Kish ESS per state below
+    losses.SNIS_ESS_WARN), else None."""
+    from misa_fast.losses import SNIS_ESS_WARN
+
+    ess = row.get("snis_ess")
+    if ess is None or not ess < SNIS_ESS_WARN:
+        return None
+    return (f"warning: step {step}: the SNIS weights of the actor's correction term have collapsed (Kish ESS "
+            f"per state: mean {ess:.2f}, 5th percentile {row.get('snis_ess_p05', float('nan')):.2f}, of "
+            f"num_samples): the tilt exp(Q) is too sharp for the K policy samples; raise num_samples or use "
+            f"unbiased_estimator=hmc with hmc_space=pre_tanh")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -259,6 +275,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
                disable=not run.progress, desc=f"{run.algo} {info.name}")
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
+    snis_warned = False
     try:
         for step in range(start_step + 1, run.steps + 1):
             try:
@@ -290,6 +307,10 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
                                 ret=f"{result['mean_return']:.1f}")
             if row:
                 log.write(step, row)
+                warning = snis_collapse_warning(row, step)
+                if warning is not None and not snis_warned:  # once per run: the column keeps the record
+                    snis_warned = True
+                    bar.write(f"misa-fast train: {warning}", file=sys.stderr)
             saved = step % checkpoint_every == 0 or step == run.steps
             if saved:
                 save(step)

@@ -149,7 +149,7 @@ class MISA:
             hmc=hmc_lib.draw_noise(
                 cfg.hmc_mode, batch_size, cfg.num_samples, cfg.hmc_burn_in, act_dim, self.generator, self.device
             )
-            if cfg.use_hmc
+            if cfg.hmc_chain
             else None,
         )
         if cfg.energy_bound == "cql":
@@ -171,10 +171,10 @@ class MISA:
         energy_half = state_half if self.energy is None else self.energy.first_layer_state_half(obs)
         losses_out: Dict[str, Tensor] = {}
         metrics: Dict[str, Tensor] = {}
-        self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
-                            losses_out, metrics)
+        snis = self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
+                                   losses_out, metrics)
         hmc_result = self._hmc_samples(actions, mean, std, energy_half, noise, metrics)
-        self._actor_losses(actions, mean, std, state_half, noise, hmc_result, losses_out, metrics)
+        self._actor_losses(actions, mean, std, state_half, noise, hmc_result, losses_out, metrics, snis)
         metrics.update(losses_out)
         metrics = {name: value.detach() for name, value in metrics.items()}
         return LossOutput(losses_out, metrics, hmc_result)
@@ -183,7 +183,11 @@ class MISA:
                        losses_out, metrics):
         """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss). With a
         separate energy network (MISA-T) the regulariser trains T_psi instead and the critics see
-        only the TD error."""
+        only the TD error.
+
+        Returns, under ``unbiased_estimator="snis"``, the K policy samples' pre-tanh values (B, K, A)
+        and their SNIS weights softmax_k(min_i Q_i(s, a_k)) (B, K) from the Q values of this
+        log-partition term (the energy network's for MISA-T), both detached; else None."""
         cfg = self.config
         # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
         with torch.no_grad():
@@ -194,6 +198,7 @@ class MISA:
         q_data = nets.ensemble_q(layers, state_half, actions)
         td = losses.td_loss(q_data, target)
         penalty = torch.zeros_like(td)
+        snis = None
         if cfg.energy_bound != "none":
             log_weights = None
             if cfg.energy_bound == "cql":
@@ -201,14 +206,20 @@ class MISA:
                     mean, std, next_mean, next_std, noise.samples, noise.next_samples, noise.uniform)
             else:
                 with torch.no_grad():  # K fresh policy samples at s; only the critics see them
-                    sample_actions = torch.tanh(mean.unsqueeze(1) + std.unsqueeze(1) * noise.samples)
+                    sample_pre_tanh = mean.unsqueeze(1) + std.unsqueeze(1) * noise.samples
+                    sample_actions = torch.tanh(sample_pre_tanh)
             norm = losses.log_norm(cfg.lse_norm, cfg.num_samples, actions.shape[0])
             energy_layers, energy_data = layers, q_data
             if self.energy is not None:
                 energy_layers = self.energy.stacked_layers()
                 energy_data = nets.ensemble_q(energy_layers, energy_half, actions)
-            gap, partition = losses.energy_gap(cfg.energy_bound, energy_data, energy_layers, obs, sample_actions,
-                                               norm, energy_half, log_weights, cfg.sampled_q_precision)
+            gap, partition, *q_samples = losses.energy_gap(
+                cfg.energy_bound, energy_data, energy_layers, obs, sample_actions, norm, energy_half, log_weights,
+                cfg.sampled_q_precision, return_q=cfg.snis_term)
+            if cfg.snis_term:  # the same samples and Q values: no second critic evaluation
+                weights = losses.snis_weights(q_samples[0])
+                snis = (sample_pre_tanh, weights)
+                metrics.update(losses.snis_diagnostics(weights))
             alpha_prime = None
             if cfg.lagrange:
                 alpha_prime = losses.alpha_prime_value(self.log_alpha_prime, cfg.alpha_prime_min, cfg.alpha_prime_max)
@@ -232,12 +243,13 @@ class MISA:
             metrics[f"q{i + 1}_td_loss"] = td[i]
             metrics[f"q{i + 1}_data"] = q_data[i].mean()
         metrics["q_target"] = target.mean()
+        return snis
 
     def _hmc_samples(self, actions, mean, std, energy_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
         """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics; T_psi for MISA-T), started
         at the dataset actions."""
         cfg = self.config
-        if not cfg.use_hmc:
+        if not cfg.hmc_chain:  # off, or the SNIS estimate of the correction term (no chain at all)
             return None
         # The fused one-launch chain on CUDA (same noise, same result), the torch reference elsewhere.
         result = ops.hmc_sample(
@@ -264,16 +276,20 @@ class MISA:
         metrics.update(hmc_lib.chain_diagnostics(result, mean, std, actions))
         return result
 
-    def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result, losses_out, metrics):
-        """Actor loss (BA term, Q, HMC correction) and the SAC temperature loss."""
+    def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result, losses_out, metrics, snis=None):
+        """Actor loss (BA term, Q, HMC correction) and the SAC temperature loss. ``snis``: (pre-tanh
+        samples, weights) of the SNIS correction term, from ``_critic_losses``."""
         cfg = self.config
         new_actions, log_pi_new = nets.tanh_gaussian_sample(mean, std, noise.policy)
         # Q(s, a~) through detached critic weights: only the policy gets this gradient.
         q_new = nets.ensemble_q(self.critic.stacked_layers(detach=True), state_half.detach(), new_actions)
         q_new = q_new.min(dim=0).values
         log_pi_data = nets.tanh_gaussian_log_prob(mean, std, actions) if cfg.use_ba else None
-        log_pi_mcmc = None
-        if hmc_result is not None:  # samples carry no gradient; log pi of them does (eq. 15)
+        log_pi_mcmc = mcmc_weights = None
+        if snis is not None:  # eq. 15 by SNIS: sum_k w_k log pi_theta(a_k|s) over the log-partition's samples
+            sample_pre_tanh, mcmc_weights = snis
+            log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1), sample_pre_tanh)
+        elif hmc_result is not None:  # samples carry no gradient; log pi of them does (eq. 15)
             if hmc_result.pre_tanh is not None:  # exact, even where tanh saturates to +-1
                 log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1),
                                                                    hmc_result.pre_tanh)
@@ -281,7 +297,7 @@ class MISA:
                 log_pi_mcmc = nets.tanh_gaussian_log_prob(mean.unsqueeze(1), std.unsqueeze(1), hmc_result.samples)
         alpha = self.log_alpha.exp()
         losses_out["actor_loss"], terms = losses.actor_loss(
-            alpha, log_pi_new, q_new, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight
+            alpha, log_pi_new, q_new, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight, mcmc_weights
         )
         metrics.update(terms)
         metrics["q_pi"] = q_new.mean()
