@@ -12,6 +12,7 @@ same normalised units.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable
 
@@ -43,7 +44,15 @@ def _domain_for_env(env_id: str):
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
     """``gym.make`` with the keyword arguments our datasets need (e.g. Ant's contact forces, which
-    D4RL's 111-dim ant observations include) and flat observations. Explicit kwargs win."""
+    D4RL's 111-dim ant observations include) and flat observations. Explicit kwargs win.
+
+    An id of gymnasium's ``module:Name-v0`` form is made only when ``module`` is already imported:
+    ids also come from checkpoints and dataset metadata, and making one must not import code."""
+    module, has_module, _ = env_id.partition(":")
+    if has_module and module not in sys.modules:
+        raise ValueError(f"environment {env_id!r} would import the module {module!r}; misa-fast imports no module "
+                         "named by an id: import it yourself (so that it registers its environments) and pass the "
+                         "id without the module prefix")
     domain = _domain_for_env(env_id)
     if env_id not in gym.registry and domain is not None and domain.needs:
         try:

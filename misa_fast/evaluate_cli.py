@@ -24,7 +24,7 @@ def load_policy(path: Path):
     """(act function on numpy observations, data info dict or None) from a checkpoint, a run
     directory or an exported policy.pt2."""
     if path.suffix == ".pt2":
-        module = torch.export.load(str(path)).module()
+        module = ckpt.load_exported_policy(path)
 
         def act_exported(obs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -70,14 +70,18 @@ def run(args: argparse.Namespace) -> int:
     reference = data_info.reference_returns() if own_scores else "by-name"
     if own_scores and reference is None:
         print(f"misa-fast eval: {data_info.no_reference_scores_note()}", file=sys.stderr)
-    result = evaluate(
-        act, env_id, episodes=args.episodes, seed=args.seed,
-        obs_mean=None if normalised_inside else info.get("obs_mean"),
-        obs_std=None if normalised_inside else info.get("obs_std"),
-        dataset_name=args.dataset_name or (info or {}).get("name"),
-        env_kwargs=data_info.env_kwargs if data_info else None,
-        reference_returns=reference,
-    )
+    try:
+        result = evaluate(
+            act, env_id, episodes=args.episodes, seed=args.seed,
+            obs_mean=None if normalised_inside else info.get("obs_mean"),
+            obs_std=None if normalised_inside else info.get("obs_std"),
+            dataset_name=args.dataset_name or (info or {}).get("name"),
+            env_kwargs=data_info.env_kwargs if data_info else None,
+            reference_returns=reference,
+        )
+    except ValueError as err:
+        print(f"misa-fast eval: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -298,7 +298,7 @@ def test_checkpoint_resume_is_bit_identical(kw):
     buffer.seek(0)
     resumed = TD3(tiny_config(**{**kw, "seed": 123}))  # different init and stream, all overwritten
     assert resumed.needs_pretraining == (kw["behavior_reg"] == "vae")
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert not resumed.needs_pretraining  # the trainer must not pretrain again after a resume
     got = [resumed.update(b) for b in data[3:]]
     for e, g in zip(expected, got):
