@@ -157,6 +157,34 @@ def test_train_step_without_hmc(benchmark, request, backend, device):
     record(benchmark, device, backend, first, shape="hopper", hmc_mode="off", num_samples=50, burn_in=0)
 
 
+# The eq. 15 estimators side by side (unbiased_estimator): the paper's HMC, post-tanh (faithful, the
+# official sampler) and pre-tanh, and SNIS over the log-partition's K samples (no chain), at K=10 and 50.
+ESTIMATORS = {
+    "hmc-faithful": {"unbiased_estimator": "hmc", "hmc_mode": "faithful", "hmc_space": "post_tanh"},
+    "hmc-pre_tanh": {"unbiased_estimator": "hmc", "hmc_mode": "faithful", "hmc_space": "pre_tanh"},
+    "snis": {"unbiased_estimator": "snis"},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [10, 50], ids=["K10", "K50"])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_train_step_estimator(benchmark, request, backend, device, estimator, k):
+    """One update of the hopper-shaped learner per eq. 15 estimator (burn-in 5 for the HMC rows):
+    what the chain costs against SNIS, which reuses the critic's K samples and Q values.
+
+        OMP_NUM_THREADS=2 pytest bench/bench_step.py -k estimator --benchmark-json bench/results/step-estimators-<device>-<date>.json
+    """
+    skip_unless_runnable(request, device, backend, cheap=False)
+    overrides = dict(ESTIMATORS[estimator], num_samples=k, hmc_burn_in=5)
+    step, first = make_train_step("hopper", device, backend, **overrides)
+    benchmark.group = f"estimators-{device}-hopper"
+    benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
+    record(benchmark, device, backend, first, shape="hopper", estimator=estimator, num_samples=k,
+           burn_in=5 if estimator != "snis" else 0, **{key: v for key, v in overrides.items() if key != "num_samples"})
+
+
 @pytest.mark.parametrize("backend", ["compiled-unrolled"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", ["hopper"])
