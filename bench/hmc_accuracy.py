@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from misa_fast import algos, hmc, nets
+from misa_fast import algos, hmc, losses, nets
 from misa_fast.data import DataInfo, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,6 +130,38 @@ def flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tens
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
+def snis_agent_term(problem: Problem, seed: int):
+    """The eq. 15 term of ``unbiased_estimator=snis`` through the agent's own ``compute_losses`` at
+    the problem's states (and dataset actions), on the problem agent's parameters (the policy's
+    gradient lands on ``problem.agent.policy``): returns (term / w_u with its graph, the per-state
+    estimate sum_k w_k log pi(a_k|s) (B,), the mean Kish ESS of the weights)."""
+    agent = problem.agent
+    saved = (agent.config, agent.generator)
+    captured = {}
+    original = losses.actor_loss
+
+    def spy(*args, **kwargs):
+        loss, terms = original(*args, **kwargs)
+        captured["term"] = terms["actor_unbiased_term"]
+        log_pi, weights = args[5], args[7]
+        captured["per_state"] = (weights * log_pi.detach()).sum(-1)
+        return loss, terms
+
+    n = problem.obs.shape[0]
+    batch = {"observations": problem.obs, "actions": problem.actions, "rewards": torch.zeros(n),
+             "next_observations": problem.obs, "terminals": torch.zeros(n)}
+    agent.config = problem.cfg.replace(unbiased_estimator="snis", use_hmc=True, batch_size=n)
+    agent.generator = torch.Generator().manual_seed(seed)
+    losses.actor_loss = spy
+    try:
+        out = agent.compute_losses(batch)
+    finally:
+        losses.actor_loss = original
+        agent.config, agent.generator = saved
+    w_u = problem.cfg.unbiased_weight
+    return captured["term"] / w_u, captured["per_state"], float(out.metrics["snis_ess"])
+
+
 def sampler_call(problem: Problem, sampler: str, generator: torch.Generator, warm_calls: int) -> hmc.HMCResult:
     space, mode, step = SAMPLERS[sampler]
     cfg = problem.cfg
@@ -211,6 +243,19 @@ def evaluate(problem: Problem, is_samples: int, seeds: Sequence[int], warm_calls
             stats[key].append(v)
     rows.append({"sampler": f"SNIS, {k} policy samples", **bias(stats["log_pi"]), "cosine": stats["cosine"],
                  "rel_error": stats["rel_error"]})
+    # The same estimator as the learner computes it (unbiased_estimator=snis): the agent's own update
+    # code at these states, its K samples and the log-partition's Q values, its eq. 15 term's gradient.
+    stats = {"cosine": [], "rel_error": [], "log_pi": [], "ess": [], "seconds": []}
+    for seed in seeds:
+        start = time.perf_counter()
+        term, per_state, ess = snis_agent_term(problem, seed)
+        stats["seconds"].append(time.perf_counter() - start)
+        stats["log_pi"].append(per_state)
+        stats["ess"].append(ess)
+        for key, v in compare(flat_grad(term, params)).items():
+            stats[key].append(v)
+    rows.append({"sampler": "snis (agent)", **bias(stats["log_pi"]), **{key: stats[key] for key in
+                                                                         ("cosine", "rel_error", "ess", "seconds")}})
     for i, sampler in enumerate(SAMPLERS):
         stats = {"cosine": [], "rel_error": [], "accept": [], "ess": [], "dist_u": [], "step": [], "seconds": []}
         log_pis = []
@@ -279,6 +324,8 @@ def markdown(result: Dict, args, meta: Dict) -> str:
         "",
         "bias: E_p[log pi(a|s)] from the K samples minus the IS reference (mean over states of the "
         "seed-averaged error ± standard error; RMS: one call's error over states and seeds). "
+        "ESS of K: the chains' ESS for the HMC rows, the Kish ESS of the K weights for snis (agent), the "
+        "learner's unbiased_estimator=snis term computed by its own update code. "
         "cos / rel. err.: eq. 15 gradient against the IS reference gradient "
         f"(mean ± sd over {args.seeds} seeds).",
         "",
