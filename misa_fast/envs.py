@@ -53,6 +53,7 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         raise ValueError(f"environment {env_id!r} would import the module {module!r}; misa-fast imports no module "
                          "named by an id: import it yourself (so that it registers its environments) and pass the "
                          "id without the module prefix")
+    _route_mujoco_warnings()
     domain = _domain_for_env(env_id)
     if env_id not in gym.registry and domain is not None and domain.needs:
         try:
@@ -74,6 +75,25 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         keys = DICT_OBSERVATION_KEYS.get(domain.name if domain else "", tuple(env.observation_space.spaces))
         env = gym.wrappers.FlattenObservation(gym.wrappers.FilterObservation(env, list(keys)))
     return env
+
+
+def _warn_from_mujoco(message: str) -> None:
+    # The simulation time at the end would make every message new to the warnings filter.
+    warnings.warn(f"MuJoCo: {message.split(' Time =')[0].strip()}", RuntimeWarning, stacklevel=2)
+
+
+def _route_mujoco_warnings() -> None:
+    """MuJoCo's warnings (an unstable simulation, ...) become Python warnings instead of lines
+    appended to ``MUJOCO_LOG.TXT`` in the working directory, which MuJoCo does when no handler is
+    installed. A handler the user installed is left alone."""
+    mujoco = sys.modules.get("mujoco")
+    if mujoco is None:
+        try:
+            import mujoco
+        except ImportError:  # no MuJoCo environments without it
+            return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_warn_from_mujoco)
 
 
 def _uses_domain_env(env_id: str, domain) -> bool:

@@ -50,12 +50,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", help="gymnasium id (default: the one the training data came from)")
     p.add_argument("--dataset-name", help="name for the normalized score (default: the training dataset)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op threads for the policy's forward passes (default: OMP_NUM_THREADS, else 1: "
+                        "one small forward per environment step gains nothing from more)")
 
 
 def run(args: argparse.Namespace) -> int:
     from misa_fast.envs import evaluate
+    from misa_fast.runtime import apply_threads, choose_threads
 
     try:
+        # No config: the rule's default for networks it knows nothing of is one thread.
+        apply_threads(choose_threads(args.threads, None, "cpu"))
         act, info, normalised_inside = load_policy(Path(args.checkpoint))
     except (FileNotFoundError, ValueError) as err:
         print(f"misa-fast eval: {err}", file=sys.stderr)

@@ -239,3 +239,4 @@ def test_an_exported_policy_still_loads_and_acts(tmp_path):
     module = ckpt.load_exported_policy(FIXTURE.parent / "release-0.1.0-policy.pt2")
     actions = module(torch.zeros(3, 3))
     assert actions.shape == (3, 1) and torch.all(actions.abs() <= 1)
+

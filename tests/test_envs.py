@@ -136,3 +136,13 @@ def test_async_vectorization_gives_the_same_episodes():
     np.testing.assert_allclose(evaluate(zero, "Pendulum-v1", episodes=2, seed=4, vectorization="async")["returns"], sync)
     with pytest.raises(ValueError, match="vectorization"):
         evaluate(zero, "Pendulum-v1", episodes=1, vectorization="threads")
+
+
+def test_mujoco_warnings_are_python_warnings_not_a_log_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = make_env("Hopper-v4")
+    env.reset(seed=0)
+    env.unwrapped.data.qvel[:] = 1e30  # an unstable simulation: MuJoCo warns on the next step
+    with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value"):
+        env.step(np.zeros(3))
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

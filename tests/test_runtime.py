@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,17 @@ def test_train_prints_and_records_its_thread_choice(tmp_path):
                             text=True, env=env, timeout=300)
     assert result.returncode == 2
     assert "--threads: expected a positive integer, got 0" in result.stderr
+
+
+def test_eval_takes_threads(capsys):
+    from misa_fast.cli import main
+
+    run = Path(__file__).parent / "fixtures" / "release-0.1.0-run"
+    before = torch.get_num_threads()
+    try:
+        assert main(["eval", "--checkpoint", str(run), "--episodes", "1", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["eval", "--checkpoint", str(run), "--episodes", "1", "--threads", "0"]) == 2
+    assert "--threads: expected a positive integer, got 0" in capsys.readouterr().err
