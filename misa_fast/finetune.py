@@ -74,9 +74,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
     from misa_fast.envs import make_env, scale_actions
     from misa_fast.plotting import plot_progress
-    from misa_fast.runtime import apply_threads, choose_threads
+    from misa_fast.runtime import apply_threads, choose_threads, tune_host_allocator
     from misa_fast.train import ProgressLog, evaluate_policy, metrics_to_floats, resolve_device
 
+    tune_host_allocator()
     device = resolve_device(cfg.device)
     source_path = _checkpoint_path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path(f"{source_path.parent}-finetune")

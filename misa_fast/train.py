@@ -198,7 +198,9 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     from misa_fast import algos
     from misa_fast.agents import NonFiniteLossError
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
+    from misa_fast.runtime import tune_host_allocator
 
+    tune_host_allocator()  # here, not only in the CLI: Python callers and sweep trials need it as much
     algos.get(run.algo)  # a clear error for an unknown name before any data is read
     device = resolve_device(run.device)
     dataset = run.dataset or DEFAULT_DATASET
@@ -261,6 +263,9 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
                          out / ckpt.CHECKPOINT_NAME)
 
     if getattr(agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
+        print(f"misa-fast train: phase 1 of 2: SPOT pretrains its VAE for {agent.pretrain_steps:,} steps before "
+              f"the {run.steps:,} training steps of --steps (done once per run; `--set vae_steps=N` shortens it)",
+              file=sys.stderr)
         agent.pretrain_vae(source, agent.pretrain_steps, progress=run.progress)
         save(start_step)
 

@@ -107,3 +107,14 @@ def test_eval_takes_threads(capsys):
         torch.set_num_threads(before)
     assert main(["eval", "--checkpoint", str(run), "--episodes", "1", "--threads", "0"]) == 2
     assert "--threads: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_train_from_python_tunes_the_allocator_as_the_cli_does(tmp_path):
+    code = ("import sys; from misa_fast.runtime import tune_host_allocator as t; "
+            "from misa_fast.train import RunConfig, train; assert t.cache_info().currsize == 0; "
+            "train(RunConfig(steps=2, out=sys.argv[1], eval_every=2, eval_episodes=1, progress=False, "
+            "tensorboard=False, device='cpu', overrides=('policy_hidden=8,8', 'critic_hidden=8,8', "
+            "'num_samples=2', 'batch_size=8'))); assert t.cache_info().currsize == 1")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -173,13 +173,15 @@ TINY_BY_FAMILY = {
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
-def test_every_algorithm_trains_end_to_end_on_the_embedded_dataset(tmp_path, algo):
+def test_every_algorithm_trains_end_to_end_on_the_embedded_dataset(tmp_path, capsys, algo):
     """train -> checkpoint -> evaluation -> exported policy, for every --algo, with tiny networks."""
     from misa_fast import algos
     from misa_fast.evaluate_cli import load_policy
 
     family = algos.get(algo).family
     summary = train(tiny_run(tmp_path / algo, 20, algo=algo, overrides=TINY_BY_FAMILY[family], checkpoint_every=20))
+    pretraining_said = "phase 1 of 2: SPOT pretrains its VAE for 20 steps before the 20 training steps"
+    assert (pretraining_said in capsys.readouterr().err) == (algo == "spot")
     assert summary["steps"] == 20 and np.isfinite(summary["last_eval"]["mean_return"])
     state = ckpt.load(tmp_path / algo / ckpt.CHECKPOINT_NAME)
     agent = algos.agent_from_checkpoint(state)

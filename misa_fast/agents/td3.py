@@ -144,7 +144,7 @@ class TD3:
         vae.requires_grad_(True)
         last: Dict[str, float] = {}
         try:
-            for i in tqdm(range(steps), disable=not progress, desc="VAE pretraining", unit="step",
+            for i in tqdm(range(steps), disable=not progress, desc="VAE pretraining (phase 1 of 2)", unit="step",
                           dynamic_ncols=True, mininterval=1.0):
                 batch = next(batches)
                 obs, actions = _as_tensor(batch["observations"], self.device), _as_tensor(batch["actions"], self.device)
