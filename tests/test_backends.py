@@ -190,6 +190,31 @@ def test_compiled_matches_eager(hmc_piece):
     assert_same_run(eager, compiled, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{"unbiased_estimator": "snis", "lagrange": True},
+                                       {"unbiased_estimator": "snis", "use_ba": False}],
+                         ids=["snis-lagrange", "snis-no-ba"])
+def test_compiled_matches_eager_with_the_snis_estimator(overrides):
+    """unbiased_estimator=snis through torch.compile: no chain to run in pieces (the sampler is not
+    wrapped), and the run is eager's."""
+    eager = run_steps("eager", "cpu", 3, **overrides)
+    agent = MISA(tiny_config(**overrides))
+    step = make_step(agent, DeviceSource(dataset(), B, seed=7, device="cpu"), "compiled")
+    assert "_hmc_samples" not in vars(agent)
+    metrics = [{k: v.clone() for k, v in step().items()} for _ in range(3)]
+    assert "snis_ess" in metrics[0] and not any(k.startswith("hmc_") for k in metrics[0])
+    assert_same_run(eager, (agent, metrics), rtol=1e-4, atol=1e-5)
+
+
+def test_graph_body_with_the_snis_estimator_is_the_eager_run():
+    """What the graph backend would capture under unbiased_estimator=snis, run on a CPU."""
+    overrides = {"unbiased_estimator": "snis"}
+    agent = MISA(tiny_config(**overrides))
+    step = _graph_body_on_cpu(agent, DeviceSource(dataset(), B, seed=7, device="cpu"))
+    metrics = [{k: v.clone() for k, v in step._body().items()} for _ in range(3)]
+    assert bool(step._ok) and "snis_ess_p05" in metrics[0]
+    assert_same_run(run_steps("eager", "cpu", 3, **overrides), (agent, metrics), rtol=0, atol=0)
+
+
 def test_compiled_close_gives_the_eager_agent_back():
     agent = MISA(tiny_config())
     step = make_step(agent, DeviceSource(dataset(), B, seed=0, device="cpu"), "compiled")
@@ -242,9 +267,10 @@ def test_graph_finite_flag_is_sticky_and_reported_after_the_step():
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{}, {"hmc_mode": "adaptive", "lagrange": True}, {"hmc_mode": "parallel"},
                                        {"energy_bound": "cql", "use_hmc": False}, {"use_hmc": False},
-                                       {"energy_network": "separate"}, {"hmc_mode": "adaptive", "hmc_space": "pre_tanh"}],
+                                       {"energy_network": "separate"}, {"hmc_mode": "adaptive", "hmc_space": "pre_tanh"},
+                                       {"unbiased_estimator": "snis"}],
                          ids=["faithful", "adaptive-lagrange", "parallel", "cql", "no-hmc", "misa-t",
-                              "adaptive-pre-tanh"])
+                              "adaptive-pre-tanh", "snis"])
 def test_graph_matches_eager_on_cuda(overrides):
     eager = run_steps("eager", "cuda", 5, **overrides)
     graph = run_steps("graph", "cuda", 5, **overrides)
