@@ -188,6 +188,23 @@ def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
                     reference_returns=info.reference_returns())
 
 
+def check_same_data(state: dict, info, data_fingerprint: str, saved_dataset, dataset, out: Path) -> None:
+    """Refuses to resume on transitions other than the checkpoint's, naming both datasets.
+
+    Checkpoints record a fingerprint of their transitions; older ones, which do not, are held to
+    the same number of transitions and the same widths."""
+    from misa_fast.data import DEFAULT_DATASET
+
+    recorded = state.get("data_fingerprint")
+    saved_info = state["data_info"]
+    same = (recorded == data_fingerprint if recorded is not None else
+            (saved_info["n_transitions"], saved_info["obs_dim"], saved_info["act_dim"])
+            == (info.n_transitions, info.obs_dim, info.act_dim))
+    if not same:
+        raise ValueError(f"--dataset {dataset or DEFAULT_DATASET}: not the transitions the checkpoint in {out} was "
+                         f"trained on ({saved_dataset or DEFAULT_DATASET}); resume with those data, or start a new run")
+
+
 def train(run: RunConfig, on_evaluation=None) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
     goes non-finite (the last good checkpoint is left untouched).
@@ -198,6 +215,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     from misa_fast import algos
     from misa_fast.agents import NonFiniteLossError
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
+    from misa_fast.data.prepare import fingerprint
     from misa_fast.runtime import tune_host_allocator
 
     tune_host_allocator()  # here, not only in the CLI: Python callers and sweep trials need it as much
@@ -217,17 +235,27 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     if state is not None:
         saved = RunConfig(**{**state["run"], "overrides": tuple(state["run"]["overrides"])})
         # What the run computes comes from the checkpoint; only its length and reporting may change.
+        # The data may have moved (another node, another cache path): a new --dataset is taken when
+        # its transitions are the ones the checkpoint was trained on (checked once they are loaded).
+        dataset_given = run.dataset is not None and run.dataset != saved.dataset
         run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
                                   eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
                                   log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
                                   device=run.device, backend=run.backend, threads=run.threads, out=str(out),
-                                  resume=True)
+                                  resume=True, dataset=run.dataset if dataset_given else saved.dataset)
         dataset = run.dataset or DEFAULT_DATASET
 
     if run.obs_norm is None:
         run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
-    data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env)
+    try:
+        data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env)
+    except FileNotFoundError as err:
+        if state is None or dataset_given:
+            raise
+        raise FileNotFoundError(f"{err}; if the data moved, pass its new location with --dataset") from err
+    data_fingerprint = fingerprint(data)
     if state is not None:
+        check_same_data(state, info, data_fingerprint, saved.dataset, run.dataset, out)
         info = DataInfo.from_dict(state["data_info"])
         config_cls = algos.config_class(algos.get(run.algo).family)
         cfg = config_cls.from_dict({**state["agent_config"], "device": str(device)})
@@ -258,7 +286,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
 
     def save(step: int) -> None:
         ckpt.save_atomic({"step": step, "run": dataclasses.asdict(run), "agent_config": cfg.to_dict(),
-                          "data_info": info.to_dict(), "agent": agent.state_dict(),
+                          "data_info": info.to_dict(), "data_fingerprint": data_fingerprint, "agent": agent.state_dict(),
                           "sampler": source.state_dict(), "rng": ckpt.rng_state(), "last_eval": last_eval},
                          out / ckpt.CHECKPOINT_NAME)
 

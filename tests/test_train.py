@@ -194,3 +194,30 @@ def test_every_algorithm_trains_end_to_end_on_the_embedded_dataset(tmp_path, cap
     normalized = (obs.numpy() - np.asarray(state["data_info"]["obs_mean"] or 0.0)) / np.asarray(
         state["data_info"]["obs_std"] or 1.0)
     assert np.allclose(policy(obs).numpy(), act(normalized.astype(np.float32)), atol=1e-5)
+
+
+def test_resume_accepts_the_same_data_at_a_new_location_and_refuses_other_data(tmp_path):
+    import shutil
+
+    import h5py
+
+    from misa_fast.data import default_dataset_path
+
+    first, moved = tmp_path / "first" / "pendulum.hdf5", tmp_path / "moved" / "pendulum.hdf5"
+    other = tmp_path / "other.hdf5"
+    for path in (first, moved):
+        path.parent.mkdir()
+        shutil.copy(default_dataset_path(), path)
+    shutil.copy(default_dataset_path(), other)
+    with h5py.File(other, "r+") as f:
+        f["rewards"][0] += 1.0
+    train(tiny_run(tmp_path / "full", 20, dataset=str(first)))
+    train(tiny_run(tmp_path / "split", 10, dataset=str(first)))
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match="pass its new location with --dataset"):
+        train(tiny_run(tmp_path / "split", 20, resume=True))
+    with pytest.raises(ValueError, match=f"--dataset {other}: not the transitions .* trained on \\({first}\\)"):
+        train(tiny_run(tmp_path / "split", 20, resume=True, dataset=str(other)))
+    train(tiny_run(tmp_path / "split", 20, resume=True, dataset=str(moved)))
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["run"]["dataset"] == str(moved)
+    assert_same_tensors(final_parameters(tmp_path / "full"), final_parameters(tmp_path / "split"))

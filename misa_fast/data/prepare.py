@@ -136,6 +136,22 @@ def prepare(
     return data, info
 
 
+TRANSITION_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+def fingerprint(data: dict) -> str:
+    """A SHA-256 of the training transitions (every field's dtype, shape and bytes), so a run can
+    tell the same data at a new location from different data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in TRANSITION_FIELDS:
+        values = np.ascontiguousarray(data[key])
+        digest.update(f"{key}:{values.dtype.str}:{values.shape}".encode())
+        digest.update(memoryview(values).cast("B"))
+    return digest.hexdigest()
+
+
 def _float_or_none(value):
     return None if value is None else float(value)
 
