@@ -12,7 +12,8 @@ Target per chain (``misa_fast.hmc.tilted_log_density``), in one of two spaces (c
 
 The gradient in the action is computed analytically in-kernel: the tanh-Gaussian part elementwise
 from the per-state policy mean/std, the critic part by a forward and an explicit backward pass
-through the ELU MLP ``L0 (H0, S+A) -> ELU -> [Lc (HC, H0) -> ELU] -> Ll (1, .)``, starting from the
+through the MLP ``L0 (H0, S+A) -> act -> [Lc (HC, H0) -> act] -> Ll (1, .)`` (act: constexpr ACT, any
+of ACTIVATIONS), starting from the
 critics' precomputed layer-1 state halves ``W0[:, :S] s + b0`` (E, B, H0); the argmin critic's
 gradient is taken. Transitions follow ``misa_fast.hmc.run_chains`` step for step (L leapfrog steps,
 the gradient at the current state cached across transitions, any post-tanh leapfrog position outside
@@ -31,10 +32,10 @@ without leaving the kernel (T * L + 1 gradient evaluations). What lives where:
   copy Wc^T (a tf32 wgmma needs K-major tiles and cannot transpose in shared memory) stream from
   L2 by TMA in (256 x BLOCK_K) tiles, pipelined (num_stages), once per evaluation per program;
 - per critic and evaluation, three loops over BLOCK_K-deep chunks keep every contraction short:
-    F  z1 = sum_k Wc[:, k] ELU(z0_k), with z0_k = W0a_k x + sh_k recomputed per chunk (W0a the
+    F  z1 = sum_k Wc[:, k] act(z0_k), with z0_k = W0a_k x + sh_k recomputed per chunk (W0a the
        (H0, A) action half of layer 1, sh the precomputed state half: small loads, L1/L2 hits);
-    B  dh0 = sum_n Wc^T[:, n] dz1_n, dz1 = wl * ELU'(z1 + bc), Q = wl . ELU(z1 + bc) + bl;
-    G  dQ/dx = sum_k W0a_k^T (dh0_k * ELU'(z0_k));
+    B  dh0 = sum_n Wc^T[:, n] dz1_n, dz1 = wl * act'(z1 + bc), Q = wl . act(z1 + bc) + bl;
+    G  dQ/dx = sum_k W0a_k^T (dh0_k * act'(z0_k));
   the (HC, BLOCK_C) accumulator z1 and (H0, BLOCK_C) dh0 live in registers; dz1, dh0 and Q make one
   round trip through a per-program scratch slice (64 KiB at BLOCK_C = 32, L1/L2-resident) so that
   the next loop can read them back in chunks (Triton cannot slice a register tensor) and so that Q
@@ -67,10 +68,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["PRECISIONS", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE", "MAX_STEP_SIZE",
+__all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE", "MAX_STEP_SIZE",
            "unsupported_reason", "launch_config", "hmc_chains", "HMCKernelOutput"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 3}
+# the critics' hidden activation, constexpr ACT (with ALPHA: ELU's alpha / the leaky slope)
+ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32   # one (BLOCK_A, BLOCK_C) position tile
 MAX_HIDDEN = 256      # the (H0, BLOCK_C) layer-1 activation and its gradient live on chip
 MAX_HEAD = 256        # the (HC, BLOCK_C) second-layer pre-activation lives on chip
@@ -94,6 +97,56 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(z):
+    # 1 - 2 / (exp(2z) + 1): +-1, not NaN, where exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """The critics' hidden activation (constexpr ACT, see ACTIVATIONS; ALPHA: ELU's alpha / the leaky
+    slope). Same formulas as kernels/sampled_q.py."""
+    if ACT == 0:
+        out = tl.where(z > 0, z, ALPHA * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, ALPHA * z)
+    elif ACT == 3:
+        out = z * tl.sigmoid(z)
+    elif ACT == 4:
+        out = _tanh(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    return out
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """d act / dz at the pre-activation z (0 at z = 0 for the ReLU family, as torch's backward)."""
+    if ACT == 0:
+        out = tl.where(z > 0, 1.0, ALPHA * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, 1.0, ALPHA)
+    elif ACT == 3:
+        sg = tl.sigmoid(z)
+        out = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 4:
+        t = _tanh(z)
+        out = 1.0 - t * t
+    elif ACT == 5:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    return out
+
+
+@triton.jit
 def _layer1_chunk(x, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh, A,
                   BLOCK_A: tl.constexpr, PREC0: tl.constexpr):
     """Rows offs_k of layer 1 for positions x (BLOCK_A, BLOCK_C): (W0a x + sh)[offs_k] (BK, BLOCK_C),
@@ -113,17 +166,17 @@ def _log_density(
     E, S, A, H0, HC,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """log p and d log p / dx at positions x (BLOCK_A, BLOCK_C) (dims, chains); -inf and a zero
     gradient for chains outside the open box. Padded dims / hidden units contribute exactly 0.
 
     Per critic, three loops over BLOCK_K-row chunks, so that every big dot has a short contraction
     (K = BLOCK_K) and its weight tile streams through shared memory:
-      F: z1 = sum_k Wc[:, k] ELU(z0_k), z0_k = W0a_k x + sh_k recomputed per chunk (A FMAs/elem);
-      B: dh0 = sum_n Wc^T[:, n] dz1_n, dz1 = wl * ELU'(z1 + bc) read back in chunks from the
+      F: z1 = sum_k Wc[:, k] act(z0_k), z0_k = W0a_k x + sh_k recomputed per chunk (A FMAs/elem);
+      B: dh0 = sum_n Wc^T[:, n] dz1_n, dz1 = wl * act'(z1 + bc) read back in chunks from the
          program's scratch (Wc^T is a host-made transposed copy: a tf32 wgmma wants K-major tiles);
-      G: dQ/dx = sum_k W0a_k^T (dh0_k * ELU'(z0_k)), dh0 read back in chunks from scratch.
+      G: dQ/dx = sum_k W0a_k^T (dh0_k * act'(z0_k)), dh0 read back in chunks from scratch.
     """
     inside = tl.max(tl.abs(x), axis=0) < 1.0  # (BLOCK_C,)
     xa = tl.where(inside[None, :], x, 0.0)  # keep the arithmetic finite outside
@@ -137,7 +190,7 @@ def _log_density(
     q_min, g_min = _critic_min(
         xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
     log_p = tl.where(inside, log_pi + q_min, float("-inf"))
     grad = tl.where(inside[None, :], grad_pi + g_min, 0.0)
     return log_p, grad
@@ -150,7 +203,7 @@ def _tilt_density(
     E, S, A, H0, HC,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """The pre-tanh chains' tilt (``misa_fast.hmc.tilted_log_density``, space "pre_tanh"): at whitened
     positions z (BLOCK_A, BLOCK_C), Q(tanh(mean + std z)) and its gradient dQ/da (1 - a^2) std in z.
@@ -160,7 +213,7 @@ def _tilt_density(
     q_min, g_min = _critic_min(
         a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
     return q_min, g_min * ((1.0 - a) * (1.0 + a) * std)
 
 
@@ -171,7 +224,7 @@ def _critic_min(
     E, S, A, H0, HC,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """min_e Q_e(s, a) at actions xa (BLOCK_A, BLOCK_C) and the argmin critic's dQ/da."""
     offs_c = tl.arange(0, BLOCK_C)
@@ -190,14 +243,14 @@ def _critic_min(
                 k_ok = offs_k < H0
                 z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
                                         A, BLOCK_A, PREC0)
-                h0 = tl.maximum(z0, 0.0) + tl.exp(tl.minimum(z0, 0.0)) - 1.0  # ELU as misa_fast.nets has it
+                h0 = _act(z0, ACT, ALPHA)
                 wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
                 z1 += _mm(wc, h0, PREC)
             bc = tl.load(bc_ptr + e * s_bce + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             wl = tl.load(wl_ptr + e * s_wle + offs_n * s_wli, mask=n_ok, other=0.0).to(tl.float32)
             z1 += bc[:, None]
-            slope1 = tl.exp(tl.minimum(z1, 0.0))
-            q = tl.sum((tl.maximum(z1, 0.0) + slope1 - 1.0) * wl[:, None], axis=0)
+            slope1 = _dact(z1, ACT, ALPHA)
+            q = tl.sum(_act(z1, ACT, ALPHA) * wl[:, None], axis=0)
             tl.store(scratch + offs_n[:, None] * BLOCK_C + offs_c[None, :], slope1 * wl[:, None])
             tl.debug_barrier()
             offs_h = tl.arange(0, BLOCK_H)
@@ -222,7 +275,7 @@ def _critic_min(
                 z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
                                         A, BLOCK_A, PREC0)
                 dh0k = tl.load(dh0_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :])
-                ga += _mm(tl.trans(w0a), dh0k * tl.exp(tl.minimum(z0, 0.0)), PREC0)
+                ga += _mm(tl.trans(w0a), dh0k * _dact(z0, ACT, ALPHA), PREC0)
         else:
             q = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, H0, BLOCK_K):
@@ -230,9 +283,9 @@ def _critic_min(
                 k_ok = offs_k < H0
                 z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
                                         A, BLOCK_A, PREC0)
-                slope0 = tl.exp(tl.minimum(z0, 0.0))
+                slope0 = _dact(z0, ACT, ALPHA)
                 wl = tl.load(wl_ptr + e * s_wle + offs_k * s_wli, mask=k_ok, other=0.0).to(tl.float32)
-                q += tl.sum((tl.maximum(z0, 0.0) + slope0 - 1.0) * wl[:, None], axis=0)
+                q += tl.sum(_act(z0, ACT, ALPHA) * wl[:, None], axis=0)
                 ga += _mm(tl.trans(w0a), slope0 * wl[:, None], PREC0)
         q += tl.load(bl_ptr + e * s_ble).to(tl.float32)
         better = q < q_min  # strict: the first critic wins ties, like torch.min
@@ -251,7 +304,7 @@ def _chain_density(
     E, S, A, H0, HC,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """The chain's (log density, gradient): post-tanh log pi + Q, or the pre-tanh tilt (SPLIT)."""
@@ -259,12 +312,12 @@ def _chain_density(
         log_p, grad = _tilt_density(
             x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
             E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
     else:
         log_p, grad = _log_density(
             x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
             bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0)
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
     return log_p, grad
 
 
@@ -280,7 +333,7 @@ def _hmc_kernel(
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
     s_oc, s_or, s_oa,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, RNG: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -309,7 +362,7 @@ def _hmc_kernel(
     log_p, grad = _chain_density(
         x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
         bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, SPLIT)
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA, SPLIT)
     if RNG:
         seed = tl.load(seed_ptr)
 
@@ -342,7 +395,7 @@ def _hmc_kernel(
             lp_new, g_new = _chain_density(
                 x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr,
                 wl_ptr, bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli,
-                s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, SPLIT)
+                s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA, SPLIT)
             ok = ok & (tl.abs(lp_new) < float("inf"))  # finite (NaN compares false too)
             coef = tl.where(leap == LEAPFROG - 1, half, step)
             p = p + coef[None, :] * g_new
@@ -496,6 +549,7 @@ def hmc_chains(
     seed: Optional[torch.Tensor] = None, precision: int = 1, action_precision: int = 0,
     split: bool = False, max_step: float = MAX_STEP_SIZE,
     block_c: Optional[int] = None, num_warps: Optional[int] = None,
+    activation: Tuple[int, float] = (0, 1.0),
 ) -> HMCKernelOutput:
     """Run C = B * repeats chains (chain b*repeats + k starts at init[b] and uses state b's policy and
     state half) for ``transitions`` transitions in one launch.
@@ -504,7 +558,8 @@ def hmc_chains(
     (layer-1 bias unused: it is inside state_half (E, B, H0)); step_size (C,) fp32. Noise: either
     momentum (T, C, A) and uniform (T, C), or seed (a 1-element int64 tensor on the device) for the
     in-kernel Philox stream. ``split``: pre-tanh chains (whitened positions, exact Gaussian rotation,
-    the recorded states are the pre-tanh actions u); adapted step sizes stay in [1e-4, max_step]."""
+    the recorded states are the pre-tanh actions u); adapted step sizes stay in [1e-4, max_step].
+    ``activation``: (ACTIVATIONS code, ELU alpha / leaky slope) of the critics' hidden layers."""
     B, A = init.shape
     C = B * repeats
     T = transitions
@@ -563,6 +618,7 @@ def hmc_chains(
         wl.stride(0), wl.stride(2), bl.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
         **blocks, HAS_CHUNK=has_chunk, PREC=precision, PREC0=action_precision, RNG=rng, SPLIT=bool(split),
+        ACT=int(activation[0]), ALPHA=float(activation[1]),
         num_warps=nw, num_stages=ns,
     )
     return HMCKernelOutput(states, accepted.view(torch.bool), prob, step_out)

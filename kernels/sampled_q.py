@@ -46,10 +46,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PRECISIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config", "sampled_q_fwd",
+__all__ = ["PRECISIONS", "ACTIVATIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config", "sampled_q_fwd",
            "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2}
+# the hidden activation, constexpr ACT (ELU's alpha / the leaky slope is the runtime ALPHA)
+ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32  # one (BLOCK_A, BLOCK_K) action tile per K block
 MAX_HIDDEN = 256     # the (H0, BLOCK_K) first-layer activation tile lives on chip
 MAX_HEAD = 4096      # the second layer is streamed in column chunks
@@ -73,14 +75,52 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _elu(z):
-    return tl.where(z > 0, z, tl.exp(tl.minimum(z, 0.0)) - 1.0)
+def _tanh(z):
+    # 1 - 2 / (exp(2z) + 1): +-1, not NaN, where exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
 
 
 @triton.jit
-def _delu(z):
-    # d ELU / dz
-    return tl.where(z > 0, 1.0, tl.exp(tl.minimum(z, 0.0)))
+def _act(z, ACT: tl.constexpr, ALPHA):
+    """The hidden activation (constexpr ACT, see ACTIVATIONS; ALPHA: ELU's alpha / the leaky slope)."""
+    if ACT == 0:
+        out = tl.where(z > 0, z, ALPHA * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, ALPHA * z)
+    elif ACT == 3:
+        out = z * tl.sigmoid(z)
+    elif ACT == 4:
+        out = _tanh(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    return out
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr, ALPHA):
+    """d act / dz at the pre-activation z (0 at z = 0 for the ReLU family, as torch's backward)."""
+    if ACT == 0:
+        out = tl.where(z > 0, 1.0, ALPHA * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, 1.0, ALPHA)
+    elif ACT == 3:
+        sg = tl.sigmoid(z)
+        out = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 4:
+        t = _tanh(z)
+        out = 1.0 - t * t
+    elif ACT == 5:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    return out
 
 
 @triton.jit
@@ -116,10 +156,11 @@ def _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A: tl.c
 
 
 @triton.jit
-def _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g,
+def _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
                   HAS_LOGW: tl.constexpr):
-    """g_b * softmax_k(q_b + logw_b) for one K block, 0 on padding and on all -inf rows."""
-    v = tl.load(q_ptr + b * s_qb + offs_k, mask=k_ok, other=float("-inf"))
+    """g_b * softmax_k(q_b / T + logw_b) for one K block (d (T lse_b) / d q_bk: the T and the 1/T
+    cancel), 0 on padding and on all -inf rows."""
+    v = tl.load(q_ptr + b * s_qb + offs_k, mask=k_ok, other=float("-inf")) * inv_temp
     if HAS_LOGW:
         v += tl.load(logw_ptr + b * s_lb + offs_k * s_lk, mask=k_ok, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + b)
@@ -136,12 +177,12 @@ def _sq_fwd_kernel(
     obs_ptr, act_ptr, logw_ptr,
     w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr, bl_ptr,
     q_ptr, lse_ptr, out_ptr,
-    K, S, A, H0, HC, norm,
+    K, S, A, H0, HC, norm, temp, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk,
     s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr,
+    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -155,7 +196,7 @@ def _sq_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
-        h_t = _elu(_mm(w0a, a_t, PREC) + sh[:, None])  # (BLOCK_H, BLOCK_K)
+        h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
         if HAS_CHUNK:
             q = tl.zeros([BLOCK_K], tl.float32)
             for c0 in range(0, HC, BLOCK_C):
@@ -164,14 +205,14 @@ def _sq_fwd_kernel(
                 wc = _load_w(wc_ptr, s_wco, s_wci, HC, H0, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
                 bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
                 wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
-                hc_t = _elu(_mm(wc, h_t, PREC) + bc[:, None])  # (BLOCK_C, BLOCK_K)
+                hc_t = _act(_mm(wc, h_t, PREC) + bc[:, None], ACT, ALPHA)  # (BLOCK_C, BLOCK_K)
                 q += tl.sum(hc_t * wl[:, None], axis=0)
         else:
             wl = tl.load(wl_ptr + offs_h * s_wl, mask=offs_h < H0, other=0.0).to(tl.float32)
             q = tl.sum(h_t * wl[:, None], axis=0)
         q = q + bl
         tl.store(q_ptr + b * s_qb + offs_k, q, mask=k_ok)
-        v = q
+        v = q * inv_temp
         if HAS_LOGW:
             v += tl.load(logw_ptr + b * s_lb + offs_k * s_lk, mask=k_ok, other=0.0).to(tl.float32)
         v = tl.where(k_ok, v, float("-inf"))
@@ -182,7 +223,7 @@ def _sq_fwd_kernel(
     m_safe = tl.where(tl.abs(m) == float("inf"), 0.0, m)
     lse = m_safe + tl.log(ssum)
     tl.store(lse_ptr + b, lse)
-    tl.store(out_ptr + b, lse - norm)
+    tl.store(out_ptr + b, temp * lse - norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,13 +234,13 @@ def _sq_bwd_head_kernel(
     obs_ptr, act_ptr, logw_ptr, q_ptr, lse_ptr, g_ptr,
     w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr,
     part_ptr,
-    B, K, S, A, H0, HC, SPP,
+    B, K, S, A, H0, HC, SPP, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
     s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
     s_part, off_wc, off_bc, off_wl, off_bl,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_LOGW: tl.constexpr, PREC: tl.constexpr,
+    HAS_LOGW: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -224,12 +265,12 @@ def _sq_bwd_head_kernel(
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
             # weight tiles are re-read per block (L1/L2 hits) rather than held live in registers
             w0a = _load_w(w0_ptr + S * s_w0i, s_w0o, s_w0i, H0, A, offs_h, offs_a)  # (BLOCK_H, BLOCK_A)
-            h_t = _elu(_mm(w0a, a_t, PREC) + sh[:, None])
-            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, HAS_LOGW)
+            h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp, HAS_LOGW)
             wc = _load_w(wc_ptr, s_wco, s_wci, HC, H0, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
             zc_t = _mm(wc, h_t, PREC) + bc[:, None]  # (BLOCK_C, BLOCK_K)
-            acc_wl += tl.sum(_elu(zc_t) * dq[None, :], axis=1)
-            dzc_t = (wl[:, None] * dq[None, :]) * _delu(zc_t)
+            acc_wl += tl.sum(_act(zc_t, ACT, ALPHA) * dq[None, :], axis=1)
+            dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
             acc_b += tl.sum(dzc_t, axis=1)
             acc_w += _mm(dzc_t, tl.trans(h_t), PREC)  # (BLOCK_C, BLOCK_K) @ (BLOCK_K, BLOCK_H)
             acc_bl += dq
@@ -245,7 +286,7 @@ def _sq_bwd_trunk_kernel(
     obs_ptr, act_ptr, logw_ptr, q_ptr, lse_ptr, g_ptr,
     w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr,
     part_ptr, dobs_ptr, dact_ptr,
-    B, K, S, A, H0, HC, SPP,
+    B, K, S, A, H0, HC, SPP, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
     s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
     s_dob, s_dos, s_dab, s_dak, s_daa,
@@ -253,7 +294,7 @@ def _sq_bwd_trunk_kernel(
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr,
-    NEED_DOBS: tl.constexpr, NEED_DACT: tl.constexpr, ACCUM_DIN: tl.constexpr,
+    NEED_DOBS: tl.constexpr, NEED_DACT: tl.constexpr, ACCUM_DIN: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     b_start = pid_g * SPP
@@ -276,8 +317,8 @@ def _sq_bwd_trunk_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
-            h_t = _elu(_mm(w0a, a_t, PREC) + sh[:, None])
-            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, HAS_LOGW)
+            h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp, HAS_LOGW)
             if HAS_CHUNK:
                 dh_t = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
                 for c0 in range(0, HC, BLOCK_C):
@@ -287,7 +328,7 @@ def _sq_bwd_trunk_kernel(
                     bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
                     wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
                     zc_t = _mm(wc, h_t, PREC) + bc[:, None]
-                    dzc_t = (wl[:, None] * dq[None, :]) * _delu(zc_t)
+                    dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
                     dh_t += _mm(tl.trans(wc), dzc_t, PREC)  # (BLOCK_H, BLOCK_C) @ (BLOCK_C, BLOCK_K)
             else:
                 wl_h = tl.load(wl_ptr + offs_h * s_wl, mask=h_ok, other=0.0).to(tl.float32)
@@ -295,7 +336,7 @@ def _sq_bwd_trunk_kernel(
                 acc_bl += dq
                 dh_t = wl_h[:, None] * dq[None, :]
             # layer 0 (pre-activation recomputed rather than kept live across the chunk loop)
-            dz0_t = dh_t * _delu(_mm(w0a, a_t, PREC) + sh[:, None])  # (BLOCK_H, BLOCK_K)
+            dz0_t = dh_t * _dact(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
             acc_w0a += _mm(dz0_t, tl.trans(a_t), PREC)  # (BLOCK_H, BLOCK_K) @ (BLOCK_K, BLOCK_A)
             dz0_sum += tl.sum(dz0_t, axis=1)
             if NEED_DACT:
@@ -424,9 +465,11 @@ def _param_strides(spec: CriticSpec):
 
 
 def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch.Tensor], spec: CriticSpec,
-                  norm: float, precision: int, q: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
-    """One critic. obs (B, S), actions (B, K, A), logw None or (B, K) (any strides, 0 allowed).
-    Writes q (B, K) (unit stride along K), lse (B,), out (B,) = lse - norm (fp32)."""
+                  norm: float, precision: int, q: torch.Tensor, lse: torch.Tensor, out: torch.Tensor,
+                  activation: Tuple[int, float] = (0, 1.0), temperature: float = 1.0) -> None:
+    """One critic. obs (B, S), actions (B, K, A), logw None or (B, K) (any strides, 0 allowed);
+    ``activation`` = (ACTIVATIONS code, alpha / slope). Writes q (B, K) (unit stride along K), lse (B,)
+    of q / T + logw, out (B,) = T * lse - norm (fp32)."""
     B, K, A = actions.shape
     S = obs.shape[1]
     blocks, num_warps, num_stages = launch_config("fwd", K, S, A, spec.H0, spec.HC)
@@ -438,10 +481,10 @@ def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch
         obs, actions, lw,
         spec.w0, spec.b0, wc, bc, spec.wl, spec.bl,
         q, lse, out,
-        K, S, A, spec.H0, spec.HC, float(norm),
+        K, S, A, spec.H0, spec.HC, float(norm), float(temperature), 1.0 / float(temperature), float(activation[1]),
         obs.stride(0), obs.stride(1), actions.stride(0), actions.stride(1), actions.stride(2), s_lb, s_lk,
         *_param_strides(spec), q.stride(0),
-        **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, PREC=precision,
+        **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, PREC=precision, ACT=activation[0],
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -460,8 +503,9 @@ def _groups(B: int, n_cols: int, override: Optional[int], target: int) -> Tuple[
 
 def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, precision: int,
                   active: Optional[Sequence[bool]] = None, dobs: Optional[torch.Tensor] = None,
-                  dact: Optional[torch.Tensor] = None, groups: Optional[int] = None) -> List[torch.Tensor]:
-    """Gradients of ``sum_{c,b} g[c, b] * lse[c, b]`` w.r.t. the parameters of E same-shaped critics.
+                  dact: Optional[torch.Tensor] = None, groups: Optional[int] = None,
+                  activation: Tuple[int, float] = (0, 1.0), temperature: float = 1.0) -> List[torch.Tensor]:
+    """Gradients of ``sum_{c,b} g[c, b] * T * lse[c, b]`` (lse of q / T + logw) w.r.t. the parameters of E same-shaped critics.
 
     q (E, B, K), lse (E, B), g (E, B) (any strides). Returns the gradients stacked over critics, in
     layer order ``[dW0 (E, H0, S+A), db0 (E, H0), (dWc (E, HC, H0), dbc (E, HC),) dWl (E, 1, HC),
@@ -478,6 +522,8 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
     for sp in specs:
         assert (sp.H0, sp.HC, sp.wc is not None) == (H0, HC, chunk), "critics must have the same shapes"
     active = [True] * E if active is None else list(active)
+    act, alpha = int(activation[0]), float(activation[1])
+    inv_t = 1.0 / float(temperature)
     dev = q.device
     lw_strides = (logw.stride(0), logw.stride(1)) if logw is not None else (0, 0)
     need_dobs, need_dact = dobs is not None, dact is not None
@@ -522,11 +568,11 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
             obs, actions, lw, q[c], lse[c], g[c],
             spec.w0, spec.b0, wc, bc, spec.wl,
             part2, do, da,
-            B, K, S, A, H0, HC, spp2,
+            B, K, S, A, H0, HC, spp2, inv_t, alpha,
             *common, *s_do, *s_da,
             part2.stride(0), to[0], to[1], off_wl, off_bl,
             **blocks2, HAS_LOGW=logw is not None, HAS_CHUNK=chunk, PREC=precision,
-            NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs,
+            NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs, ACT=act,
             num_warps=nw2, num_stages=ns2,
         )
         wrote_inputs = True
@@ -536,10 +582,10 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
                 obs, actions, lw, q[c], lse[c], g[c],
                 spec.w0, spec.b0, wc, bc, spec.wl,
                 part1,
-                B, K, S, A, H0, HC, spp1,
+                B, K, S, A, H0, HC, spp1, inv_t, alpha,
                 *common,
                 part1.stride(0), *ho,
-                **blocks1, HAS_LOGW=logw is not None, PREC=precision,
+                **blocks1, HAS_LOGW=logw is not None, PREC=precision, ACT=act,
                 num_warps=nw1, num_stages=ns1,
             )
 

@@ -54,7 +54,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from misa_fast.nets import ATANH_LIMIT, Layers, ensemble_q_and_action_grad, tanh_log_det_jacobian
+from misa_fast.nets import ATANH_LIMIT, Layers, ensemble_q_and_action_grad, layers_activation, tanh_log_det_jacobian
 
 MODES = ("faithful", "adaptive", "parallel")
 SPACES = ("post_tanh", "pre_tanh")
@@ -298,13 +298,15 @@ def run_chains(
 QAndGrad = Callable[[Tensor], Tuple[Tensor, Tensor]]  # a (C, A) -> (Q (C,), dQ/da (C, A))
 
 
-def critic_min_q(critic_layers: Layers, state_half: Tensor, repeats: int = 1) -> QAndGrad:
+def critic_min_q(critic_layers: Layers, state_half: Tensor, repeats: int = 1, activation=None) -> QAndGrad:
     """a -> (min_i Q_i(s, a), its gradient in a) from stacked (E, out, in) critic layers and their
     layer-1 state halves (E, C // repeats, H1), chains grouped by state in runs of ``repeats``; the
-    gradient is the argmin critic's."""
+    gradient is the argmin critic's. ``activation``: the critics' hidden activation (None: the one
+    the layers carry, ``misa_fast.nets.StackedLayers``, else ELU)."""
+    activation = layers_activation(critic_layers, activation)
 
     def q_and_grad(a: Tensor) -> Tuple[Tensor, Tensor]:
-        q, grad_q = ensemble_q_and_action_grad(critic_layers, state_half, a, repeats)
+        q, grad_q = ensemble_q_and_action_grad(critic_layers, state_half, a, repeats, activation)
         q_min, index = q.min(dim=0)
         return q_min, grad_q.gather(0, index.view(1, -1, 1).expand(1, *a.shape)).squeeze(0)
 
@@ -350,12 +352,12 @@ def tilted_log_density(q_and_grad: QAndGrad, mean: Tensor, std: Tensor, space: s
 
 def policy_q_log_density(
     mean: Tensor, std: Tensor, critic_layers: Layers, state_half: Tensor, repeats: int = 1,
-    space: str = "post_tanh",
+    space: str = "post_tanh", activation=None,
 ) -> LogDensity:
     """The MISA target's chain density (see :func:`tilted_log_density`) for stacked critic layers
     and their layer-1 state halves (E, C // repeats, H1), chains grouped by state in runs of
-    ``repeats``."""
-    return tilted_log_density(critic_min_q(critic_layers, state_half, repeats), mean, std, space)
+    ``repeats``; ``activation`` as :func:`critic_min_q`."""
+    return tilted_log_density(critic_min_q(critic_layers, state_half, repeats, activation), mean, std, space)
 
 
 def autograd_log_density(log_prob_fn: Callable[[Tensor], Tensor]) -> LogDensity:
@@ -467,6 +469,7 @@ def hmc_sample(
     noise: Optional[HMCNoise] = None,
     generator: Optional[torch.Generator] = None,
     init_clip: float = 0.999,
+    activation=None,
 ) -> HMCResult:
     """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC.
 
@@ -477,10 +480,14 @@ def hmc_sample(
     "pre_tanh" the step size is the rotation angle of one leapfrog step.
     step_size: a scalar or a (C,) per-chain tensor; None: ``default_step_size(space, leapfrog_steps)``. adapt: None -> mode == "adaptive".
     noise: supplied HMCNoise (see ``draw_noise`` for shapes) or None to draw it from ``generator``.
+    activation: the critics' hidden activation; None: the one ``critic_layers`` carry
+    (``EnsembleCritic.stacked_layers()``), else ELU.
     Returns HMCResult with samples (B, K, A) (and their pre-tanh values in "pre_tanh" space)."""
     repeats = num_samples if mode == "parallel" else 1
+    activation = layers_activation(critic_layers, activation)
     # the state halves are broadcast over a state's chains, not copied
-    q_and_grad = critic_min_q([(w.detach(), b.detach()) for w, b in critic_layers], state_half.detach(), repeats)
+    q_and_grad = critic_min_q([(w.detach(), b.detach()) for w, b in critic_layers], state_half.detach(), repeats,
+                              activation)
     return sample_tilted(
         policy_mean, policy_std, q_and_grad, init_actions, space=space, mode=mode, num_samples=num_samples,
         burn_in=burn_in, leapfrog_steps=leapfrog_steps, step_size=step_size, adapt=adapt,

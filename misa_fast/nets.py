@@ -13,7 +13,7 @@ sampler, the fused ops and the actor (with detached weights) use.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,142 @@ ATANH_LIMIT = 1.0 - 2.0**-24
 Layers = List[Tuple[Tensor, Tensor]]  # [(weight (E, out, in), bias (E, out)), ...]
 # Hidden activations of the critics; both backward passes use only their result, so in place is safe.
 _ACTIVATIONS = {"elu": F.elu, "relu": F.relu}
+
+
+# --------------------------------------------------------------------------------------------------
+# Critic activations as data: what the functional forwards, the HMC sampler and the fused ops apply
+# between Linear layers. An activation is a name plus its one parameter (ELU's alpha, LeakyReLU's
+# negative slope); :func:`activation_spec` reads it from a string, an activation module or a
+# torch.nn.functional function, and returns None for anything it does not know exactly.
+class Activation(NamedTuple):
+    name: str  # one of ACTIVATION_NAMES
+    param: float = 0.0  # ELU alpha / LeakyReLU negative slope; unused by the others
+
+    def __str__(self) -> str:
+        if self.name == "elu" and self.param != 1.0:
+            return f"elu(alpha={self.param:g})"
+        if self.name == "leaky_relu":
+            return f"leaky_relu(negative_slope={self.param:g})"
+        return self.name
+
+
+ACTIVATION_NAMES = ("relu", "elu", "leaky_relu", "silu", "tanh", "gelu", "gelu_tanh")
+_ALIASES = {"leakyrelu": "leaky_relu", "swish": "silu", "gelu_erf": "gelu", "gelu_exact": "gelu",
+            "gelu_approx": "gelu_tanh"}
+_DEFAULT_PARAM = {"elu": 1.0, "leaky_relu": 0.01}
+
+
+def activation_spec(act) -> Optional[Activation]:
+    """An :class:`Activation` from a name (``"relu"``, ``"elu"``, ``"leaky_relu"``, ``"silu"``,
+    ``"tanh"``, ``"gelu"``, ``"gelu_tanh"``), an ``(name, param)`` pair, an activation module
+    (``nn.ReLU``, ``nn.ELU(alpha)``, ``nn.LeakyReLU(negative_slope)``, ``nn.SiLU``, ``nn.Tanh``,
+    ``nn.GELU(approximate="none" | "tanh")``) or one of ``F.relu``, ``F.elu``, ``F.silu``,
+    ``torch.tanh``, ``F.gelu``; None for anything else."""
+    if isinstance(act, Activation):
+        return act
+    if isinstance(act, str):
+        name = _ALIASES.get(act.strip().lower(), act.strip().lower())
+        return Activation(name, _DEFAULT_PARAM.get(name, 0.0)) if name in ACTIVATION_NAMES else None
+    if isinstance(act, tuple) and len(act) == 2 and isinstance(act[0], str):
+        base = activation_spec(act[0])
+        return None if base is None else Activation(base.name, float(act[1]))
+    if type(act) is nn.ReLU:
+        return Activation("relu")
+    if type(act) is nn.ELU:
+        return Activation("elu", float(act.alpha))
+    if type(act) is nn.LeakyReLU:
+        return Activation("leaky_relu", float(act.negative_slope))
+    if type(act) is nn.SiLU:
+        return Activation("silu")
+    if type(act) is nn.Tanh:
+        return Activation("tanh")
+    if type(act) is nn.GELU:
+        return Activation("gelu_tanh" if act.approximate == "tanh" else "gelu")
+    functional = {F.relu: "relu", F.elu: "elu", F.silu: "silu", torch.tanh: "tanh", F.tanh: "tanh",
+                  F.gelu: "gelu", torch.relu: "relu"}
+    try:
+        name = functional.get(act)
+    except TypeError:  # unhashable
+        name = None
+    return None if name is None else Activation(name, _DEFAULT_PARAM.get(name, 0.0))
+
+
+def apply_activation(z: Tensor, act: Activation) -> Tensor:
+    """act(z) with the torch functions (autograd through them), out of place."""
+    name, p = act
+    if name == "relu":
+        return F.relu(z)
+    if name == "elu":
+        return F.elu(z, alpha=p)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, negative_slope=p)
+    if name == "silu":
+        return F.silu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    raise ValueError(f"unknown activation {act!r}")
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activation_and_slope(z: Tensor, act: Activation) -> Tuple[Tensor, Tensor]:
+    """(act(z), act'(z)) without autograd (the HMC sampler's explicit backward). ELU with alpha 1
+    and ReLU reuse ``z``'s storage; the others allocate."""
+    name, p = act
+    if name == "elu" and p == 1.0:
+        return _elu_and_slope_(z)
+    if name == "relu":
+        slope = (z > 0).to(z.dtype)
+        return z.clamp_(min=0.0), slope
+    if name == "elu":
+        e = z.clamp(max=0.0).exp_()
+        return torch.where(z > 0, z, p * (e - 1.0)), torch.where(z > 0, torch.ones_like(z), p * e)
+    if name == "leaky_relu":
+        return torch.where(z > 0, z, p * z), torch.where(z > 0, torch.ones_like(z), torch.full_like(z, p))
+    if name == "silu":
+        sig = torch.sigmoid(z)
+        return z * sig, sig * (1.0 + z * (1.0 - sig))
+    if name == "tanh":
+        t = torch.tanh(z)
+        return t, 1.0 - t * t
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if name == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * 0.044715 * z * z)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+class StackedLayers(list):
+    """``[(weight (E, out, in), bias (E, out)), ...]`` (a plain list of the layers) that also carries
+    the critics' hidden activation, so that whatever evaluates the layers (the fused ops, the HMC
+    sampler) computes the network they came from. Slicing or rebuilding it gives a plain list."""
+
+    def __init__(self, layers=(), activation="elu"):
+        super().__init__(layers)
+        self.activation = activation
+
+
+def layers_activation(layers, activation=None) -> Optional[Activation]:
+    """The activation to apply to ``layers``: ``activation`` if given, else the one the layers carry
+    (:class:`StackedLayers`), else None."""
+    if activation is None:
+        activation = getattr(layers, "activation", None)
+        if activation is None:
+            return None
+    spec = activation_spec(activation)
+    if spec is None:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATION_NAMES}, an activation "
+                         "module or an Activation")
+    return spec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,15 +292,21 @@ def state_half(layers: Layers, obs: Tensor) -> Tensor:
     return torch.matmul(obs, weight[:, :, : obs.shape[-1]].transpose(1, 2)) + bias.unsqueeze(1)
 
 
-def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor, activation: str = "elu") -> Tensor:
+def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor, activation=None) -> Tensor:
     """Q of every critic from the precomputed state half of layer 1.
 
     state_half: (E, B, H1) = obs @ W1[:, :, :S]^T + b1 (see ``first_layer_state_half``).
     actions:    (B, A) -> returns (E, B);  (B, K, A) -> returns (E, B, K). For K samples per state the
     state half is broadcast, not recomputed.
-    activation: "elu" (MISA, the official flax critics) or "relu" (the TD3 family's critics).
+    activation: "elu" (MISA, the official flax critics), "relu" (the TD3 family's critics) or any
+    :func:`activation_spec`; None: the one ``layers`` carry (:class:`StackedLayers`), else ELU.
     """
-    act = _ACTIVATIONS[activation]
+    spec = layers_activation(layers, activation) or Activation("elu", 1.0)
+    if spec == ("elu", 1.0) or spec.name == "relu":
+        act = _ACTIVATIONS[spec.name]
+    else:
+        def act(t, inplace=False):
+            return apply_activation(t, spec)
     w1 = layers[0][0]
     E, B, H = state_half.shape
     act_dim = actions.shape[-1]
@@ -190,10 +332,11 @@ def _elu_and_slope_(z: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def ensemble_q_and_action_grad(
-    layers: Layers, state_half: Tensor, actions: Tensor, repeats: int = 1
+    layers: Layers, state_half: Tensor, actions: Tensor, repeats: int = 1, activation=None
 ) -> Tuple[Tensor, Tensor]:
     """Q (E, C) and dQ/da (E, C, A) for actions (C, A), by an explicit backward pass through the
-    ELU MLP (no autograd graph: this runs ~110 times per training step inside the HMC sampler).
+    MLP (no autograd graph: this runs ~110 times per training step inside the HMC sampler).
+    ``activation``: as :func:`ensemble_q` (None: the one ``layers`` carry, else ELU).
 
     state_half: (E, C // repeats, H1); chains come in consecutive groups of ``repeats`` per state
     (the parallel HMC chains), so the state half is broadcast instead of materialised per chain.
@@ -202,10 +345,11 @@ def ensemble_q_and_action_grad(
     w_action = layers[0][0][:, :, -act_dim:]  # (E, H1, A)
     z = torch.matmul(actions, w_action.transpose(1, 2))  # (E, C, H1)
     z.view(E, chains // repeats, repeats, -1).add_(state_half.unsqueeze(2))
-    h, slope = _elu_and_slope_(z)
+    spec = layers_activation(layers, activation) or Activation("elu", 1.0)
+    h, slope = activation_and_slope(z, spec)
     slopes = [slope]
     for weight, bias in layers[1:-1]:
-        h, slope = _elu_and_slope_(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)))
+        h, slope = activation_and_slope(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)), spec)
         slopes.append(slope)
     w_out, b_out = layers[-1]  # (E, 1, H), (E, 1)
     q = torch.baddbmm(b_out.unsqueeze(1), h, w_out.transpose(1, 2)).squeeze(-1)
@@ -217,8 +361,8 @@ def ensemble_q_and_action_grad(
 
 class EnsembleCritic(nn.Module):
     """E independent Q networks MLP(concat(s, a)) with ELU (or ReLU: ``activation="relu"``, the TD3
-    family's critics), stored stacked. Only ``forward`` knows the activation: the HMC sampler and the
-    fused ops assume ELU.
+    family's critics, or any :func:`activation_spec` name), stored stacked. ``stacked_layers()``
+    returns :class:`StackedLayers`, which carry the activation to the HMC sampler and the fused ops.
 
     ``forward(obs, actions)`` returns (E, B) for actions (B, A) and (E, B, K) for (B, K, A)."""
 
@@ -232,8 +376,8 @@ class EnsembleCritic(nn.Module):
         activation: str = "elu",
     ):
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        if activation_spec(activation) is None:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATION_NAMES}")
         self.obs_dim, self.act_dim, self.num_critics = obs_dim, act_dim, num_critics
         self.activation = activation
         sizes = [obs_dim + act_dim, *hidden, 1]
@@ -250,12 +394,12 @@ class EnsembleCritic(nn.Module):
         """[(weight (E, out, in), bias (E, out)), ...] in order; ``detach`` gives weights that carry
         no gradient (the actor's and the HMC target's view of the critics)."""
         if detach:
-            return [(w.detach(), b.detach()) for w, b in zip(self.weights, self.biases)]
-        return list(zip(self.weights, self.biases))
+            return StackedLayers([(w.detach(), b.detach()) for w, b in zip(self.weights, self.biases)], self.activation)
+        return StackedLayers(zip(self.weights, self.biases), self.activation)
 
     def layers(self, index: int) -> List[Tuple[Tensor, Tensor]]:
         """Critic ``index`` as nn.Linear-style [(weight (out, in), bias (out,)), ...] (views)."""
-        return [(w[index], b[index]) for w, b in zip(self.weights, self.biases)]
+        return StackedLayers([(w[index], b[index]) for w, b in zip(self.weights, self.biases)], self.activation)
 
     def first_layer_state_half(self, obs: Tensor, detach: bool = False) -> Tensor:
         """obs @ W1[:, :, :S]^T + b1 for every critic: (E, B, H1). W1[:, :, S:] is the action half."""

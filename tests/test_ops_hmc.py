@@ -35,9 +35,9 @@ class Problem:
     layer-1 state halves and the dataset actions the chains start from."""
 
     def __init__(self, batch=5, obs_dim=4, act_dim=2, hidden=(32, 32), n_critics=2, seed=0, q_scale=0.5,
-                 zero_q=False, device=DEV):
+                 zero_q=False, device=DEV, activation="elu"):
         g = torch.Generator().manual_seed(seed)
-        critic = nets.EnsembleCritic(obs_dim, act_dim, hidden, n_critics, generator=g)
+        critic = nets.EnsembleCritic(obs_dim, act_dim, hidden, n_critics, generator=g, activation=activation)
         with torch.no_grad():
             for w in critic.weights:
                 w.normal_(0.0, q_scale / math.sqrt(w.shape[-1]) * 2.0, generator=g)
@@ -47,7 +47,8 @@ class Problem:
                 critic.weights[-1].zero_()
                 critic.biases[-1].zero_()
         obs = torch.randn(batch, obs_dim, generator=g)
-        self.layers = [(w.to(device), b.to(device)) for w, b in critic.stacked_layers(detach=True)]
+        self.layers = nets.StackedLayers([(w.to(device), b.to(device)) for w, b in critic.stacked_layers(detach=True)],
+                                         critic.activation)
         self.state_half = critic.first_layer_state_half(obs, detach=True).to(device)
         self.mean = (torch.randn(batch, act_dim, generator=g) * 0.5).to(device)
         self.std = torch.exp(torch.rand(batch, act_dim, generator=g) * 1.2 - 1.5).to(device)

@@ -16,6 +16,7 @@ from misa_fast.ops import (
     sampled_q_log_mean_exp_reference,
     use_backend,
 )
+from misa_fast.nets import StackedLayers
 from misa_fast.ops.testing import dot_tolerance, kernel_device
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -29,8 +30,9 @@ DEV = kernel_device() or "cpu"
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def make_critic(S, A, hidden, bias=True, scale=1.0, device=DEV):
-    """(weight, bias) leaves, nn.Linear-like init (scaled so that Q varies by a few units)."""
+def make_critic(S, A, hidden, bias=True, scale=1.0, device=DEV, activation="elu"):
+    """(weight, bias) leaves, nn.Linear-like init (scaled so that Q varies by a few units), carrying
+    their activation (``StackedLayers``: plain tensors alone are refused)."""
     dims = [S + A, *hidden, 1]
     layers = []
     for i, o in zip(dims[:-1], dims[1:]):
@@ -38,7 +40,7 @@ def make_critic(S, A, hidden, bias=True, scale=1.0, device=DEV):
         w = ((torch.rand(o, i) * 2 - 1) * bound * 1.7).to(device).requires_grad_()
         b = ((torch.rand(o) * 2 - 1) * 0.3).to(device).requires_grad_() if bias else None
         layers.append((w, b))
-    return layers
+    return StackedLayers(layers, activation)
 
 
 def naive_sampled_q_lse(obs, actions, critics, log_weights=None, norm=None):
@@ -266,7 +268,8 @@ def test_module_inputs_and_wrapper():
     obs, actions = inputs(3, 8, S, A)
     op = SampledQLogMeanExp(normalizer="k", precision="ieee", backend="triton")
     out = op(obs, actions, crits)
-    ref = sampled_q_log_mean_exp_reference(obs, actions, [[m for m in c if isinstance(m, nn.Linear)] for c in crits])
+    ref = sampled_q_log_mean_exp_reference(obs, actions, [[m for m in c if isinstance(m, nn.Linear)] for c in crits],
+                                           activation="elu")
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     out.mean().backward()
     grads = [p.grad.clone() for c in crits for p in c.parameters()]
@@ -298,8 +301,8 @@ def test_stacked_ensemble(E, hidden):
     per = [make_critic(S, A, hidden) for _ in range(E)]
     stacked = [(torch.stack([c[j][0] for c in per]).detach().requires_grad_(),
                 torch.stack([c[j][1] for c in per]).detach().requires_grad_()) for j in range(len(hidden) + 1)]
-    out = sampled_q_log_mean_exp(obs, actions, stacked, backend="triton", precision="ieee")
-    ref = sampled_q_log_mean_exp_reference(obs, actions, stacked)
+    out = sampled_q_log_mean_exp(obs, actions, stacked, backend="triton", precision="ieee", activation="elu")
+    ref = sampled_q_log_mean_exp_reference(obs, actions, stacked, activation="elu")
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     wrt = [t for wb in stacked for t in wb]
     g = torch.randn_like(ref)
@@ -335,7 +338,7 @@ def test_frozen_critic_and_partial_requires_grad():
     """Only the parameters that require grad get one (a frozen critic's kernels are skipped)."""
     torch.manual_seed(18)
     obs, actions = inputs(3, 9, 4, 2)
-    frozen = [(w.detach(), b.detach()) for w, b in make_critic(4, 2, (32, 32))]
+    frozen = StackedLayers([(w.detach(), b.detach()) for w, b in make_critic(4, 2, (32, 32))], "elu")
     live = make_critic(4, 2, (32, 32))
     live[0] = (live[0][0], live[0][1].detach())  # one frozen bias inside a trainable critic
     out = sampled_q_log_mean_exp(obs, actions, [frozen, live], backend="triton", precision="ieee")

@@ -4,7 +4,9 @@ plain-torch reference and a dispatcher (Triton for CUDA tensors, the reference e
 Backend selection: ``backend=`` per call, the :func:`use_backend` context manager, or the
 environment variable ``MISA_FAST_OPS`` = ``auto`` (default) | ``triton`` | ``torch``.
 """
-from misa_fast.ops.dispatch import ENV_VAR, resolve_backend, triton_available, use_backend
+from misa_fast.nets import Activation, StackedLayers
+from misa_fast.ops.critics import CriticArchitectureError
+from misa_fast.ops.dispatch import ENV_VAR, resolve_backend, resolve_precision, triton_available, use_backend
 from misa_fast.ops.hmc import hmc_sample, hmc_sample_reference
 from misa_fast.ops.log_mean_exp import LogMeanExp, LogMeanExpFunction, log_mean_exp, log_mean_exp_reference
 from misa_fast.ops.sampled_q import (
@@ -17,6 +19,8 @@ from misa_fast.ops.sampled_q import (
 )
 
 __all__ = [
+    "Activation",
+    "CriticArchitectureError",
     "ENV_VAR",
     "LogMeanExp",
     "LogMeanExpFunction",
@@ -28,9 +32,11 @@ __all__ = [
     "log_mean_exp",
     "log_mean_exp_reference",
     "resolve_backend",
+    "resolve_precision",
     "sampled_q_log_mean_exp",
     "sampled_q_log_mean_exp_reference",
     "sampled_q_values_reference",
+    "StackedLayers",
     "triton_available",
     "use_backend",
 ]

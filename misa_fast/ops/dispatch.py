@@ -92,3 +92,19 @@ def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) ->
             "before misa_fast.kernels is imported"
         )
     return "triton"
+
+
+# torch.get_float32_matmul_precision() -> the Triton dot precision that keeps a drop-in's numerics
+_TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+def resolve_precision(precision: Optional[str], allowed=("tf32", "bf16", "ieee", "fp32")) -> str:
+    """The dot precision of a fused op: ``precision`` if given, else the one PyTorch's own setting
+    asks for (``torch.get_float32_matmul_precision()``: "highest" -> "ieee", "high" -> "tf32",
+    "medium" -> "bf16"), so that a call without ``precision=`` computes what the caller's fp32
+    matmuls compute."""
+    if precision is None:
+        return _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+    if precision not in allowed:
+        raise ValueError(f"precision must be one of {allowed} or None (PyTorch's own setting), got {precision!r}")
+    return precision

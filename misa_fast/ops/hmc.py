@@ -17,7 +17,8 @@ Noise, two ways:
   distribution, different stream: the samples are statistically, not numerically, those of the
   reference. Determinism and resume follow the generator's state, as with the reference.
 
-Precision of the hidden-layer dots on the GPU: ``"tf32"`` (this function's default), ``"tf32x3"``
+Precision of the hidden-layer dots on the GPU (default: PyTorch's own
+``torch.get_float32_matmul_precision()``, "highest" -> ieee, "high" -> tf32, "medium" -> bf16): ``"tf32"``, ``"tf32x3"``
 (three tf32 products, ~fp32 accuracy on tensor cores; the chain is bound by streaming weights from
 L2, so the extra MMAs should cost little: measure. It is what the MISA agent runs: its config's
 ``hmc_precision`` defaults to it), ``"ieee"`` (fp32 FMA dots: agreement with the reference to float
@@ -28,9 +29,13 @@ accordingly. The chain state, momentum, log-densities and the Metropolis ratio a
 cases. The reference ignores ``precision``. Registers, spills and the MMA instructions of every
 configuration, per architecture: bench/results/kernels-aot-2026-12-02.md.
 
-Supported by the kernel: stacked critics (weights (E, out, in)) with 1 or 2 hidden ELU layers, first
-width <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one device. Anything else runs the
-reference under ``"auto"`` and raises ``ValueError`` under ``"triton"``.
+Critics: stacked layers (weights (E, out, in)) and their activation, read from the layers
+(``EnsembleCritic.stacked_layers()`` carries it) or given as ``activation=``; plain tensors without
+one are refused (``CriticArchitectureError``), never computed as some default network. Supported by
+the kernel: 1 or 2 hidden layers with any of ReLU, ELU(alpha), LeakyReLU(slope), SiLU, Tanh, GELU
+(exact or tanh), first width <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one device.
+Anything else (3 or more hidden layers, float64) runs the reference under ``"auto"`` (float64 stays
+float64) and raises ``ValueError`` (``CriticArchitectureError``) under ``"triton"``.
 """
 from __future__ import annotations
 
@@ -41,19 +46,40 @@ from torch import Tensor
 
 from misa_fast import hmc as hmc_lib
 from misa_fast.hmc import HMCNoise, HMCResult, layout
-from misa_fast.nets import Layers
-from misa_fast.ops.dispatch import requested_backend, resolve_backend
+from misa_fast.nets import ACTIVATION_NAMES, Layers, layers_activation
+from misa_fast.ops.critics import CriticArchitectureError
+from misa_fast.ops.dispatch import requested_backend, resolve_backend, resolve_precision
 
 __all__ = ["hmc_sample", "hmc_sample_reference"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-hmc_sample_reference = hmc_lib.hmc_sample
+
+
+def _activation(critic_layers, activation):
+    spec = layers_activation(critic_layers, activation)
+    if spec is None:
+        raise CriticArchitectureError(
+            "hmc_sample: plain (weight, bias) tensors do not say which activation runs between the critic layers; "
+            f"pass activation= (one of {ACTIVATION_NAMES} or an activation module such as nn.ReLU()), or the layers "
+            "of a misa_fast.nets.EnsembleCritic (stacked_layers() carries its activation)")
+    return spec
+
+
+def hmc_sample_reference(policy_mean, policy_std, critic_layers, state_half, init_actions, *, activation=None, **kw):
+    """The torch reference :func:`misa_fast.hmc.hmc_sample` with the activation resolved as
+    :func:`hmc_sample` resolves it (required for plain tensors)."""
+    return hmc_lib.hmc_sample(policy_mean, policy_std, critic_layers, state_half, init_actions,
+                              activation=_activation(critic_layers, activation), **kw)
 
 
 def _kernels():
     from misa_fast.kernels import hmc as k
 
     return k
+
+
+def k_activations():
+    return _kernels().ACTIVATIONS
 
 
 def _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size,
@@ -64,6 +90,8 @@ def _triton_unsupported(policy_mean, policy_std, layers, state_half, init_action
     tensors = [policy_mean, policy_std, state_half, init_actions, *weights]
     if noise is not None:
         tensors += [noise.momentum, noise.uniform]
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return "float64 tensors: the kernel computes in float32 (the torch path keeps float64)"
     if any(t.dtype not in _FLOATS for t in tensors if t is not None):
         return "the kernel takes fp32/fp16/bf16 tensors"
     if torch.is_tensor(step_size) and step_size.numel() not in (1, chains):
@@ -108,16 +136,22 @@ def hmc_sample(
     noise: Optional[HMCNoise] = None,
     generator: Optional[torch.Generator] = None,
     init_clip: float = 0.999,
-    precision: str = "tf32",
+    activation=None,
+    precision: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> HMCResult:
     """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC; see
     :func:`misa_fast.hmc.hmc_sample` for the arguments and the modes ("faithful", "adaptive",
-    "parallel") and spaces ("post_tanh", "pre_tanh"). ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"); ``backend``:
-    "triton", "torch" or "auto". Returns :class:`misa_fast.hmc.HMCResult`: samples (B, K, A),
-    accept_rate and accept_prob (0-dim), step_size (C,) after adaptation, accepted (T, C) bool."""
-    if precision not in ("tf32", "tf32x3", "bf16", "ieee", "fp32"):
-        raise ValueError(f"precision must be 'tf32', 'tf32x3', 'bf16' or 'ieee', got {precision!r}")
+    "parallel") and spaces ("post_tanh", "pre_tanh"). ``activation``: the critics' hidden activation
+    (a name of ``misa_fast.nets.ACTIVATION_NAMES``, an activation module, or ``Activation``);
+    required unless ``critic_layers`` carry it (``EnsembleCritic.stacked_layers()`` does).
+    ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"; None follows
+    ``torch.get_float32_matmul_precision()``: "highest" -> ieee, "high" -> tf32, "medium" -> bf16);
+    ``backend``: "triton", "torch" or "auto". Returns :class:`misa_fast.hmc.HMCResult`: samples
+    (B, K, A), accept_rate and accept_prob (0-dim), step_size (C,) after adaptation, accepted (T, C)
+    bool."""
+    precision = resolve_precision(precision, ("tf32", "tf32x3", "bf16", "ieee", "fp32"))
+    act = _activation(critic_layers, activation)
     if leapfrog_steps < 1:
         raise ValueError(f"leapfrog_steps must be >= 1, got {leapfrog_steps}")
     if space not in hmc_lib.SPACES:
@@ -128,14 +162,16 @@ def hmc_sample(
     chains, transitions = layout(mode, batch, num_samples, burn_in)
     kw = dict(mode=mode, space=space, num_samples=num_samples, burn_in=burn_in, leapfrog_steps=leapfrog_steps,
               step_size=step_size, adapt=adapt, target_accept=target_accept, adapt_rate=adapt_rate, noise=noise,
-              generator=generator, init_clip=init_clip)
+              generator=generator, init_clip=init_clip, activation=act)
     layers = [(w, b) for w, b in critic_layers]
     use_triton = resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0]) == "triton"
     if use_triton:
         why = _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains)
+        if why is None and act.name not in k_activations():
+            why = f"activation {act} is not compiled into the kernel"
         if why is not None:
             if requested_backend(backend) == "triton":
-                raise ValueError(f"hmc_sample: the Triton kernel does not support this call: {why}")
+                raise CriticArchitectureError(f"hmc_sample: the Triton kernel does not support this call: {why}")
             use_triton = False
     if not use_triton:
         return hmc_lib.hmc_sample(policy_mean, policy_std, layers, state_half, init_actions, **kw)
@@ -164,6 +200,7 @@ def hmc_sample(
         adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
         init_clip=init_clip, momentum=momentum, uniform=uniform, seed=seed, precision=k.PRECISIONS[precision],
         split=space == "pre_tanh", max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"),
+        activation=(k.ACTIVATIONS[act.name], float(act.param)),
     )
     if mode == "parallel":
         states = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)

@@ -1,11 +1,12 @@
-"""Fused sampled-Q log-mean-exp over K action samples per state, for each critic of an ensemble.
+"""Fused sampled-Q log-sum-exp over K action samples per state, for each critic of an ensemble.
 
-    out[c, b] = log( sum_k exp(Q_c(s_b, a_bk) + logw_bk) ) - normalizer
+    out[c, b] = T * log( sum_k exp(Q_c(s_b, a_bk) / T + logw_bk) ) - normalizer
 
-with ``Q_c`` an MLP on ``concat(s, a)``: Linear layers with ELU between them, the last Linear
-mapping to one output (the MISA/CQL critic). With ``normalizer="k"`` and no log-weights this is
-``log_mean_exp_k Q_c(s_b, a_bk)``, the MISA critic regulariser; with per-sample log-weights
-(``-log proposal density``) and ``normalizer="none"`` it is CQL's importance-sampled log-sum-exp.
+with ``Q_c`` the critic as given: an MLP on ``concat(s, a)`` whose layers and activations are read
+from the objects passed (:mod:`misa_fast.ops.critics`), never assumed. With ``normalizer="k"``, no
+log-weights and T = 1 this is ``log_mean_exp_k Q_c(s_b, a_bk)``, the MISA critic regulariser; with
+per-sample log-weights (``-log proposal density``), ``normalizer="none"`` and CQL's temperature
+``T = cql_temp`` it is CQL(H)'s importance-sampled log-sum-exp.
 
 - :func:`sampled_q_values_reference` / :func:`sampled_q_log_mean_exp_reference`: plain torch.
 - :class:`SampledQLogMeanExpFunction`: autograd.Function over the Triton kernels
@@ -14,19 +15,12 @@ mapping to one output (the MISA/CQL critic). With ``normalizer="k"`` and no log-
 - :func:`sampled_q_log_mean_exp`: dispatcher (Triton for CUDA tensors, the reference elsewhere).
 - :class:`SampledQLogMeanExp`: ``nn.Module`` wrapper holding the options.
 
-Critics are given as plain tensors, either
-
-- per critic: a sequence (one entry per critic) of sequences of ``(weight, bias)`` pairs,
-  ``nn.Linear`` modules, or an ``nn.Module`` whose ``nn.Linear`` submodules in registration order
-  form the MLP (:func:`critic_layers`); or
-- stacked: one sequence of ``(weight (E, out, in), bias (E, out))`` pairs for an ensemble of E
-  critics stored stacked, or a module with a ``stacked_layers()`` method returning that (e.g.
-  ``misa_fast.nets.TwinCritic``). Gradients then come back stacked, without per-critic copies.
-
-The activation between layers is always ELU: the op cannot see a module's forward, so that is the
-caller's contract. The Triton kernels take critics with one or two hidden layers (first width up
-to 256, action dim up to 32, all critics the same shapes); anything else runs the reference
-(``backend="triton"`` raises instead).
+Critics: a sequence with one entry per critic (an ``nn.Module``, or ``(weight, bias)`` pairs /
+``nn.Linear`` with ``activation=``), or a stacked ensemble (``[(weight (E, out, in), bias (E,
+out)), ...]`` with ``activation=``, or a module with ``stacked_layers()`` such as
+``misa_fast.nets.TwinCritic``, whose layers carry its activation; gradients then come back stacked,
+without per-critic copies). What the kernels take and what happens to the rest: see
+:func:`sampled_q_log_mean_exp`.
 """
 from __future__ import annotations
 
@@ -37,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misa_fast.ops.dispatch import requested_backend, resolve_backend
+from misa_fast.nets import apply_activation
+from misa_fast.ops.critics import Critic, CriticArchitectureError, CriticSet, module_q, resolve_critics
+from misa_fast.ops.dispatch import requested_backend, resolve_backend, resolve_precision
 from misa_fast.ops.log_mean_exp import logsumexp_safe
 
 __all__ = [
@@ -64,7 +60,8 @@ def _kernels():
 # argument handling
 # ----------------------------------------------------------------------------------------------
 def critic_layers(critic: CriticLike) -> List[Layer]:
-    """The ``(weight, bias)`` pairs of a critic, first layer first."""
+    """The ``(weight, bias)`` pairs of a critic, first layer first (the Linear layers only: what
+    runs between them is read by the ops themselves, see :mod:`misa_fast.ops.critics`)."""
     if isinstance(critic, nn.Linear):
         raise TypeError("a critic needs at least two Linear layers, got a single nn.Linear")
     if isinstance(critic, nn.Module):
@@ -82,30 +79,6 @@ def critic_layers(critic: CriticLike) -> List[Layer]:
     return layers
 
 
-def _stacked_layers(critics) -> Optional[List[Layer]]:
-    """The layers of a stacked ensemble (weights (E, out, in), biases (E, out)), or None."""
-    if isinstance(critics, nn.Module) and callable(getattr(critics, "stacked_layers", None)):
-        return list(critics.stacked_layers())
-    if isinstance(critics, nn.Module):
-        return None
-    items = list(critics)
-    if items and isinstance(items[0], (tuple, list)) and len(items[0]) == 2 and torch.is_tensor(items[0][0]) \
-            and items[0][0].dim() == 3:
-        return [(w, b) for w, b in items]
-    return None
-
-
-def _per_critic(critics) -> Tuple[List[List[Layer]], Optional[List[Layer]]]:
-    """(per-critic layer lists, the stacked layers if the critics came stacked)."""
-    stacked = _stacked_layers(critics)
-    if stacked is not None:
-        E = stacked[0][0].shape[0]
-        return [[(w[c], None if b is None else b[c]) for w, b in stacked] for c in range(E)], stacked
-    if isinstance(critics, nn.Module):
-        raise TypeError("pass a sequence of critics (or a stacked ensemble), not a single module")
-    return [critic_layers(c) for c in critics], None
-
-
 def _normalizer_value(normalizer: Normalizer, K: int, B: int) -> float:
     if normalizer is None:
         return 0.0
@@ -121,6 +94,13 @@ def _normalizer_value(normalizer: Normalizer, K: int, B: int) -> float:
     return float(normalizer)
 
 
+def _temperature(temperature) -> float:
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t
+
+
 def _log_weights(log_weights: Optional[torch.Tensor], B: int, K: int) -> Optional[torch.Tensor]:
     """(K,), (1, K), (B, K) or (B, 1) -> a broadcast (B, K) view (no copy)."""
     if log_weights is None:
@@ -133,56 +113,82 @@ def _log_weights(log_weights: Optional[torch.Tensor], B: int, K: int) -> Optiona
     return lw.expand(B, K)
 
 
-def _check_shapes(obs: torch.Tensor, actions: torch.Tensor, layers: Sequence[Sequence[Layer]]) -> None:
+def _check_shapes(obs: torch.Tensor, actions: torch.Tensor, cset: CriticSet) -> None:
     if obs.dim() != 2 or actions.dim() != 3 or actions.shape[0] != obs.shape[0]:
         raise ValueError(f"expected obs (B, S) and actions (B, K, A), got {tuple(obs.shape)} and {tuple(actions.shape)}")
     if actions.shape[1] == 0:
         raise ValueError("no action samples (K = 0)")
     SA = obs.shape[1] + actions.shape[2]
-    for c in layers:
-        if c[0][0].shape[1] != SA:
-            raise ValueError(f"first layer expects {c[0][0].shape[1]} inputs, obs + action dims are {SA}")
+    for name, c in zip(cset.names, cset.critics):
+        if c.modeled and c.layers[0][0].shape[1] != SA:
+            raise ValueError(f"{name}: first layer expects {c.layers[0][0].shape[1]} inputs, obs + action dims are {SA}")
+
+
+def _compute_dtype(obs, actions, cset: CriticSet, log_weights=None) -> torch.dtype:
+    """float64 if any input or weight is float64 (computed in float64), float32 otherwise."""
+    tensors = [obs, actions, log_weights] + [t for c in cset.critics if c.modeled for wb in c.layers for t in wb]
+    tensors += [p for c in cset.critics if not c.modeled for p in c.module.parameters()]
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------
-def sampled_q_values_reference(obs: torch.Tensor, actions: torch.Tensor, critics: Sequence[CriticLike]) -> torch.Tensor:
-    """Q_c(s_b, a_bk) -> (n_critics, B, K), fp32 math, the first layer split into its state half
-    (computed once per state) and its action half."""
-    layers, _ = _per_critic(critics)
-    _check_shapes(obs, actions, layers)
+def _critic_q(obs: torch.Tensor, actions: torch.Tensor, critic: Critic, dtype: torch.dtype) -> torch.Tensor:
+    """Q (B, K) of one critic: the modeled MLP with the first layer split into its state half
+    (computed once per state) and its action half, or an opaque module's own forward."""
+    if not critic.modeled:
+        return module_q(critic, obs, actions, dtype)
     S = obs.shape[1]
-    qs = []
-    for c in layers:
-        w0, b0 = c[0]
-        w0 = w0.float()
-        hs = F.linear(obs.float(), w0[:, :S], None if b0 is None else b0.float())  # (B, H)
-        h = F.elu(hs.unsqueeze(1) + F.linear(actions.float(), w0[:, S:]))  # (B, K, H)
-        for w, b in c[1:-1]:
-            h = F.elu(F.linear(h, w.float(), None if b is None else b.float()))
-        w, b = c[-1]
-        qs.append(F.linear(h, w.float(), None if b is None else b.float()).squeeze(-1))
-    return torch.stack(qs)
+    c = critic.layers
+    w0, b0 = c[0]
+    w0 = w0.to(dtype)
+    hs = F.linear(obs.to(dtype), w0[:, :S], None if b0 is None else b0.to(dtype))  # (B, H)
+    h = apply_activation(hs.unsqueeze(1) + F.linear(actions.to(dtype), w0[:, S:]), critic.activations[0])
+    for (w, b), act in zip(c[1:-1], critic.activations[1:]):
+        h = apply_activation(F.linear(h, w.to(dtype), None if b is None else b.to(dtype)), act)
+    w, b = c[-1]
+    return F.linear(h, w.to(dtype), None if b is None else b.to(dtype)).squeeze(-1)
+
+
+def _reference(obs, actions, cset: CriticSet, log_weights, normalizer, return_q, temperature):
+    B, K = actions.shape[0], actions.shape[1]
+    dtype = _compute_dtype(obs, actions, cset, log_weights)
+    q = torch.stack([_critic_q(obs, actions, c, dtype) for c in cset.critics])
+    T = _temperature(temperature)
+    v = q if T == 1.0 else q / T
+    lw = _log_weights(log_weights, B, K)
+    if lw is not None:
+        v = v + lw.to(dtype)
+    lse = logsumexp_safe(v, -1)
+    out = (lse if T == 1.0 else T * lse) - _normalizer_value(normalizer, K, B)
+    return (out, q.detach()) if return_q else out
+
+
+def sampled_q_values_reference(obs: torch.Tensor, actions: torch.Tensor, critics, activation=None) -> torch.Tensor:
+    """Q_c(s_b, a_bk) -> (n_critics, B, K) in plain torch (float64 if any input is, else float32);
+    ``critics`` and ``activation`` as :func:`sampled_q_log_mean_exp`."""
+    cset = resolve_critics(critics, activation, obs, actions)
+    _check_shapes(obs, actions, cset)
+    dtype = _compute_dtype(obs, actions, cset)
+    return torch.stack([_critic_q(obs, actions, c, dtype) for c in cset.critics])
 
 
 def sampled_q_log_mean_exp_reference(
     obs: torch.Tensor,
     actions: torch.Tensor,
-    critics: Sequence[CriticLike],
+    critics,
     log_weights: Optional[torch.Tensor] = None,
     normalizer: Normalizer = "k",
     return_q: bool = False,
+    *,
+    temperature: float = 1.0,
+    activation=None,
 ):
     """Plain-torch version of :func:`sampled_q_log_mean_exp` (same arguments, same results)."""
-    B, K = actions.shape[0], actions.shape[1]
-    q = sampled_q_values_reference(obs, actions, critics)
-    v = q
-    lw = _log_weights(log_weights, B, K)
-    if lw is not None:
-        v = v + lw.float()
-    out = logsumexp_safe(v, -1) - _normalizer_value(normalizer, K, B)
-    return (out, q.detach()) if return_q else out
+    cset = resolve_critics(critics, activation, obs, actions)
+    _check_shapes(obs, actions, cset)
+    return _reference(obs, actions, cset, log_weights, normalizer, return_q, temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,16 +197,19 @@ def sampled_q_log_mean_exp_reference(
 class SampledQLogMeanExpFunction(torch.autograd.Function):
     """Triton forward (fused MLP + online log-sum-exp per state) and recomputing Triton backward.
 
-    ``forward(obs, actions, log_weights_bk_or_None, norm, precision_code, groups, layout, *flat)``:
-    ``layout = (stacked, n_critics, n_layers)``; with ``stacked`` False, ``flat`` holds for each
-    critic, for each layer, weight then bias (a bias may be None); with ``stacked`` True, for each
-    layer the (E, out, in) weight then the (E, out) bias. Returns ``(out (E, B), q (E, B, K))``; q
-    is not differentiable. Gradients come back in the same layout (stacked ones without copies).
+    ``forward(obs, actions, log_weights_bk_or_None, cfg, layout, *flat)``: ``cfg = (norm,
+    precision_code, groups, activation_code, activation_param, temperature)``; ``layout = (stacked,
+    n_critics, n_layers)``; with ``stacked`` False, ``flat`` holds for each critic, for each layer,
+    weight then bias (a bias may be None); with ``stacked`` True, for each layer the (E, out, in)
+    weight then the (E, out) bias. Returns ``(out (E, B), q (E, B, K))``; q (unscaled by the
+    temperature) is not differentiable. Gradients come back in the same layout (stacked ones without
+    copies).
     """
 
     @staticmethod
-    def forward(ctx, obs, actions, log_weights, norm, precision, groups, layout, *flat):
+    def forward(ctx, obs, actions, log_weights, cfg, layout, *flat):
         k = _kernels()
+        norm, precision, _groups, act_code, act_param, temperature = cfg
         B, K, _ = actions.shape
         _, E, _ = layout
         dev = obs.device
@@ -208,9 +217,10 @@ class SampledQLogMeanExpFunction(torch.autograd.Function):
         lse = torch.empty((E, B), device=dev, dtype=torch.float32)
         q = torch.empty((E, B, K), device=dev, dtype=torch.float32)
         for c, spec in enumerate(_specs(k, flat, layout)):
-            k.sampled_q_fwd(obs, actions, log_weights, spec, norm, precision, q[c], lse[c], out[c])
+            k.sampled_q_fwd(obs, actions, log_weights, spec, norm, precision, q[c], lse[c], out[c],
+                            activation=(act_code, act_param), temperature=temperature)
         ctx.save_for_backward(obs, actions, log_weights, q, lse, *flat)
-        ctx.precision, ctx.groups, ctx.layout = precision, groups, layout
+        ctx.cfg, ctx.layout = cfg, layout
         ctx.mark_non_differentiable(q)
         return out, q
 
@@ -218,7 +228,8 @@ class SampledQLogMeanExpFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_q):
         k = _kernels()
         obs, actions, log_weights, q, lse, *flat = ctx.saved_tensors
-        n_fixed = 7
+        _norm, precision, groups, act_code, act_param, temperature = ctx.cfg
+        n_fixed = 5
         if g_out is None:
             return (None,) * (n_fixed + len(flat))
         stacked, E, L = ctx.layout
@@ -234,21 +245,23 @@ class SampledQLogMeanExpFunction(torch.autograd.Function):
         flat_grads: List[Optional[torch.Tensor]] = [None] * len(flat)
         if any(active):
             grads = k.sampled_q_bwd(obs, actions, log_weights, _specs(k, flat, ctx.layout), q, lse, g_out,
-                                    ctx.precision, active=active, dobs=dobs, dact=dact, groups=ctx.groups)
+                                    precision, active=active, dobs=dobs, dact=dact, groups=groups,
+                                    activation=(act_code, act_param), temperature=temperature)
             for i, p in enumerate(flat):
                 if wants[i]:
                     gr = grads[i] if stacked else grads[i % (2 * L)][i // (2 * L)]
                     flat_grads[i] = gr.to(p.dtype).view(p.shape)
         dlw = None
         if need_lw:
+            # d out / d logw_bk = T * softmax_k(q_b / T + logw_b)
             lse_safe = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
-            p = torch.exp(q + log_weights.float() - lse_safe.unsqueeze(-1))  # (E, B, K)
-            dlw = (p * g_out.unsqueeze(-1)).sum(0).to(log_weights.dtype)
+            p = torch.exp(q / temperature + log_weights.float() - lse_safe.unsqueeze(-1))  # (E, B, K)
+            dlw = (temperature * p * g_out.unsqueeze(-1)).sum(0).to(log_weights.dtype)
         if dobs is not None:
             dobs = dobs.to(obs.dtype)
         if dact is not None:
             dact = dact.to(actions.dtype)
-        return (dobs, dact, dlw, None, None, None, None, *flat_grads)
+        return (dobs, dact, dlw, None, None, *flat_grads)
 
 
 def _specs(k, flat, layout):
@@ -263,10 +276,24 @@ def _specs(k, flat, layout):
 _FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_unsupported(obs, actions, layers) -> Optional[str]:
+def _triton_unsupported(obs, actions, cset: CriticSet, log_weights) -> Optional[str]:
     """Why the fused kernel cannot run this problem (None when it can)."""
     k = _kernels()
+    opaque = cset.opaque()
+    if opaque:
+        return "; ".join(f"{name} cannot be read as an MLP: {why}" for name, why in opaque)
+    act = cset.activation()
+    if act is None:
+        acts = sorted({str(a) for c in cset.critics for a in c.activations})
+        return f"the kernel applies one activation everywhere, these critics use {', '.join(acts)}"
+    if act.name not in k.ACTIVATIONS:
+        return f"activation {act} is not compiled into the kernel"
+    layers = [c.layers for c in cset.critics]
     tensors = [obs, actions] + [t for c in layers for wb in c for t in wb if t is not None]
+    if log_weights is not None:
+        tensors.append(log_weights)
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "float64 tensors: the kernels compute in float32 (the torch path keeps float64)"
     if any(t.dtype not in _FLOAT_KERNEL_DTYPES for t in tensors):
         return "the kernels take fp32/fp16/bf16 tensors"
     if len({t.device for t in tensors}) != 1:
@@ -281,67 +308,87 @@ def _triton_unsupported(obs, actions, layers) -> Optional[str]:
 def sampled_q_log_mean_exp(
     obs: torch.Tensor,
     actions: torch.Tensor,
-    critics: Sequence[CriticLike],
+    critics,
     log_weights: Optional[torch.Tensor] = None,
     normalizer: Normalizer = "k",
     *,
+    temperature: float = 1.0,
+    activation=None,
     return_q: bool = False,
-    precision: str = "tf32",
+    precision: Optional[str] = None,
     backend: Optional[str] = None,
     groups: Optional[int] = None,
 ):
-    """Per critic and state, the log-mean-exp over K sampled actions of Q(s, a_k) (+ log-weights).
+    """Per critic and state, ``T * logsumexp_k(Q(s, a_k) / T + log_w_k) - normalizer``.
 
     Args:
         obs: (B, S) states.
-        actions: (B, K, A) action samples (typically detached policy samples).
-        critics: one entry per critic, each an ``nn.Module`` of Linear layers or a sequence of
+        actions: (B, K, A) action samples (typically detached policy / proposal samples).
+        critics: a sequence of critics, each an ``nn.Module`` (its Linear layers and activation
+            modules are read, and checked once against its own forward) or a sequence of
             ``(weight, bias)`` pairs / ``nn.Linear`` (first weight (H, S + A) applied to
-            ``concat(s, a)``, ELU after every layer but the last, last weight (1, H_last)); or a
-            stacked ensemble: ``[(weight (E, out, in), bias (E, out)), ...]`` or a module with
-            ``stacked_layers()``.
-        log_weights: optional (K,) or (B, K) added to Q before the reduction (importance weights,
-            e.g. ``-log q(a_k | s)`` for CQL's log-sum-exp over policy and uniform proposals).
+            ``concat(s, a)``, last weight (1, H_last)); or a stacked ensemble
+            ``[(weight (E, out, in), bias (E, out)), ...]`` or a module with ``stacked_layers()``
+            (``misa_fast.nets.TwinCritic``). See :mod:`misa_fast.ops.critics`.
+        log_weights: optional (K,) or (B, K) added to Q / T before the reduction (importance
+            weights, e.g. ``-log q(a_k | s)`` for CQL's log-sum-exp over uniform and policy
+            proposals).
         normalizer: ``"k"`` subtracts log K (log-mean-exp), ``"batch"`` log B (the official MISA
-            code), ``"none"`` nothing (log-sum-exp), or a number to subtract.
-        return_q: also return the per-sample Q values (C, B, K) (detached, fp32).
-        precision: Triton dot precision: ``"tf32"`` (default), ``"bf16"`` or ``"ieee"`` (fp32).
-            Accumulation is fp32 throughout. Ignored by the torch reference.
+            code), ``"none"`` nothing (log-sum-exp), or a number to subtract (after the scaling by T).
+        temperature: T > 0 (CQL's ``cql_temp``); 1 by default.
+        activation: the activation between the layers of plain tensors (``"relu"``, ``"elu"``,
+            ``"leaky_relu"``, ``"silu"``, ``"tanh"``, ``"gelu"``, ``"gelu_tanh"``, an activation
+            module such as ``nn.LeakyReLU(0.2)``, or ``misa_fast.nets.Activation``). Required for
+            plain tensors (they do not say which activation they were trained with) unless they carry
+            it (``misa_fast.nets.StackedLayers``); for modules that apply their activation in
+            ``forward`` (no activation modules); otherwise it must agree with what the modules hold.
+        return_q: also return the per-sample Q values (C, B, K) (detached, not divided by T).
+        precision: Triton dot precision: ``"tf32"``, ``"bf16"`` or ``"ieee"`` (fp32); None (default)
+            follows ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
+            "medium" -> bf16). Accumulation is fp32 throughout. Ignored by the torch path.
         backend: ``"triton"``, ``"torch"`` or ``"auto"`` (see :mod:`misa_fast.ops.dispatch`).
         groups: Triton backward only: number of state groups (programs along B); default by device.
 
+    What runs where: the Triton kernels take MLP critics of 1 to 4 hidden layers, widths up to 256
+    (action dim up to 32), one activation of the list above everywhere, all critics the same
+    shapes, fp32/fp16/bf16 tensors (computed in fp32). Anything else — float64, an opaque module
+    (see :mod:`misa_fast.ops.critics`), mixed activations, wider layers — runs the torch path under
+    ``"auto"`` (float64 stays float64; an opaque module is evaluated by its own forward) and raises
+    ``ValueError`` naming the reason under ``"triton"``. Plain tensors without an activation, or an
+    ``activation=`` that contradicts a module, raise everywhere.
+
     Returns:
-        (C, B) fp32 tensor (and the (C, B, K) Q values if ``return_q``). Differentiable w.r.t. the
-        critic parameters, obs, actions and log_weights.
+        (C, B) tensor (float64 if any input is, else float32) and the (C, B, K) Q values if
+        ``return_q``. Differentiable w.r.t. the critic parameters, obs, actions and log_weights.
     """
-    layers, stacked = _per_critic(critics)
-    if not layers:
-        raise ValueError("no critics")
-    _check_shapes(obs, actions, layers)
+    cset = resolve_critics(critics, activation, obs, actions)
+    _check_shapes(obs, actions, cset)
     B, K = actions.shape[0], actions.shape[1]
-    if precision not in ("tf32", "bf16", "ieee", "fp32"):
-        raise ValueError(f"precision must be 'tf32', 'bf16' or 'ieee', got {precision!r}")
+    precision = resolve_precision(precision)
+    T = _temperature(temperature)
     norm = _normalizer_value(normalizer, K, B)
-    use_triton = resolve_backend(backend, obs, actions, layers[0][0][0]) == "triton"
+    first = next((c.layers[0][0] for c in cset.critics if c.modeled), None)
+    use_triton = resolve_backend(backend, obs, actions, first) == "triton"
     if use_triton:
-        why = _triton_unsupported(obs, actions, layers)
+        why = _triton_unsupported(obs, actions, cset, log_weights)
         if why is not None:
             if requested_backend(backend) == "triton":
-                raise ValueError(f"sampled_q_log_mean_exp: the Triton kernel does not support this call: {why}")
+                raise CriticArchitectureError(
+                    f"sampled_q_log_mean_exp: the Triton kernel does not support this call: {why}")
             use_triton = False
     if not use_triton:
-        return sampled_q_log_mean_exp_reference(obs, actions, layers, log_weights, norm, return_q)
+        return _reference(obs, actions, cset, log_weights, norm, return_q, T)
     k = _kernels()
     lw = _log_weights(log_weights, B, K)
-    if lw is not None and lw.dtype not in _FLOAT_KERNEL_DTYPES:
-        lw = lw.float()
-    if stacked is not None:
-        flat = [t for wb in stacked for t in wb]
-        layout = (True, len(layers), len(stacked))
+    act = cset.activation()
+    if cset.stacked is not None:
+        flat = [t for wb in cset.stacked for t in wb]
+        layout = (True, len(cset.critics), len(cset.stacked))
     else:
-        flat = [t for c in layers for wb in c for t in wb]
-        layout = (False, len(layers), len(layers[0]))
-    out, q = SampledQLogMeanExpFunction.apply(obs, actions, lw, norm, k.PRECISIONS[precision], groups, layout, *flat)
+        flat = [t for c in cset.critics for wb in c.layers for t in wb]
+        layout = (False, len(cset.critics), len(cset.critics[0].layers))
+    cfg = (norm, k.PRECISIONS[precision], groups, k.ACTIVATIONS[act.name], float(act.param), T)
+    out, q = SampledQLogMeanExpFunction.apply(obs, actions, lw, cfg, layout, *flat)
     return (out, q) if return_q else out
 
 
@@ -349,13 +396,18 @@ class SampledQLogMeanExp(nn.Module):
     """``nn.Module`` form of :func:`sampled_q_log_mean_exp`; the critics are passed per call
     (the module owns no parameters, so dropping it into an agent does not re-register them)."""
 
-    def __init__(self, normalizer: Normalizer = "k", precision: str = "tf32", backend: Optional[str] = None):
+    def __init__(self, normalizer: Normalizer = "k", precision: Optional[str] = None, backend: Optional[str] = None,
+                 temperature: float = 1.0, activation=None):
         super().__init__()
         self.normalizer, self.precision, self.backend = normalizer, precision, backend
+        self.temperature = _temperature(temperature)
+        self.activation = activation
 
     def forward(self, obs, actions, critics, log_weights=None, return_q: bool = False):
         return sampled_q_log_mean_exp(obs, actions, critics, log_weights, self.normalizer, return_q=return_q,
+                                      temperature=self.temperature, activation=self.activation,
                                       precision=self.precision, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"normalizer={self.normalizer!r}, precision={self.precision!r}"
+        return (f"normalizer={self.normalizer!r}, temperature={self.temperature:g}, precision={self.precision!r}"
+                + ("" if self.activation is None else f", activation={self.activation!r}"))

@@ -1,0 +1,338 @@
+"""What a critic argument of the fused ops computes: read from the objects given, never assumed.
+
+A critic is an MLP on ``concat(s, a)``: Linear layers with one activation after every layer but the
+last, the last mapping to one output. The ops take it in one of these forms:
+
+- an ``nn.Module`` (``nn.Sequential``, or a module whose forward calls its submodules): its Linear
+  layers **and its activation modules**, in registration order (``nn.ReLU``, ``nn.ELU(alpha)``,
+  ``nn.LeakyReLU(negative_slope)``, ``nn.SiLU``, ``nn.Tanh``, ``nn.GELU`` exact or ``"tanh"``;
+  ``nn.Identity`` and, in eval mode or with p = 0, ``nn.Dropout`` are skipped). Once per module (and
+  again whenever its submodules, shapes or train/eval mode change) that reading is checked against
+  the module's own forward on a few rows (called as ``forward(obs, actions)``, or
+  ``forward(concat(s, a))`` for an ``nn.Sequential`` or when the two-argument call is refused). A
+  module whose layers cannot be read this way (a LayerNorm, a residual, an activation applied with
+  ``torch.nn.functional`` in forward and no ``activation=``, ...), or whose forward disagrees, is
+  *opaque*: the torch path evaluates it with its own forward, the Triton path refuses it with a
+  :class:`CriticArchitectureError` naming the module and the reason.
+- a sequence of ``(weight, bias)`` pairs or ``nn.Linear`` per critic, or stacked layers
+  ``[(weight (E, out, in), bias (E, out)), ...]``: the tensors carry no activation, so the call must
+  name it (``activation=``), unless the layers carry one themselves
+  (``misa_fast.nets.StackedLayers``, what ``EnsembleCritic.stacked_layers()`` returns).
+- a module with ``stacked_layers()`` (``misa_fast.nets.TwinCritic`` / ``EnsembleCritic``): its
+  layers and its activation.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from misa_fast.nets import ACTIVATION_NAMES, Activation, activation_spec, apply_activation, layers_activation
+
+__all__ = ["CriticArchitectureError", "Critic", "CriticSet", "resolve_critics", "module_q"]
+
+Layer = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class CriticArchitectureError(ValueError):
+    """A critic the op cannot compute as given (raised instead of computing another network)."""
+
+
+@dataclass
+class Critic:
+    """One critic. ``layers`` and ``activations`` (one per hidden layer) when it is an MLP the op
+    models exactly; ``module`` alone (with ``why`` it is opaque) when only its forward can run it."""
+
+    layers: Optional[List[Layer]] = None
+    activations: Optional[List[Activation]] = None
+    module: Optional[nn.Module] = None
+    why: Optional[str] = None
+    concat_call: bool = False  # opaque module called as forward(concat(s, a))
+
+    @property
+    def modeled(self) -> bool:
+        return self.layers is not None
+
+
+@dataclass
+class CriticSet:
+    critics: List[Critic]
+    stacked: Optional[List[Layer]] = None  # the stacked layers when the critics came stacked
+    names: List[str] = field(default_factory=list)  # how to name critic i in an error
+
+    def opaque(self) -> List[Tuple[str, str]]:
+        return [(n, c.why) for n, c in zip(self.names, self.critics) if not c.modeled]
+
+    def activation(self) -> Optional[Activation]:
+        """The one activation of every hidden layer of every critic, or None if they differ."""
+        acts = {a for c in self.critics if c.modeled for a in c.activations}
+        return next(iter(acts)) if len(acts) == 1 and all(c.modeled for c in self.critics) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# raw layers
+# ----------------------------------------------------------------------------------------------
+def _explicit(activation) -> Optional[Activation]:
+    if activation is None:
+        return None
+    spec = activation_spec(activation)
+    if spec is None:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATION_NAMES}, an activation "
+                         "module (nn.ReLU(), nn.ELU(alpha), nn.LeakyReLU(slope), ...) or misa_fast.nets.Activation")
+    return spec
+
+
+def _raw_activation(layers, activation: Optional[Activation], what: str) -> Activation:
+    spec = layers_activation(layers, activation)
+    if spec is None:
+        raise CriticArchitectureError(
+            f"{what}: plain (weight, bias) tensors do not say which activation runs between the layers; pass "
+            f"activation= (one of {ACTIVATION_NAMES}, or an activation module such as nn.ReLU()), or pass the "
+            "critic modules themselves")
+    return spec
+
+
+def _raw_layers(items, what: str) -> List[Layer]:
+    layers: List[Layer] = []
+    for item in items:
+        if isinstance(item, nn.Linear):
+            layers.append((item.weight, item.bias))
+        else:
+            w, b = item
+            layers.append((w, b))
+    if len(layers) < 2:
+        raise ValueError(f"{what}: a critic needs at least two Linear layers, got {len(layers)}")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------
+_SKIPPED = (nn.Identity,)
+_DROPOUTS = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _leaves(module: nn.Module) -> List[nn.Module]:
+    # every occurrence (one activation module may be registered between several layers)
+    return [m for _, m in module.named_modules(remove_duplicate=False) if next(m.children(), None) is None]
+
+
+def _read_module(module: nn.Module, activation: Optional[Activation]):
+    """(linear modules, activations) read from the module's leaves, or a string saying why not."""
+    linears: List[nn.Linear] = []
+    acts: List[Activation] = []
+    pending: Optional[Activation] = None
+    saw_act_module = False
+    for m in _leaves(module):
+        name = type(m).__name__
+        if isinstance(m, nn.Linear):
+            if linears:
+                if pending is None:
+                    if saw_act_module or activation is None:
+                        return (f"no activation module between Linear layers {len(linears) - 1} and {len(linears)}"
+                                + ("" if saw_act_module else
+                                   " (an activation applied in forward cannot be read: pass activation=)"))
+                    pending = activation
+                acts.append(pending)
+            elif pending is not None:
+                return f"{name} before the first Linear layer"
+            linears.append(m)
+            pending = None
+            continue
+        if isinstance(m, _SKIPPED):
+            continue
+        if isinstance(m, _DROPOUTS):
+            if m.training and m.p > 0:
+                return f"{name}(p={m.p}) in training mode between the layers"
+            continue
+        spec = activation_spec(m)
+        if spec is None:
+            what = "layer" if any(True for _ in m.parameters(recurse=False)) else "module"
+            return f"{what} {name} is not a Linear layer nor an activation the op models ({ACTIVATION_NAMES})"
+        if pending is not None:
+            return f"two activations in a row ({pending} then {spec})"
+        if not linears:
+            return f"activation {name} before the first Linear layer"
+        if activation is not None and spec != activation:
+            raise CriticArchitectureError(f"activation={activation} was given but the module applies {spec}")
+        saw_act_module = True
+        pending = spec
+    if pending is not None:
+        return f"an activation ({pending}) after the last Linear layer"
+    if len(linears) < 2:
+        return f"{len(linears)} Linear layer(s): a critic needs at least two (one hidden layer)"
+    for i in range(1, len(linears)):
+        if linears[i].in_features != linears[i - 1].out_features:
+            return (f"Linear layer {i} takes {linears[i].in_features} inputs but layer {i - 1} gives "
+                    f"{linears[i - 1].out_features}")
+    if linears[-1].out_features != 1:
+        return f"the last Linear layer has {linears[-1].out_features} outputs, not 1"
+    return linears, acts
+
+
+def _call(module: nn.Module, obs: torch.Tensor, act: torch.Tensor, concat: bool) -> torch.Tensor:
+    if concat:
+        return module(torch.cat([obs, act], -1))
+    return module(obs, act)
+
+
+def _call_convention(module: nn.Module, obs: torch.Tensor, act: torch.Tensor):
+    """(concat?, output) for a first call, or raises CriticArchitectureError."""
+    errors = []
+    orders = (True,) if isinstance(module, nn.Sequential) else (False, True)
+    for concat in orders:
+        try:
+            out = _call(module, obs, act, concat)
+        except (TypeError, RuntimeError, ValueError) as e:  # wrong arity / shapes
+            errors.append(f"{'forward(concat(s, a))' if concat else 'forward(obs, actions)'}: {e}")
+            continue
+        if not torch.is_tensor(out) or out.numel() != obs.shape[0]:
+            errors.append(f"{'forward(concat(s, a))' if concat else 'forward(obs, actions)'} returned "
+                          f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__} for {obs.shape[0]} rows")
+            continue
+        return concat, out
+    raise CriticArchitectureError("cannot evaluate the critic module: " + "; ".join(errors))
+
+
+def _mlp(obs, act, linears, acts):
+    h = torch.cat([obs, act], -1)
+    for i, lin in enumerate(linears):
+        h = torch.nn.functional.linear(h, lin.weight, lin.bias)
+        if i < len(acts):
+            h = apply_activation(h, acts[i])
+    return h.reshape(-1)
+
+
+# per module: (signature, Critic template)
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_CHECK_ROWS = 4
+
+
+def _signature(module: nn.Module, activation):
+    return (activation, module.training,
+            tuple((id(m), type(m), m.training, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
+                   tuple(p.dtype for p in m.parameters(recurse=False)))
+                  for m in _leaves(module)))
+
+
+def _check_tolerance() -> float:
+    return 1e-4 if torch.get_float32_matmul_precision() == "highest" else 1e-2
+
+
+def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
+    params = list(module.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    read = _read_module(module, activation)
+    B, K, A = actions.shape
+    n_real = min(B, 2)
+    o = obs[:n_real].detach().unsqueeze(1).expand(n_real, min(K, 2), obs.shape[1]).reshape(-1, obs.shape[1])
+    a = actions[:n_real, :2].detach().reshape(-1, A)
+    gen = torch.Generator(device=obs.device).manual_seed(0)
+    o = torch.cat([o, 2.0 * torch.randn(_CHECK_ROWS, obs.shape[1], generator=gen, device=obs.device)]).to(dtype)
+    a = torch.cat([a, torch.rand(_CHECK_ROWS, A, generator=gen, device=obs.device) * 2 - 1]).to(dtype)
+    with torch.no_grad():
+        concat, out = _call_convention(module, o, a)
+        out = out.reshape(-1)
+        if isinstance(read, str):
+            return Critic(module=module, why=read, concat_call=concat)
+        linears, acts = read
+        if linears[0].in_features != obs.shape[1] + A:
+            return Critic(module=module, why=f"its first Linear layer takes {linears[0].in_features} inputs, "
+                                             f"obs + action dims are {obs.shape[1] + A}", concat_call=concat)
+        mine = _mlp(o, a, linears, acts)
+        scale = max(out.abs().max().item(), mine.abs().max().item(), 1e-30)
+        diff = (out.float() - mine.float()).abs().max().item()
+        spread = (out - out.mean()).abs().max().item()
+    if not diff <= _check_tolerance() * scale:
+        return Critic(module=module, concat_call=concat,
+                      why=(f"its forward does not compute the MLP of its Linear and activation modules on "
+                           f"concat(s, a) (largest difference {diff:.3g} at output scale {scale:.3g} on "
+                           f"{o.shape[0]} rows)"))
+    critic = Critic(layers=[(m.weight, m.bias) for m in linears], activations=list(acts), module=module)
+    critic._informative = spread > 1e-6 * max(scale, 1.0)  # a constant output proves nothing: check again
+    critic._linears = linears
+    return critic
+
+
+def _module_critic(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
+    sig = _signature(module, activation)
+    hit = _CACHE.get(module)
+    if hit is not None and hit[0] == sig:
+        t = hit[1]
+    else:
+        t = _read_and_check(module, activation, obs, actions)
+        if not t.modeled or getattr(t, "_informative", True):
+            _CACHE[module] = (sig, t)
+    if not t.modeled:
+        return t
+    return Critic(layers=[(m.weight, m.bias) for m in t._linears], activations=list(t.activations), module=module)
+
+
+def module_q(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Q (B, K) of an opaque critic module, by its own forward on the B*K (s, a) rows."""
+    B, K, A = actions.shape
+    params = list(critic.module.parameters())
+    pdt = params[0].dtype if params else dtype
+    o = obs.unsqueeze(1).expand(B, K, obs.shape[1]).reshape(B * K, obs.shape[1]).to(pdt)
+    a = actions.reshape(B * K, A).to(pdt)
+    return _call(critic.module, o, a, critic.concat_call).reshape(B, K).to(dtype)
+
+
+def _module_name(module: nn.Module, i: int) -> str:
+    return f"critic {i} ({type(module).__name__})"
+
+
+# ----------------------------------------------------------------------------------------------
+def resolve_critics(critics, activation, obs: torch.Tensor, actions: torch.Tensor) -> CriticSet:
+    """Read ``critics`` (any form in the module docstring) into a :class:`CriticSet`."""
+    act = _explicit(activation)
+    # stacked: a module with stacked_layers(), or [(W (E, out, in), b (E, out)), ...]
+    stacked = None
+    if isinstance(critics, nn.Module) and callable(getattr(critics, "stacked_layers", None)):
+        stacked = critics.stacked_layers()
+        if act is None and getattr(stacked, "activation", None) is None and getattr(critics, "activation", None):
+            act = _explicit(critics.activation)
+        what = type(critics).__name__
+    elif isinstance(critics, nn.Module):
+        raise TypeError("pass a sequence of critics (or a stacked ensemble), not a single module")
+    else:
+        items = list(critics)
+        if items and isinstance(items[0], (tuple, list)) and len(items[0]) == 2 and torch.is_tensor(items[0][0]) \
+                and items[0][0].dim() == 3:
+            stacked = critics
+            what = "stacked critic layers"
+    if stacked is not None:
+        spec = _raw_activation(stacked, act, what)
+        stacked = [(w, b) for w, b in stacked]
+        if len(stacked) < 2:
+            raise ValueError(f"{what}: a critic needs at least two Linear layers, got {len(stacked)}")
+        E = stacked[0][0].shape[0]
+        per = [Critic(layers=[(w[c], None if b is None else b[c]) for w, b in stacked],
+                      activations=[spec] * (len(stacked) - 1)) for c in range(E)]
+        return CriticSet(per, stacked, [f"critic {c} of {what}" for c in range(E)])
+    out: List[Critic] = []
+    names: List[str] = []
+    for i, c in enumerate(items):
+        if isinstance(c, nn.Linear):
+            raise TypeError(f"critic {i} is a single nn.Linear: a critic needs at least two Linear layers")
+        if isinstance(c, nn.Module):
+            names.append(_module_name(c, i))
+            try:
+                out.append(_module_critic(c, act, obs, actions))
+            except CriticArchitectureError as e:
+                raise CriticArchitectureError(f"{names[-1]}: {e}") from None
+        else:
+            names.append(f"critic {i}")
+            layers = _raw_layers(c, names[-1])
+            spec = _raw_activation(c, act, names[-1])
+            out.append(Critic(layers=layers, activations=[spec] * (len(layers) - 1)))
+    if not out:
+        raise ValueError("no critics")
+    return CriticSet(out, None, names)
+
+
+def describe(spec: Sequence[Activation]) -> str:
+    return ", ".join(str(a) for a in spec)
