@@ -47,14 +47,15 @@ import triton
 import triton.language as tl
 
 __all__ = ["PRECISIONS", "ACTIVATIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config", "sampled_q_fwd",
-           "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD"]
+           "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MAX_DEPTH"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2}
 # the hidden activation, constexpr ACT (ELU's alpha / the leaky slope is the runtime ALPHA)
 ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32  # one (BLOCK_A, BLOCK_K) action tile per K block
 MAX_HIDDEN = 256     # the (H0, BLOCK_K) first-layer activation tile lives on chip
-MAX_HEAD = 4096      # the second layer is streamed in column chunks
+MAX_HEAD = 4096      # the last hidden layer of a 2-hidden-layer critic is streamed in row chunks
+MAX_DEPTH = 4        # hidden layers: the first, up to two middle ones, the last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,21 +171,115 @@ def _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, 
 
 
 # ----------------------------------------------------------------------------------------------
+# middle layers (critics of 3 or 4 hidden layers): full (BLOCK_H, BLOCK_K) tiles through the
+# program's scratch, because a register tile cannot be sliced into row chunks
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mid_forward(h_t, w_ptr, b_ptr, s_wo, s_wi, n_out, n_in, zs_ptr,
+                 BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Pre-activation z = W h + b (BLOCK_H, BLOCK_K) of a middle layer (W (n_out, n_in)), computed in
+    BLOCK_R-row chunks into the scratch tile zs and read back whole. Padded rows are 0."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_kk = tl.arange(0, BLOCK_K)
+    tl.debug_barrier()  # earlier readers of zs are done
+    for r0 in range(0, BLOCK_H, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        w = _load_w(w_ptr, s_wo, s_wi, n_out, n_in, offs_r, offs_h)  # (BLOCK_R, BLOCK_H)
+        bb = tl.load(b_ptr + offs_r, mask=offs_r < n_out, other=0.0).to(tl.float32)
+        tl.store(zs_ptr + offs_r[:, None] * BLOCK_K + offs_kk[None, :], _mm(w, h_t, PREC) + bb[:, None])
+    tl.debug_barrier()
+    return tl.load(zs_ptr + offs_h[:, None] * BLOCK_K + offs_kk[None, :])
+
+
+@triton.jit
+def _load_tile(zs_ptr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_kk = tl.arange(0, BLOCK_K)
+    return tl.load(zs_ptr + offs_h[:, None] * BLOCK_K + offs_kk[None, :])
+
+
+@triton.jit
+def _rows_of(x, ds_ptr, offs_r, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows offs_r of the register tile x (BLOCK_H, BLOCK_K), through the scratch tile ds."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_kk = tl.arange(0, BLOCK_K)
+    tl.debug_barrier()
+    tl.store(ds_ptr + offs_h[:, None] * BLOCK_K + offs_kk[None, :], x)
+    tl.debug_barrier()
+    return tl.load(ds_ptr + offs_r[:, None] * BLOCK_K + offs_kk[None, :])
+
+
+@triton.jit
+def _mid_backward(dz, w_ptr, s_wo, s_wi, n_out, n_in, ds_ptr,
+                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """W^T dz (BLOCK_H, BLOCK_K) for a middle layer W (n_out, n_in): dz goes through the scratch tile
+    ds and is contracted in BLOCK_R-row chunks."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_kk = tl.arange(0, BLOCK_K)
+    tl.debug_barrier()
+    tl.store(ds_ptr + offs_h[:, None] * BLOCK_K + offs_kk[None, :], dz)
+    tl.debug_barrier()
+    acc = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
+    for r0 in range(0, BLOCK_H, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        w = _load_w(w_ptr, s_wo, s_wi, n_out, n_in, offs_r, offs_h)  # (BLOCK_R, BLOCK_H)
+        d = tl.load(ds_ptr + offs_r[:, None] * BLOCK_K + offs_kk[None, :])  # (BLOCK_R, BLOCK_K)
+        acc += _mm(tl.trans(w), d, PREC)
+    return acc
+
+
+@triton.jit
+def _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
+                   ACT: tl.constexpr, ALPHA, NMID: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """The input of the last hidden layer from h0: through NMID (0..2) middle layers, whose
+    pre-activations stay in scratch tiles 0 and 1 for a backward pass."""
+    if NMID >= 1:
+        z1 = _mid_forward(h_t, w1_ptr, b1_ptr, s_w1o, s_w1i, H1, H0, scr, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+        h_t = _act(z1, ACT, ALPHA)
+    if NMID >= 2:
+        z2 = _mid_forward(h_t, w2_ptr, b2_ptr, s_w2o, s_w2i, H2, H1, scr + BLOCK_H * BLOCK_K,
+                          BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+        h_t = _act(z2, ACT, ALPHA)
+    return h_t
+
+
+@triton.jit
+def _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl, ACT: tl.constexpr, ALPHA,
+                    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """d sum_k dq_k Q_k / d h (BLOCK_H, BLOCK_K) at the input h of the last hidden layer, its rows
+    streamed in BLOCK_C chunks."""
+    offs_h = tl.arange(0, BLOCK_H)
+    dh_t = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
+    for c0 in range(0, HC, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < HC
+        wc = _load_w(wc_ptr, s_wco, s_wci, HC, HI, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
+        bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
+        zc_t = _mm(wc, h_t, PREC) + bc[:, None]
+        dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
+        dh_t += _mm(tl.trans(wc), dzc_t, PREC)  # (BLOCK_H, BLOCK_C) @ (BLOCK_C, BLOCK_K)
+    return dh_t
+
+
+# ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _sq_fwd_kernel(
     obs_ptr, act_ptr, logw_ptr,
-    w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr, bl_ptr,
-    q_ptr, lse_ptr, out_ptr,
-    K, S, A, H0, HC, norm, temp, inv_temp, ALPHA,
+    w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wl_ptr, bl_ptr,
+    q_ptr, lse_ptr, out_ptr, scr_ptr,
+    K, S, A, H0, H1, H2, HI, HC, norm, temp, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk,
-    s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
+    s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    scr = scr_ptr + b * (NMID * BLOCK_H * BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     offs_a = tl.arange(0, BLOCK_A)
     sh = _state_half(obs_ptr, b, S, H0, s_ob, s_os, w0_ptr, b0_ptr, s_w0o, s_w0i, BLOCK_S, BLOCK_H)
@@ -197,12 +292,14 @@ def _sq_fwd_kernel(
         k_ok = offs_k < K
         a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
         h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
+        h_t = _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
+                             ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
         if HAS_CHUNK:
             q = tl.zeros([BLOCK_K], tl.float32)
             for c0 in range(0, HC, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = offs_c < HC
-                wc = _load_w(wc_ptr, s_wco, s_wci, HC, H0, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
+                wc = _load_w(wc_ptr, s_wco, s_wci, HC, HI, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
                 bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
                 wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
                 hc_t = _act(_mm(wc, h_t, PREC) + bc[:, None], ACT, ALPHA)  # (BLOCK_C, BLOCK_K)
@@ -232,22 +329,24 @@ def _sq_fwd_kernel(
 @triton.jit
 def _sq_bwd_head_kernel(
     obs_ptr, act_ptr, logw_ptr, q_ptr, lse_ptr, g_ptr,
-    w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr,
-    part_ptr,
-    B, K, S, A, H0, HC, SPP, inv_temp, ALPHA,
+    w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wl_ptr,
+    part_ptr, scr_ptr,
+    B, K, S, A, H0, H1, H2, HI, HC, SPP, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
-    s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
+    s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     s_part, off_wc, off_bc, off_wl, off_bl,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_LOGW: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LOGW: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
+    """The last hidden layer's dWc rows, dbc, dWl and dbl for row chunk pid_c and state group pid_g."""
     pid_c = tl.program_id(0)
     pid_g = tl.program_id(1)
+    scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_c).to(tl.int64) * (NMID * BLOCK_H * BLOCK_K)
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
     offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < H0
+    i_ok = offs_h < HI
     offs_a = tl.arange(0, BLOCK_A)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < HC
@@ -266,8 +365,11 @@ def _sq_bwd_head_kernel(
             # weight tiles are re-read per block (L1/L2 hits) rather than held live in registers
             w0a = _load_w(w0_ptr + S * s_w0i, s_w0o, s_w0i, H0, A, offs_h, offs_a)  # (BLOCK_H, BLOCK_A)
             h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
-            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp, HAS_LOGW)
-            wc = _load_w(wc_ptr, s_wco, s_wci, HC, H0, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
+            h_t = _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
+                                 ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
+                               HAS_LOGW)
+            wc = _load_w(wc_ptr, s_wco, s_wci, HC, HI, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
             zc_t = _mm(wc, h_t, PREC) + bc[:, None]  # (BLOCK_C, BLOCK_K)
             acc_wl += tl.sum(_act(zc_t, ACT, ALPHA) * dq[None, :], axis=1)
             dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
@@ -275,28 +377,96 @@ def _sq_bwd_head_kernel(
             acc_w += _mm(dzc_t, tl.trans(h_t), PREC)  # (BLOCK_C, BLOCK_K) @ (BLOCK_K, BLOCK_H)
             acc_bl += dq
     base = part_ptr + pid_g.to(tl.int64) * s_part
-    tl.store(base + off_wc + offs_c[:, None] * H0 + offs_h[None, :], acc_w, mask=c_ok[:, None] & h_ok[None, :])
+    tl.store(base + off_wc + offs_c[:, None] * HI + offs_h[None, :], acc_w, mask=c_ok[:, None] & i_ok[None, :])
     tl.store(base + off_bc + offs_c, acc_b, mask=c_ok)
     tl.store(base + off_wl + offs_c, acc_wl, mask=c_ok)
     tl.store(base + off_bl, tl.sum(acc_bl, axis=0), mask=pid_c == 0)
 
 
 @triton.jit
+def _sq_bwd_mid_kernel(
+    obs_ptr, act_ptr, logw_ptr, q_ptr, lse_ptr, g_ptr,
+    w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wl_ptr,
+    part_ptr, scr_ptr,
+    B, K, S, A, H0, H1, H2, HI, HC, SPP, inv_temp, ALPHA,
+    s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
+    s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
+    s_part, off_w, off_b,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LOGW: tl.constexpr, NMID: tl.constexpr, LAYER: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+):
+    """Middle layer LAYER (1 or 2): rows pid_r * BLOCK_R.. of its dW and db over state group pid_g.
+    Recomputes the forward (pre-activations in scratch tiles 0, 1) and the backward from the top
+    down to the layer; the layer's dz goes through scratch tile NMID to be read by rows."""
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_r).to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    ds = scr + NMID * BLOCK_H * BLOCK_K
+    b_start = pid_g * SPP
+    b_end = tl.minimum(b_start + SPP, B)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if LAYER == 1:
+        n_out = H1
+        n_in = H0
+    else:
+        n_out = H2
+        n_in = H1
+    r_ok = offs_r < n_out
+    acc_w = tl.zeros([BLOCK_R, BLOCK_H], tl.float32)
+    acc_b = tl.zeros([BLOCK_R], tl.float32)
+    for b in range(b_start, b_end):
+        sh = _state_half(obs_ptr, b, S, H0, s_ob, s_os, w0_ptr, b0_ptr, s_w0o, s_w0i, BLOCK_S, BLOCK_H)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
+            w0a = _load_w(w0_ptr + S * s_w0i, s_w0o, s_w0i, H0, A, offs_h, offs_a)  # (BLOCK_H, BLOCK_A)
+            h0 = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            h_t = _trunk_forward(h0, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
+                                 ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
+                               HAS_LOGW)
+            dh_t = _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl, ACT, ALPHA,
+                                   BLOCK_H, BLOCK_C, BLOCK_K, PREC)
+            if LAYER == 2:
+                dz = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                h_in = _act(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+            else:
+                if NMID >= 2:
+                    dz2 = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dh_t = _mid_backward(dz2, w2_ptr, s_w2o, s_w2i, H2, H1, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+                dz = dh_t * _dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                h_in = h0
+            dz_r = _rows_of(dz, ds, offs_r, BLOCK_H, BLOCK_K)  # (BLOCK_R, BLOCK_K)
+            acc_w += _mm(dz_r, tl.trans(h_in), PREC)  # (BLOCK_R, BLOCK_K) @ (BLOCK_K, BLOCK_H)
+            acc_b += tl.sum(dz_r, axis=1)
+    base = part_ptr + pid_g.to(tl.int64) * s_part
+    tl.store(base + off_w + offs_r[:, None] * n_in + offs_h[None, :], acc_w,
+             mask=r_ok[:, None] & (offs_h < n_in)[None, :])
+    tl.store(base + off_b + offs_r, acc_b, mask=r_ok)
+
+
+@triton.jit
 def _sq_bwd_trunk_kernel(
     obs_ptr, act_ptr, logw_ptr, q_ptr, lse_ptr, g_ptr,
-    w0_ptr, b0_ptr, wc_ptr, bc_ptr, wl_ptr,
-    part_ptr, dobs_ptr, dact_ptr,
-    B, K, S, A, H0, HC, SPP, inv_temp, ALPHA,
+    w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wl_ptr,
+    part_ptr, dobs_ptr, dact_ptr, scr_ptr,
+    B, K, S, A, H0, H1, H2, HI, HC, SPP, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
-    s_w0o, s_w0i, s_wco, s_wci, s_wl, s_qb,
+    s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     s_dob, s_dos, s_dab, s_dak, s_daa,
     s_part, off_w0, off_b0, off_wl, off_bl,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr,
     NEED_DOBS: tl.constexpr, NEED_DACT: tl.constexpr, ACCUM_DIN: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
+    scr = scr_ptr + pid_g.to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    ds = scr + NMID * BLOCK_H * BLOCK_K
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
     base = part_ptr + pid_g.to(tl.int64) * s_part
@@ -318,18 +488,19 @@ def _sq_bwd_trunk_kernel(
             k_ok = offs_k < K
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
             h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
-            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp, HAS_LOGW)
+            dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
+                               HAS_LOGW)
             if HAS_CHUNK:
-                dh_t = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
-                for c0 in range(0, HC, BLOCK_C):
-                    offs_c = c0 + tl.arange(0, BLOCK_C)
-                    c_ok = offs_c < HC
-                    wc = _load_w(wc_ptr, s_wco, s_wci, HC, H0, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
-                    bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-                    wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
-                    zc_t = _mm(wc, h_t, PREC) + bc[:, None]
-                    dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
-                    dh_t += _mm(tl.trans(wc), dzc_t, PREC)  # (BLOCK_H, BLOCK_C) @ (BLOCK_C, BLOCK_K)
+                h_t = _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o,
+                                     s_w2i, ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+                dh_t = _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl, ACT, ALPHA,
+                                       BLOCK_H, BLOCK_C, BLOCK_K, PREC)
+                if NMID >= 2:
+                    dz2 = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dh_t = _mid_backward(dz2, w2_ptr, s_w2o, s_w2i, H2, H1, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
+                if NMID >= 1:
+                    dz1 = dh_t * _dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dh_t = _mid_backward(dz1, w1_ptr, s_w1o, s_w1i, H1, H0, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
             else:
                 wl_h = tl.load(wl_ptr + offs_h * s_wl, mask=h_ok, other=0.0).to(tl.float32)
                 acc_wl += tl.sum(h_t * dq[None, :], axis=1)
@@ -385,12 +556,20 @@ class CriticSpec:
 
     w0: torch.Tensor  # (H0, S + A)
     b0: torch.Tensor  # (H0,)
-    wc: Optional[torch.Tensor]  # (HC, H0), None for a one-hidden-layer critic
+    mids: List[Tuple[torch.Tensor, torch.Tensor]]  # 0..2 middle hidden layers (H_m, H_{m-1}), (H_m,)
+    wc: Optional[torch.Tensor]  # (HC, HI) the last hidden layer, None for a one-hidden-layer critic
     bc: Optional[torch.Tensor]  # (HC,)
     wl: torch.Tensor  # (1, HC) or (1, H0)
     bl: torch.Tensor  # (1,)
     H0: int
     HC: int
+    HI: int = 0  # input width of the last hidden layer (H0, or the last middle layer's width)
+
+    @property
+    def widths(self) -> Tuple[int, int]:
+        """(H1, H2): the middle widths (H0 where absent)."""
+        hs = [w.shape[0] for w, _ in self.mids] + [self.H0, self.H0]
+        return hs[0], hs[1]
 
 
 def _bias(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -400,17 +579,22 @@ def _bias(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor
 
 
 def unsupported_reason(S: int, A: int, shapes: Sequence[Tuple[int, ...]]) -> Optional[str]:
-    """Why the kernels cannot run a critic with these weight shapes (None when they can)."""
-    if len(shapes) not in (2, 3):
-        return f"the fused kernel takes critics with 1 or 2 hidden layers, got {len(shapes) - 1}"
+    """Why the kernels cannot run a critic with these weight shapes (None when it can)."""
+    hidden = len(shapes) - 1
+    if not 1 <= hidden <= MAX_DEPTH:
+        return f"the fused kernel takes critics with 1 to {MAX_DEPTH} hidden layers, got {hidden}"
     if shapes[0][1] != S + A:
         return f"first layer expects {shapes[0][1]} inputs, obs + action dims are {S + A}"
-    H0 = shapes[0][0]
-    if H0 > MAX_HIDDEN:
-        return f"first hidden width {H0} > {MAX_HIDDEN}"
-    if len(shapes) == 3 and (shapes[1][1] != H0 or shapes[1][0] > MAX_HEAD):
-        return f"second layer {shapes[1]} does not fit (input {H0}, at most {MAX_HEAD} outputs)"
-    if shapes[-1][0] != 1 or shapes[-1][1] != shapes[-2][0]:
+    for i in range(1, len(shapes)):
+        if shapes[i][1] != shapes[i - 1][0]:
+            return f"layer {i} takes {shapes[i][1]} inputs, layer {i - 1} gives {shapes[i - 1][0]}"
+    # every hidden width but the last one's output is an on-chip (width, BLOCK_K) tile
+    for i in range(hidden - 1 if hidden > 1 else 1):
+        if shapes[i][0] > MAX_HIDDEN:
+            return f"hidden width {shapes[i][0]} (layer {i}) > {MAX_HIDDEN}"
+    if hidden > 1 and shapes[-2][0] > (MAX_HEAD if hidden == 2 else MAX_HIDDEN):
+        return f"last hidden width {shapes[-2][0]} > {MAX_HEAD if hidden == 2 else MAX_HIDDEN}"
+    if shapes[-1][0] != 1:
         return f"the last layer must map {shapes[-2][0]} features to 1 output, got {shapes[-1]}"
     if A > MAX_ACTION_DIM:
         return f"action dim {A} > {MAX_ACTION_DIM}"
@@ -419,23 +603,25 @@ def unsupported_reason(S: int, A: int, shapes: Sequence[Tuple[int, ...]]) -> Opt
 
 def critic_spec(layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> CriticSpec:
     layers = list(layers)
+    if not 2 <= len(layers) <= MAX_DEPTH + 1:
+        raise ValueError(f"the fused kernel takes critics with 1 to {MAX_DEPTH} hidden layers")
     w0, b0 = layers[0]
     H0 = w0.shape[0]
     wl, bl = layers[-1]
-    if len(layers) == 3:
-        wc, bc = layers[1]
-        HC = wc.shape[0]
+    mids = [(w, _bias(b, w.shape[0], w)) for w, b in layers[1:-2]]
+    if len(layers) >= 3:
+        wc, bc = layers[-2]
+        HC, HI = wc.shape[0], wc.shape[1]
         bc = _bias(bc, HC, wc)
-    elif len(layers) == 2:
-        wc = bc = None
-        HC = H0
     else:
-        raise ValueError("the fused kernel takes critics with 1 or 2 hidden layers")
-    return CriticSpec(w0=w0, b0=_bias(b0, H0, w0), wc=wc, bc=bc, wl=wl, bl=_bias(bl, 1, wl), H0=H0, HC=HC)
+        wc = bc = None
+        HC = HI = H0
+    return CriticSpec(w0=w0, b0=_bias(b0, H0, w0), mids=mids, wc=wc, bc=bc, wl=wl, bl=_bias(bl, 1, wl), H0=H0,
+                      HC=HC, HI=HI)
 
 
-def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int):
-    """Block sizes, warps and stages for ``kind`` in {"fwd", "trunk", "head"}.
+def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: int = 0, H_max: Optional[int] = None):
+    """Block sizes, warps and stages for ``kind`` in {"fwd", "trunk", "head", "mid"}.
 
     Chosen from sm_90 compiles (registers, spills, shared memory reported by Triton's bundled
     ptxas/cuobjdump: ``python bench/kernel_resources.py``), not from timings: no GPU was available.
@@ -446,22 +632,41 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int):
     in registers), 8 warps: 255 registers, no spill, 144 KiB (A in 17..32: 160 KiB). Software
     pipelining (num_stages 2) only added shared memory and spills here. Not tuned for sm_80, where
     the head spills 312 bytes (1.6 KiB for A > 16), nor for "ieee": fp32 dots on the FMA units
-    spill kilobytes at H0 = 256 on both architectures. Re-tune with timings on the GPU.
+    spill kilobytes at H0 = 256 on both architectures. Critics with middle layers (3 or 4 hidden
+    layers, ``n_mid`` > 0) hold one more (BLOCK_H, BLOCK_K) tile and pass their middle activations
+    through a per-program scratch tile: BLOCK_K 32 everywhere, middle-layer rows in BLOCK_R = 32
+    chunks. Re-tune with timings on the GPU.
     """
-    BLOCK_H = max(16, triton.next_power_of_2(H0))
+    H_max = H0 if H_max is None else H_max
+    BLOCK_H = max(16, triton.next_power_of_2(H_max))
     BLOCK_S = 16
     BLOCK_A = max(16, triton.next_power_of_2(A))
-    kmax = 64 if kind == "fwd" else 32
+    kmax = 64 if kind == "fwd" and n_mid == 0 else 32
     BLOCK_K = max(16, min(kmax, triton.next_power_of_2(K)))
-    BLOCK_C = max(16, min(64 if kind == "head" else 32, triton.next_power_of_2(HC)))
+    BLOCK_C = max(16, min(64 if kind == "head" and n_mid == 0 else 32, triton.next_power_of_2(HC)))
+    BLOCK_R = min(32, BLOCK_H)
     num_warps = 8 if BLOCK_H >= (256 if kind == "fwd" else 128) else 4
-    blocks = dict(BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A, BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C)
+    blocks = dict(BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A, BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C,
+                  BLOCK_R=BLOCK_R)
     return blocks, num_warps, 1
 
 
-def _param_strides(spec: CriticSpec):
+def _layer_args(spec: CriticSpec):
+    """Pointers, widths and strides of the layers (unused ones point at layer 0)."""
+    mids = list(spec.mids) + [(spec.w0, spec.b0)] * (2 - len(spec.mids))
+    (w1, b1), (w2, b2) = mids
     wc = spec.wc if spec.wc is not None else spec.w0
-    return (spec.w0.stride(0), spec.w0.stride(1), wc.stride(0), wc.stride(1), spec.wl.stride(1))
+    bc = spec.bc if spec.bc is not None else spec.b0
+    H1, H2 = spec.widths
+    ptrs = (spec.w0, spec.b0, w1, b1, w2, b2, wc, bc, spec.wl)
+    dims = (spec.H0, H1, H2, spec.HI, spec.HC)
+    strides = (spec.w0.stride(0), spec.w0.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+               wc.stride(0), wc.stride(1), spec.wl.stride(1))
+    return ptrs, dims, strides
+
+
+def _h_max(spec: CriticSpec) -> int:
+    return max([spec.H0] + [w.shape[0] for w, _ in spec.mids])
 
 
 def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch.Tensor], spec: CriticSpec,
@@ -472,20 +677,22 @@ def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch
     of q / T + logw, out (B,) = T * lse - norm (fp32)."""
     B, K, A = actions.shape
     S = obs.shape[1]
-    blocks, num_warps, num_stages = launch_config("fwd", K, S, A, spec.H0, spec.HC)
-    wc = spec.wc if spec.wc is not None else spec.w0
-    bc = spec.bc if spec.bc is not None else spec.b0
+    n_mid = len(spec.mids)
+    blocks, num_warps, num_stages = launch_config("fwd", K, S, A, spec.H0, spec.HC, n_mid, _h_max(spec))
+    ptrs, dims, strides = _layer_args(spec)
     lw = logw if logw is not None else q
     s_lb, s_lk = (logw.stride(0), logw.stride(1)) if logw is not None else (0, 0)
+    scr = (torch.empty((B * n_mid * blocks["BLOCK_H"] * blocks["BLOCK_K"],), device=q.device, dtype=torch.float32)
+           if n_mid else q)
     _sq_fwd_kernel[(B,)](
         obs, actions, lw,
-        spec.w0, spec.b0, wc, bc, spec.wl, spec.bl,
-        q, lse, out,
-        K, S, A, spec.H0, spec.HC, float(norm), float(temperature), 1.0 / float(temperature), float(activation[1]),
+        *ptrs, spec.bl,
+        q, lse, out, scr,
+        K, S, A, *dims, float(norm), float(temperature), 1.0 / float(temperature), float(activation[1]),
         obs.stride(0), obs.stride(1), actions.stride(0), actions.stride(1), actions.stride(2), s_lb, s_lk,
-        *_param_strides(spec), q.stride(0),
-        **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, PREC=precision, ACT=activation[0],
-        num_warps=num_warps, num_stages=num_stages,
+        *strides, q.stride(0),
+        **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, NMID=n_mid, PREC=precision,
+        ACT=activation[0], num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -505,22 +712,27 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
                   active: Optional[Sequence[bool]] = None, dobs: Optional[torch.Tensor] = None,
                   dact: Optional[torch.Tensor] = None, groups: Optional[int] = None,
                   activation: Tuple[int, float] = (0, 1.0), temperature: float = 1.0) -> List[torch.Tensor]:
-    """Gradients of ``sum_{c,b} g[c, b] * T * lse[c, b]`` (lse of q / T + logw) w.r.t. the parameters of E same-shaped critics.
+    """Gradients of ``sum_{c,b} g[c, b] * T * lse[c, b]`` (lse of q / T + logw) w.r.t. the parameters
+    of E same-shaped critics.
 
     q (E, B, K), lse (E, B), g (E, B) (any strides). Returns the gradients stacked over critics, in
-    layer order ``[dW0 (E, H0, S+A), db0 (E, H0), (dWc (E, HC, H0), dbc (E, HC),) dWl (E, 1, HC),
-    dbl (E, 1)]``: fp32, contiguous, views of the reduced partial buffers (index ``[c]`` for one
-    critic's). Critics with ``active[c]`` False are skipped (their slices are left undefined).
-    ``dobs`` (B, S) / ``dact`` (B, K, A), fp32, if given, receive the input gradients summed over the
-    active critics. ``groups`` overrides the number of state groups (programs along B).
+    layer order ``[dW0 (E, H0, S+A), db0 (E, H0), (dW_m (E, H_m, H_m-1), db_m (E, H_m) per middle
+    layer, dWc (E, HC, HI), dbc (E, HC),) dWl (E, 1, HC), dbl (E, 1)]``: fp32, contiguous, views of
+    the reduced partial buffers (index ``[c]`` for one critic's). Critics with ``active[c]`` False
+    are skipped (their slices are left undefined). ``dobs`` (B, S) / ``dact`` (B, K, A), fp32, if
+    given, receive the input gradients summed over the active critics. ``groups`` overrides the
+    number of state groups (programs along B).
     """
     E = len(specs)
     B, K, A = actions.shape
     S = obs.shape[1]
     spec0 = specs[0]
-    H0, HC, chunk = spec0.H0, spec0.HC, spec0.wc is not None
+    H0, HC, HI, chunk, n_mid = spec0.H0, spec0.HC, spec0.HI, spec0.wc is not None, len(spec0.mids)
+    H1, H2 = spec0.widths
     for sp in specs:
-        assert (sp.H0, sp.HC, sp.wc is not None) == (H0, HC, chunk), "critics must have the same shapes"
+        assert (sp.H0, sp.HC, sp.HI, sp.widths, len(sp.mids), sp.wc is not None) == \
+            (H0, HC, HI, (H1, H2), n_mid, chunk), "critics must have the same shapes"
+    H_max = _h_max(spec0)
     active = [True] * E if active is None else list(active)
     act, alpha = int(activation[0]), float(activation[1])
     inv_t = 1.0 / float(temperature)
@@ -534,58 +746,84 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
 
     # parameter-major layouts: [dW0 of critic 0..E-1 | db0 0..E-1 | ...] so that every gradient is
     # one contiguous (E, ...) block of the reduced buffer
-    n_w0, n_wc = H0 * (S + A), HC * H0
+    n_w0, n_wc = H0 * (S + A), HC * HI
     if chunk:
         trunk_sizes = [n_w0, H0]
         head_sizes = [n_wc, HC, HC, 1]
     else:
         trunk_sizes = [n_w0, H0, H0, 1]
         head_sizes = []
+    mid_shapes = [(H1, H0), (H2, H1)][:n_mid]
     trunk_offs = [E * sum(trunk_sizes[:i]) for i in range(len(trunk_sizes) + 1)]
     head_offs = [E * sum(head_sizes[:i]) for i in range(len(head_sizes) + 1)]
 
-    blocks2, nw2, ns2 = launch_config("trunk", K, S, A, H0, HC)
+    def scratch(programs: int, blocks) -> torch.Tensor:
+        n = programs * (n_mid + 1) * blocks["BLOCK_H"] * blocks["BLOCK_K"] if n_mid else 1
+        return torch.empty((n,), device=dev, dtype=torch.float32)
+
+    blocks2, nw2, ns2 = launch_config("trunk", K, S, A, H0, HC, n_mid, H_max)
     G2, spp2 = _groups(B, 1, groups, 128)
     part2 = torch.empty((G2, trunk_offs[-1]), device=dev, dtype=torch.float32)
+    scr2 = scratch(G2, blocks2)
     if chunk:
-        blocks1, nw1, ns1 = launch_config("head", K, S, A, H0, HC)
+        blocks1, nw1, ns1 = launch_config("head", K, S, A, H0, HC, n_mid, H_max)
         n_chunks = triton.cdiv(HC, blocks1["BLOCK_C"])
         G1, spp1 = _groups(B, n_chunks, groups, 128)
         part1 = torch.empty((G1, head_offs[-1]), device=dev, dtype=torch.float32)
+        scr1 = scratch(G1 * n_chunks, blocks1)
+    mids = []
+    for m, (n_out, n_in) in enumerate(mid_shapes):
+        blocks3, nw3, ns3 = launch_config("mid", K, S, A, H0, HC, n_mid, H_max)
+        n_rows = triton.cdiv(n_out, blocks3["BLOCK_R"])
+        G3, spp3 = _groups(B, n_rows, groups, 128)
+        sizes = [n_out * n_in, n_out]
+        mids.append(dict(blocks=blocks3, nw=nw3, ns=ns3, n_rows=n_rows, G=G3, spp=spp3, sizes=sizes,
+                         part=torch.empty((G3, E * sum(sizes)), device=dev, dtype=torch.float32),
+                         scr=scratch(G3 * n_rows, blocks3)))
 
     wrote_inputs = False
     for c, spec in enumerate(specs):
         if not active[c]:
             continue
-        wc = spec.wc if chunk else spec.w0
-        bc = spec.bc if chunk else spec.b0
+        ptrs, dims, strides = _layer_args(spec)
         lw = logw if logw is not None else q[c]
         common = (obs.stride(0), obs.stride(1), actions.stride(0), actions.stride(1), actions.stride(2),
-                  *lw_strides, g.stride(1), *_param_strides(spec), q.stride(1))
+                  *lw_strides, g.stride(1), *strides, q.stride(1))
         to = [trunk_offs[i] + c * trunk_sizes[i] for i in range(len(trunk_sizes))]
         off_wl, off_bl = (to[2], to[3]) if not chunk else (0, 0)
         _sq_bwd_trunk_kernel[(G2,)](
             obs, actions, lw, q[c], lse[c], g[c],
-            spec.w0, spec.b0, wc, bc, spec.wl,
-            part2, do, da,
-            B, K, S, A, H0, HC, spp2, inv_t, alpha,
+            *ptrs,
+            part2, do, da, scr2,
+            B, K, S, A, *dims, spp2, inv_t, alpha,
             *common, *s_do, *s_da,
             part2.stride(0), to[0], to[1], off_wl, off_bl,
-            **blocks2, HAS_LOGW=logw is not None, HAS_CHUNK=chunk, PREC=precision,
+            **blocks2, HAS_LOGW=logw is not None, HAS_CHUNK=chunk, NMID=n_mid, PREC=precision,
             NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs, ACT=act,
             num_warps=nw2, num_stages=ns2,
         )
         wrote_inputs = True
+        for m, md in enumerate(mids):
+            _sq_bwd_mid_kernel[(md["n_rows"], md["G"])](
+                obs, actions, lw, q[c], lse[c], g[c],
+                *ptrs,
+                md["part"], md["scr"],
+                B, K, S, A, *dims, md["spp"], inv_t, alpha,
+                *common,
+                md["part"].stride(0), c * md["sizes"][0], E * md["sizes"][0] + c * md["sizes"][1],
+                **md["blocks"], HAS_LOGW=logw is not None, NMID=n_mid, LAYER=m + 1, PREC=precision, ACT=act,
+                num_warps=md["nw"], num_stages=md["ns"],
+            )
         if chunk:
             ho = [head_offs[i] + c * head_sizes[i] for i in range(len(head_sizes))]
             _sq_bwd_head_kernel[(n_chunks, G1)](
                 obs, actions, lw, q[c], lse[c], g[c],
-                spec.w0, spec.b0, wc, bc, spec.wl,
-                part1,
-                B, K, S, A, H0, HC, spp1, inv_t, alpha,
+                *ptrs,
+                part1, scr1,
+                B, K, S, A, *dims, spp1, inv_t, alpha,
                 *common,
                 part1.stride(0), *ho,
-                **blocks1, HAS_LOGW=logw is not None, PREC=precision, ACT=act,
+                **blocks1, HAS_LOGW=logw is not None, NMID=n_mid, PREC=precision, ACT=act,
                 num_warps=nw1, num_stages=ns1,
             )
 
@@ -593,6 +831,10 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
     grads = [t2[trunk_offs[0]:trunk_offs[1]].view(E, H0, S + A), t2[trunk_offs[1]:trunk_offs[2]].view(E, H0)]
     if not chunk:
         return grads + [t2[trunk_offs[2]:trunk_offs[3]].view(E, 1, H0), t2[trunk_offs[3]:trunk_offs[4]].view(E, 1)]
+    for md, (n_out, n_in) in zip(mids, mid_shapes):
+        t = md["part"].sum(0) if md["G"] > 1 else md["part"][0]
+        nw = E * md["sizes"][0]
+        grads += [t[:nw].view(E, n_out, n_in), t[nw:].view(E, n_out)]
     t1 = part1.sum(0) if G1 > 1 else part1[0]
-    return grads + [t1[head_offs[0]:head_offs[1]].view(E, HC, H0), t1[head_offs[1]:head_offs[2]].view(E, HC),
+    return grads + [t1[head_offs[0]:head_offs[1]].view(E, HC, HI), t1[head_offs[1]:head_offs[2]].view(E, HC),
                     t1[head_offs[2]:head_offs[3]].view(E, 1, HC), t1[head_offs[3]:head_offs[4]].view(E, 1)]

@@ -361,7 +361,7 @@ def ensemble_q_and_action_grad(
 
 class EnsembleCritic(nn.Module):
     """E independent Q networks MLP(concat(s, a)) with ELU (or ReLU: ``activation="relu"``, the TD3
-    family's critics, or any :func:`activation_spec` name), stored stacked. ``stacked_layers()``
+    family's critics), stored stacked. ``stacked_layers()``
     returns :class:`StackedLayers`, which carry the activation to the HMC sampler and the fused ops.
 
     ``forward(obs, actions)`` returns (E, B) for actions (B, A) and (E, B, K) for (B, K, A)."""
@@ -376,8 +376,8 @@ class EnsembleCritic(nn.Module):
         activation: str = "elu",
     ):
         super().__init__()
-        if activation_spec(activation) is None:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATION_NAMES}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
         self.obs_dim, self.act_dim, self.num_critics = obs_dim, act_dim, num_critics
         self.activation = activation
         sizes = [obs_dim + act_dim, *hidden, 1]

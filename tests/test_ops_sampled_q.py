@@ -353,7 +353,7 @@ def test_frozen_critic_and_partial_requires_grad():
 def test_unsupported_configs_fall_back_or_raise():
     torch.manual_seed(16)
     obs, actions = inputs(2, 4, 3, 2)
-    deep = [make_critic(3, 2, (16, 16, 16))]  # three hidden layers: torch reference only
+    deep = [make_critic(3, 2, (16, 16, 16, 16, 16))]  # five hidden layers: torch reference only
     with pytest.raises(ValueError, match="hidden layers"):
         sampled_q_log_mean_exp(obs, actions, deep, backend="triton")
     with use_backend("auto"):
