@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE", "MAX_STEP_SIZE",
+__all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_DEPTH", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE", "MAX_STEP_SIZE",
            "unsupported_reason", "launch_config", "hmc_chains", "HMCKernelOutput"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 3}
@@ -76,7 +76,8 @@ PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 3}
 ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32   # one (BLOCK_A, BLOCK_C) position tile
 MAX_HIDDEN = 256      # the (H0, BLOCK_C) layer-1 activation and its gradient live on chip
-MAX_HEAD = 256        # the (HC, BLOCK_C) second-layer pre-activation lives on chip
+MAX_HEAD = 256        # the (HC, BLOCK_C) last-hidden-layer pre-activation lives on chip
+MAX_DEPTH = 4         # hidden layers: the first, up to two middle ones (through scratch), the last
 MIN_STEP_SIZE, MAX_STEP_SIZE = 1e-4, 10.0  # = misa_fast.hmc (not imported: kernels never import misa_fast)
 
 
@@ -162,11 +163,11 @@ def _layer1_chunk(x, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_
 @triton.jit
 def _log_density(
     x, mean, inv_std, log_norm, st, c_ok, scratch,
-    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC,
-    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC, H1, H2, HI,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """log p and d log p / dx at positions x (BLOCK_A, BLOCK_C) (dims, chains); -inf and a zero
     gradient for chains outside the open box. Padded dims / hidden units contribute exactly 0.
@@ -188,9 +189,9 @@ def _log_density(
     log_pi = log_norm - tl.sum(0.5 * z * z + tl.log(den), axis=0)
     grad_pi = (2.0 * xa - z * inv_std) / den
     q_min, g_min = _critic_min(
-        xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
-        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
+        xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     log_p = tl.where(inside, log_pi + q_min, float("-inf"))
     grad = tl.where(inside[None, :], grad_pi + g_min, 0.0)
     return log_p, grad
@@ -199,11 +200,11 @@ def _log_density(
 @triton.jit
 def _tilt_density(
     z, mean, std, st, c_ok, scratch,
-    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC,
-    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC, H1, H2, HI,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """The pre-tanh chains' tilt (``misa_fast.hmc.tilted_log_density``, space "pre_tanh"): at whitened
     positions z (BLOCK_A, BLOCK_C), Q(tanh(mean + std z)) and its gradient dQ/da (1 - a^2) std in z.
@@ -211,20 +212,20 @@ def _tilt_density(
     e2u = tl.exp(2.0 * (mean + std * z))
     a = 1.0 - 2.0 / (e2u + 1.0)  # tanh; +-1 (not NaN) where exp overflows or underflows
     q_min, g_min = _critic_min(
-        a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC,
-        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
+        a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return q_min, g_min * ((1.0 - a) * (1.0 + a) * std)
 
 
 @triton.jit
 def _critic_min(
     xa, st, c_ok, scratch,
-    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC,
-    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC, H1, H2, HI,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """min_e Q_e(s, a) at actions xa (BLOCK_A, BLOCK_C) and the argmin critic's dQ/da."""
     offs_c = tl.arange(0, BLOCK_C)
@@ -237,15 +238,51 @@ def _critic_min(
         if HAS_CHUNK:
             offs_n = tl.arange(0, BLOCK_HC)
             n_ok = offs_n < HC
+            offs_h = tl.arange(0, BLOCK_H)
+            mid_scratch = scratch + (BLOCK_HC + BLOCK_H + 1) * BLOCK_C  # z of middle layer m at (m - 1) tiles
+            dz_scratch = mid_scratch + NMID * BLOCK_H * BLOCK_C
+            if NMID >= 1:
+                # F0: the first middle layer from layer-1 chunks; its pre-activation goes to scratch
+                zm = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+                for k0 in range(0, H0, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < H0
+                    z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
+                                            s_shh, A, BLOCK_A, PREC0)
+                    wm = tl.reshape(m1_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
+                    zm += _mm(wm, _act(z0, ACT, ALPHA), PREC)
+                zm += tl.load(bm1_ptr + e * s_bm1e + offs_h, mask=offs_h < H1, other=0.0).to(tl.float32)[:, None]
+                tl.debug_barrier()  # earlier readers of this scratch are done
+                tl.store(mid_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], zm)
+                tl.debug_barrier()
+            if NMID >= 2:
+                # F1: the second middle layer, its input read back in chunks
+                zm = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+                for k0 in range(0, H1, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    hk = _act(tl.load(mid_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
+                    wm = tl.reshape(m2_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
+                    zm += _mm(wm, hk, PREC)
+                zm += tl.load(bm2_ptr + e * s_bm2e + offs_h, mask=offs_h < H2, other=0.0).to(tl.float32)[:, None]
+                tl.store(mid_scratch + BLOCK_H * BLOCK_C + offs_h[:, None] * BLOCK_C + offs_c[None, :], zm)
+                tl.debug_barrier()
             z1 = tl.zeros([BLOCK_HC, BLOCK_C], tl.float32)
-            for k0 in range(0, H0, BLOCK_K):  # F
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < H0
-                z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
-                                        A, BLOCK_A, PREC0)
-                h0 = _act(z0, ACT, ALPHA)
-                wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
-                z1 += _mm(wc, h0, PREC)
+            if NMID == 0:
+                for k0 in range(0, H0, BLOCK_K):  # F
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < H0
+                    z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
+                                            s_shh, A, BLOCK_A, PREC0)
+                    h0 = _act(z0, ACT, ALPHA)
+                    wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
+                    z1 += _mm(wc, h0, PREC)
+            else:
+                top = mid_scratch + (NMID - 1) * BLOCK_H * BLOCK_C  # the last middle layer's z
+                for k0 in range(0, HI, BLOCK_K):  # F, the input read back in chunks
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    hk = _act(tl.load(top + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
+                    wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])
+                    z1 += _mm(wc, hk, PREC)
             bc = tl.load(bc_ptr + e * s_bce + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             wl = tl.load(wl_ptr + e * s_wle + offs_n * s_wli, mask=n_ok, other=0.0).to(tl.float32)
             z1 += bc[:, None]
@@ -253,13 +290,33 @@ def _critic_min(
             q = tl.sum(_act(z1, ACT, ALPHA) * wl[:, None], axis=0)
             tl.store(scratch + offs_n[:, None] * BLOCK_C + offs_c[None, :], slope1 * wl[:, None])
             tl.debug_barrier()
-            offs_h = tl.arange(0, BLOCK_H)
             dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
             for n0 in range(0, HC, BLOCK_K):  # B
                 offs_j = n0 + tl.arange(0, BLOCK_K)  # < BLOCK_HC: every scratch row was written
                 dz1 = tl.load(scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
                 wct = tl.reshape(wct_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
                 dh0 += _mm(wct, dz1, PREC)
+            if NMID >= 2:  # back through the second middle layer
+                zm = tl.load(mid_scratch + BLOCK_H * BLOCK_C + offs_h[:, None] * BLOCK_C + offs_c[None, :])
+                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * _dact(zm, ACT, ALPHA))
+                tl.debug_barrier()
+                dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+                for n0 in range(0, H2, BLOCK_K):
+                    offs_j = n0 + tl.arange(0, BLOCK_K)
+                    dzm = tl.load(dz_scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
+                    wmt = tl.reshape(m2t_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
+                    dh0 += _mm(wmt, dzm, PREC)
+                tl.debug_barrier()
+            if NMID >= 1:  # back through the first middle layer
+                zm = tl.load(mid_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :])
+                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * _dact(zm, ACT, ALPHA))
+                tl.debug_barrier()
+                dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+                for n0 in range(0, H1, BLOCK_K):
+                    offs_j = n0 + tl.arange(0, BLOCK_K)
+                    dzm = tl.load(dz_scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
+                    wmt = tl.reshape(m1t_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
+                    dh0 += _mm(wmt, dzm, PREC)
             dh0_scratch = scratch + BLOCK_HC * BLOCK_C
             q_scratch = dh0_scratch + BLOCK_H * BLOCK_C
             tl.store(dh0_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0)
@@ -300,45 +357,46 @@ def _critic_min(
 @triton.jit
 def _chain_density(
     x, mean, std, inv_std, log_norm, st, c_ok, scratch,
-    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC,
-    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+    E, S, A, H0, HC, H1, H2, HI,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """The chain's (log density, gradient): post-tanh log pi + Q, or the pre-tanh tilt (SPLIT)."""
     if SPLIT:
         log_p, grad = _tilt_density(
-            x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
-            E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
+            x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+            E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     else:
         log_p, grad = _log_density(
-            x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
-            bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA)
+            x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
+            bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+            BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return log_p, grad
 
 
 @triton.jit
 def _hmc_kernel(
     mean_ptr, std_ptr, init_ptr, step_ptr, mom_ptr, unif_ptr, seed_ptr,
-    sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr, bl_ptr,
+    sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
     out_ptr, acc_ptr, prob_ptr, step_out_ptr, scratch_ptr,
-    C, T, A, S, E, H0, HC, REPEATS, LEAPFROG, RECORD_FROM, ADAPT_STEPS,
+    C, T, A, S, E, H0, HC, H1, H2, HI, REPEATS, LEAPFROG, RECORD_FROM, ADAPT_STEPS,
     target_accept, adapt_rate, init_clip, max_step,
     s_mb, s_ma, s_sb, s_sa, s_ib, s_ia,
     s_mt, s_mc, s_mk, s_ut, s_uc,
-    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
+    s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     s_oc, s_or, s_oa,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # this program's scratch: dz1 (BLOCK_HC, BLOCK_C), dh0 (BLOCK_H, BLOCK_C), q (BLOCK_C,), fp32
-    scratch = scratch_ptr + pid.to(tl.int64) * ((BLOCK_HC + BLOCK_H + 1) * BLOCK_C)
+    # this program's scratch: dz1 (BLOCK_HC, BLOCK_C), dh0 (BLOCK_H, BLOCK_C), q (BLOCK_C,), then with
+    # middle layers their pre-activations and one dz tile (each (BLOCK_H, BLOCK_C)), fp32
+    scratch = scratch_ptr + pid.to(tl.int64) * ((BLOCK_HC + BLOCK_H + 1 + (NMID + 1) * BLOCK_H) * BLOCK_C)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     offs_c64 = offs_c.to(tl.int64)
@@ -360,9 +418,9 @@ def _hmc_kernel(
     step = tl.load(step_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
 
     log_p, grad = _chain_density(
-        x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr, wl_ptr,
-        bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli, s_ble,
-        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA, SPLIT)
+        x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
+        bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+        BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
     if RNG:
         seed = tl.load(seed_ptr)
 
@@ -393,9 +451,9 @@ def _hmc_kernel(
             else:
                 x_new = x_new + step[None, :] * p
             lp_new, g_new = _chain_density(
-                x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, bc_ptr,
-                wl_ptr, bl_ptr, E, S, A, H0, HC, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_wle, s_wli,
-                s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, PREC, PREC0, ACT, ALPHA, SPLIT)
+                x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr,
+                wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli,
+                s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
             ok = ok & (tl.abs(lp_new) < float("inf"))  # finite (NaN compares false too)
             coef = tl.where(leap == LEAPFROG - 1, half, step)
             p = p + coef[None, :] * g_new
@@ -437,18 +495,20 @@ def _interpreting() -> bool:
 def unsupported_reason(S: int, A: int, shapes: Sequence[Tuple[int, ...]]) -> Optional[str]:
     """Why the kernel cannot run critics with these stacked weight shapes ((E, out, in) per layer;
     None when it can)."""
-    if len(shapes) not in (2, 3):
-        return f"the fused HMC kernel takes critics with 1 or 2 hidden layers, got {len(shapes) - 1}"
+    if not 2 <= len(shapes) <= MAX_DEPTH + 1:
+        return f"the fused HMC kernel takes critics with 1 to {MAX_DEPTH} hidden layers, got {len(shapes) - 1}"
     if any(len(s) != 3 for s in shapes):
         return "critic weights must be stacked (E, out, in)"
     E, H0, SA = shapes[0]
     if SA != S + A or S < 0:
         return f"first layer takes {SA} inputs, state half + action dims do not match"
-    if H0 > MAX_HIDDEN:
-        return f"first hidden width {H0} > {MAX_HIDDEN}"
-    if len(shapes) == 3 and (shapes[1][2] != H0 or shapes[1][1] > MAX_HEAD):
-        return f"second layer {shapes[1][1:]} does not fit (input {H0}, at most {MAX_HEAD} outputs)"
-    if shapes[-1][1] != 1 or shapes[-1][2] != shapes[-2][1]:
+    for i in range(1, len(shapes)):
+        if shapes[i][2] != shapes[i - 1][1]:
+            return f"layer {i} takes {shapes[i][2]} inputs, layer {i - 1} gives {shapes[i - 1][1]}"
+    for i, s in enumerate(shapes[:-1]):
+        if s[1] > (MAX_HEAD if i == len(shapes) - 2 and i > 0 else MAX_HIDDEN):
+            return f"hidden width {s[1]} (layer {i}) > {MAX_HIDDEN}"
+    if shapes[-1][1] != 1:
         return f"the last layer must map {shapes[-2][1]} features to 1 output, got {shapes[-1][1:]}"
     if A < 1 or A > MAX_ACTION_DIM:
         return f"action dim {A} not in [1, {MAX_ACTION_DIM}]"
@@ -504,12 +564,13 @@ def launch_config(C: int, A: int, H0: int, HC: int, has_chunk: bool = True, prec
     return blocks, num_warps, num_stages
 
 
-def _weight_descriptors(wc: Optional[torch.Tensor], E: int, blocks, precision: int, dev):
+def _weight_descriptors(wc: Optional[torch.Tensor], E: int, blocks, precision: int, dev, rows: Optional[int] = None):
     """TMA descriptors of the hidden weight Wc (E, HC, H0) and of its transpose (E, H0, HC), in the
     dot's operand dtype (fp32, or bf16 for precision 2). Tiles of (1, BLOCK_HC | BLOCK_H, BLOCK_K);
     rows and columns outside the tensor read as zero. TMA wants 16-byte row strides, so an odd
     width is zero-padded (a copy; the transposed copy is made anyway: a tf32 wgmma needs K-major
-    tiles and cannot transpose one in shared memory)."""
+    tiles and cannot transpose one in shared memory). A middle layer W (E, H_m, H_m-1) of a 3- or
+    4-hidden-layer critic takes ``rows`` = BLOCK_H: tiles of (1, BLOCK_H, BLOCK_K) both ways."""
     bk = blocks["BLOCK_K"]
     if wc is None:  # one hidden layer: unused, any valid descriptor
         dummy = torch.zeros((1, 16, bk), device=dev, dtype=torch.float32)
@@ -529,7 +590,7 @@ def _weight_descriptors(wc: Optional[torch.Tensor], E: int, blocks, precision: i
 
     w = padded(wc)
     wt = padded(wc.transpose(1, 2))
-    return (TensorDescriptor.from_tensor(w, [1, blocks["BLOCK_HC"], bk]),
+    return (TensorDescriptor.from_tensor(w, [1, blocks["BLOCK_HC"] if rows is None else rows, bk]),
             TensorDescriptor.from_tensor(wt, [1, blocks["BLOCK_H"], bk]))
 
 
@@ -566,17 +627,26 @@ def hmc_chains(
     dev = init.device
     E, H0, SA = layers[0][0].shape
     S = SA - A
-    has_chunk = len(layers) == 3
+    has_chunk = len(layers) >= 3
     w0 = layers[0][0]
+
+    def bias(b, n):
+        if b is None:
+            return torch.zeros((E, n), device=dev, dtype=torch.float32)
+        return b if b.stride(-1) == 1 else b.contiguous()
+
     if has_chunk:
-        wc, bc = layers[1]
-        HC = wc.shape[1]
-        if bc is None:
-            bc = torch.zeros((E, HC), device=dev, dtype=torch.float32)
-        elif bc.stride(-1) != 1:
-            bc = bc.contiguous()
+        wc, bc = layers[-2]
+        HC, HI = wc.shape[1], wc.shape[2]
+        bc = bias(bc, HC)
     else:
-        wc, bc, HC = None, w0.new_zeros((E, 1)), H0
+        wc, bc, HC, HI = None, w0.new_zeros((E, 1)), H0, H0
+    mids = [(w, bias(b, w.shape[1])) for w, b in layers[1:-2]]  # middle hidden layers (3 or 4 hidden)
+    n_mid = len(mids)
+    H1 = mids[0][0].shape[1] if n_mid >= 1 else H0
+    H2 = mids[1][0].shape[1] if n_mid >= 2 else H0
+    bm1_ptr = mids[0][1] if n_mid >= 1 else bc
+    bm2_ptr = mids[1][1] if n_mid >= 2 else bc
     wl, bl = layers[-1]
     if bl is None:
         bl = torch.zeros((E, 1), device=dev, dtype=torch.float32)
@@ -598,26 +668,31 @@ def hmc_chains(
     if C == 0 or T == 0:
         step_out.copy_(step_size)
         return HMCKernelOutput(states, accepted.view(torch.bool), prob, step_out)
-    blocks, nw, ns = launch_config(C, A, H0, HC, has_chunk, precision, dev, block_c)
+    blocks, nw, ns = launch_config(C, A, max(H0, H1, H2), HC, has_chunk, precision, dev, block_c)
     if num_warps is not None:
         nw = num_warps
     wc_desc, wct_desc = _weight_descriptors(wc, E, blocks, precision, dev)
+    m1_desc, m1t_desc = _weight_descriptors(mids[0][0] if n_mid >= 1 else None, E, blocks, precision, dev,
+                                            blocks["BLOCK_H"])
+    m2_desc, m2t_desc = _weight_descriptors(mids[1][0] if n_mid >= 2 else None, E, blocks, precision, dev,
+                                            blocks["BLOCK_H"])
     grid = (triton.cdiv(C, blocks["BLOCK_C"]),)
-    per_program = (blocks["BLOCK_HC"] + blocks["BLOCK_H"] + 1) * blocks["BLOCK_C"] if has_chunk else 1
+    per_program = ((blocks["BLOCK_HC"] + blocks["BLOCK_H"] + 1 + (n_mid + 1) * blocks["BLOCK_H"]) * blocks["BLOCK_C"]
+                   if has_chunk else 1)
     scratch = torch.empty((grid[0] * per_program,), device=dev, dtype=torch.float32)
     _hmc_kernel[grid](
         mean, std, init, step_size, mom, unif, seed,
-        state_half, w0, wc_desc, wct_desc, bc, wl, bl,
+        state_half, w0, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc, wl, bl,
         states, accepted, prob, step_out, scratch,
-        C, T, A, S, E, H0, HC, repeats, leapfrog_steps, record_from, adapt_steps,
+        C, T, A, S, E, H0, HC, H1, H2, HI, repeats, leapfrog_steps, record_from, adapt_steps,
         float(target_accept), float(adapt_rate), float(init_clip), float(max_step),
         mean.stride(0), mean.stride(1), std.stride(0), std.stride(1), init.stride(0), init.stride(1),
         *s_mom, *s_unif,
         state_half.stride(0), state_half.stride(1), state_half.stride(2),
-        w0.stride(0), w0.stride(1), w0.stride(2), bc.stride(0),
+        w0.stride(0), w0.stride(1), w0.stride(2), bc.stride(0), bm1_ptr.stride(0), bm2_ptr.stride(0),
         wl.stride(0), wl.stride(2), bl.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
-        **blocks, HAS_CHUNK=has_chunk, PREC=precision, PREC0=action_precision, RNG=rng, SPLIT=bool(split),
+        **blocks, HAS_CHUNK=has_chunk, NMID=n_mid, PREC=precision, PREC0=action_precision, RNG=rng, SPLIT=bool(split),
         ACT=int(activation[0]), ALPHA=float(activation[1]),
         num_warps=nw, num_stages=ns,
     )

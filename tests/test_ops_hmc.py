@@ -363,7 +363,7 @@ def test_backend_overrides(monkeypatch):
 
 @needs_kernels
 def test_unsupported_calls_fall_back_or_raise():
-    deep = Problem(batch=2, act_dim=2, hidden=(8, 8, 8), seed=9)  # three hidden layers
+    deep = Problem(batch=2, act_dim=2, hidden=(8, 8, 8, 8, 8), seed=9)  # five hidden layers
     kw = dict(mode="faithful", num_samples=2, burn_in=1, step_size=0.3, noise=deep.noise("faithful", 2, 1))
     with pytest.raises(ValueError, match="hidden layers"):
         deep.fused(**kw)
@@ -384,6 +384,65 @@ def test_unsupported_calls_fall_back_or_raise():
         prob.fused(mode="faithful", num_samples=1, burn_in=0, leapfrog_steps=0)
     with pytest.raises(ValueError, match="mode"):
         prob.fused(mode="bogus", num_samples=1, burn_in=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the critics' own architecture: activation and depth
+# ----------------------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("hidden,activation", [((16, 24), "relu"), ((16, 24, 16), "relu"),
+                                               ((16, 24, 20, 16), "elu"), ((24, 16, 32), "relu")])
+@pytest.mark.parametrize("space", ["post_tanh", "pre_tanh"])
+def test_depth_and_activation_reproduce_reference(hidden, activation, space):
+    """ReLU critics are computed with ReLU and 3 or 4 hidden layers run fused: the supplied-noise
+    chains are those of the reference for the same critics."""
+    prob = Problem(batch=3, act_dim=2, hidden=hidden, seed=1, activation=activation)
+    kw = dict(mode="faithful", num_samples=3, burn_in=2, step_size=0.3 if space == "post_tanh" else 0.5,
+              space=space, noise=prob.noise("faithful", 3, 2))
+    res, ref = prob.fused(**kw), prob.reference(**kw)
+    assert_same_chains(res, ref)
+    if space == "post_tanh":
+        assert 0.1 < ref.accept_rate.item() < 0.95
+    # the same layers read as ELU are another target: the chains differ
+    other = "elu" if activation == "relu" else "relu"
+    wrong = hmc_sample(*prob.args(), activation=other, precision="ieee", backend="triton", **kw)
+    assert not torch.equal(wrong.samples, res.samples)
+
+
+@needs_kernels
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu", "tanh", "gelu", "gelu_tanh", ("elu", 0.5)])
+def test_other_activations_reproduce_reference(activation):
+    prob = Problem(batch=2, act_dim=2, hidden=(16, 16), seed=2)
+    kw = dict(mode="parallel", num_samples=2, burn_in=2, step_size=0.3, noise=prob.noise("parallel", 2, 2),
+              activation=activation)
+    res = prob.fused(**kw)
+    ref = hmc_sample(*prob.args(), backend="torch", **kw)
+    assert_same_chains(res, ref)
+
+
+def test_plain_tensors_need_an_activation_and_float64_is_not_downcast():
+    from misa_fast.ops import CriticArchitectureError
+
+    prob = Problem(batch=2, act_dim=2, hidden=(8, 8), seed=3, device="cpu")
+    plain = [(w, b) for w, b in prob.layers]
+    kw = dict(mode="faithful", num_samples=2, burn_in=1, step_size=0.3, noise=prob.noise("faithful", 2, 1))
+    kw["noise"] = hmc.HMCNoise(kw["noise"].momentum.cpu(), kw["noise"].uniform.cpu())
+    for backend in ("torch", "auto"):
+        with pytest.raises(CriticArchitectureError, match="activation="):
+            hmc_sample(prob.mean, prob.std, plain, prob.state_half, prob.init, backend=backend, **kw)
+    ref = hmc_sample(prob.mean, prob.std, plain, prob.state_half, prob.init, activation="elu", backend="torch", **kw)
+    assert torch.equal(ref.samples, prob.reference(**kw).samples)
+    d = [t.double() for t in (prob.mean, prob.std)]
+    layers64 = nets.StackedLayers([(w.double(), b.double()) for w, b in prob.layers], "elu")
+    noise64 = hmc.HMCNoise(kw["noise"].momentum.double(), kw["noise"].uniform.double())
+    out = hmc_sample(*d, layers64, prob.state_half.double(), prob.init.double(), backend="auto",
+                     **{**kw, "noise": noise64})
+    assert out.samples.dtype == torch.float64
+    if kernel_device() is not None:
+        with pytest.raises(ValueError, match="float64"):
+            hmc_sample(*[t.to(DEV) for t in d], nets.StackedLayers([(w.to(DEV), b.to(DEV)) for w, b in layers64], "elu"),
+                       prob.state_half.double().to(DEV), prob.init.double().to(DEV), backend="triton",
+                       **{**kw, "noise": hmc.HMCNoise(noise64.momentum.to(DEV), noise64.uniform.to(DEV))})
 
 
 # ----------------------------------------------------------------------------------------------
