@@ -12,9 +12,9 @@ Target per chain (``misa_fast.hmc.tilted_log_density``), in one of two spaces (c
 
 The gradient in the action is computed analytically in-kernel: the tanh-Gaussian part elementwise
 from the per-state policy mean/std, the critic part by a forward and an explicit backward pass
-through the MLP ``L0 (H0, S+A) -> act -> [Lc (HC, H0) -> act] -> Ll (1, .)`` (act: constexpr ACT, any
-of ACTIVATIONS), starting from the
-critics' precomputed layer-1 state halves ``W0[:, :S] s + b0`` (E, B, H0); the argmin critic's
+through the MLP ``L0 (H0, S+A) -> act -> [M1 -> act -> [M2 -> act]] -> [Lc (HC, HI) -> act] -> Ll (1, .)``
+(1 to 4 hidden layers, NMID = 0..2 middle layers; act: constexpr ACT, any of ACTIVATIONS), starting
+from the critics' precomputed layer-1 state halves ``W0[:, :S] s + b0`` (E, B, H0); the argmin critic's
 gradient is taken. Transitions follow ``misa_fast.hmc.run_chains`` step for step (L leapfrog steps,
 the gradient at the current state cached across transitions, any post-tanh leapfrog position outside
 the box rejects, NaN ratios give acceptance probability 0, step-size adaptation
@@ -41,6 +41,10 @@ without leaving the kernel (T * L + 1 gradient evaluations). What lives where:
   the next loop can read them back in chunks (Triton cannot slice a register tensor) and so that Q
   reaches the chain state in a plain layout instead of the wgmma accumulator's (which replicated
   the (A, C) chain tiles across warps and spilled). CTA barriers order the scratch traffic.
+- middle layers (3 or 4 hidden layers): F runs first into M1 (its pre-activation to scratch), M2
+  and Lc read their inputs back from scratch in BLOCK_K chunks through TMA tiles of M_m; after B,
+  ``dh = M_m^T (dh * act'(z_m))`` per middle layer (dz through scratch, TMA tiles of a host-made
+  M_m^T), so that G sees d/dh0 as before.
 
 Randomness: either supplied (momentum (T, C, A) standard normal, uniform (T, C), exactly what the
 torch reference consumes: same decisions, same samples to float rounding), or in-kernel Philox

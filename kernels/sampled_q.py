@@ -1,35 +1,47 @@
-"""Fused sampled-Q log-sum-exp for one critic: ``lse_b = log sum_k exp(Q(s_b, a_bk) + logw_bk)``.
+"""Fused sampled-Q log-sum-exp for one critic: ``lse_b = log sum_k exp(Q(s_b, a_bk) / T + logw_bk)``,
+``out_b = T * lse_b - norm`` (T: CQL's temperature, 1 for MISA).
 
-The critic is an MLP on ``concat(s, a)`` with one or two hidden ELU layers:
-``L0 (H0, S+A) -> ELU -> [Lc (HC, H0) -> ELU] -> Ll (1, HC or H0)`` (MISA/CQL: H0 = HC = 256).
+The critic is an MLP on ``concat(s, a)`` with 1 to 4 hidden layers and one activation ``act``
+after each (constexpr ACT: ReLU, ELU(alpha), LeakyReLU(slope), SiLU, Tanh, GELU exact or tanh; the
+runtime ALPHA carries ELU's alpha / the leaky slope):
+``L0 (H0, S+A) -> act -> [M1 (H1, H0) -> act -> [M2 (H2, H1) -> act]] -> [Lc (HC, HI) -> act] -> Ll (1, .)``
+(MISA/CQL: H0 = HC = 256; CORL's CQL and the antmaze preset: three hidden layers of 256, one middle
+layer M1). Widths: H0, H1, H2 <= 256 (on-chip tiles), HC <= 256 with middle layers, <= 4096 without
+(streamed).
 
 Orientation: activations are held transposed, (features, samples) = (BLOCK_H, BLOCK_K), so each
 layer is ``W @ h^T`` with the weight tile on the left and the computed activation on the right.
 On sm_90 most dots are wgmma, but ``Wc @ h^T`` in the forward and the trunk compiles to mma.sync
-(register operands); sm_80 has mma.sync only (bench/results/kernels-aot-2026-12-02.md, per dot).
+(register operands); sm_80 has mma.sync only (bench/results/kernels-aot-*.md, per dot).
 
 Forward (``_sq_fwd_kernel``, grid (B,), one program per state, looping over K in BLOCK_K blocks):
 the state half of L0, ``W0[:, :S] s + b0``, is computed once per state (an (H0, S) multiply-reduce)
-and broadcast over the samples; the action half is an (H0, A) x (A, BLOCK_K) dot. Lc is streamed in
-BLOCK_C-row chunks whose ELU output is contracted at once with the matching slice of Ll, so neither
-(K, H0) nor (K, HC) activations ever leave the SM. An online max / rescaled sum over the K blocks
-gives the log-sum-exp. Writes the per-sample Q (B, K) (the backward reads it), lse (B,) and
-out = lse - norm.
+and broadcast over the samples; the action half is an (H0, A) x (A, BLOCK_K) dot. A middle layer
+(NMID = 1 or 2 of them) is computed in BLOCK_R-row chunks into a per-program scratch tile (L1/L2
+resident) and read back whole, since a register tile cannot be assembled from row chunks. Lc is
+streamed in BLOCK_C-row chunks whose activation is contracted at once with the matching slice of Ll,
+so the (K, HC) activations never exist anywhere and the (K, H) ones of the other layers never leave
+the program's own tiles. An online max / rescaled sum over the K blocks gives the log-sum-exp. Writes
+the per-sample Q (B, K) (the backward reads it), lse (B,) and out.
 
-Backward: ``dL/dq_bk = g_b * softmax_k(q_b + logw_b)`` (from the saved Q and lse), pushed through
-the MLP by recomputation, in two kernels:
+Backward: ``dL/dq_bk = g_b * softmax_k(q_b / T + logw_b)`` (from the saved Q and lse), pushed through
+the MLP by recomputation, in 2 + NMID kernels:
 
-- ``_sq_bwd_head_kernel``, grid (cdiv(HC, BLOCK_C), G): program (j, g) recomputes L0 for the states
-  of group g and row chunk j of Lc, and accumulates dWc[j] (BLOCK_C, H0), dbc[j], dWl[j] and dbl in
-  registers over those states.
-- ``_sq_bwd_trunk_kernel``, grid (G,): recomputes all chunks to get ``dh = sum_j Wc_j^T dzc_j``,
-  then L0: ``dW0[:, S:] += dz0 a`` in registers; the state half again uses the sharing across the
-  samples: per state ``dW0[:, :S] += (sum_k dz0_k) s^T`` and ``d_obs = W0[:, :S]^T sum_k dz0_k``.
+- ``_sq_bwd_head_kernel``, grid (cdiv(HC, BLOCK_C), G): program (j, g) recomputes the layers below
+  Lc for the states of group g, then row chunk j of Lc, and accumulates dWc[j] (BLOCK_C, HI),
+  dbc[j], dWl[j] and dbl in registers over those states.
+- ``_sq_bwd_mid_kernel`` (one launch per middle layer m), grid (cdiv(H_m, BLOCK_R), G): recomputes
+  the forward (middle pre-activations in scratch) and the backward from the top down to layer m,
+  and accumulates rows of dW_m, db_m in registers.
+- ``_sq_bwd_trunk_kernel``, grid (G,): recomputes everything to get ``dh = sum_j Wc_j^T dzc_j``,
+  back through the middle layers (``W_m^T dz_m`` in row chunks through scratch), then L0:
+  ``dW0[:, S:] += dz0 a`` in registers; the state half again uses the sharing across the samples:
+  per state ``dW0[:, :S] += (sum_k dz0_k) s^T`` and ``d_obs = W0[:, :S]^T sum_k dz0_k``.
 
 Each program writes its own slice of a partial-gradient buffer (no atomics) and the host reduces
 the slices with one ``sum`` per kernel, in a fixed order: gradients are bitwise reproducible run
 to run. The only global read-modify-write is of the program's own dW0[:, :S] slice (one state at a
-time, separated by a CTA barrier).
+time, separated by a CTA barrier) and of its own scratch tiles.
 
 Precision (constexpr PREC): 0 = fp32 dots ("ieee"), 1 = tf32 dots, 2 = bf16 dot operands; always
 fp32 accumulation, fp32 elementwise math and fp32 outputs.

@@ -32,10 +32,11 @@ configuration, per architecture: bench/results/kernels-aot-2026-12-02.md.
 Critics: stacked layers (weights (E, out, in)) and their activation, read from the layers
 (``EnsembleCritic.stacked_layers()`` carries it) or given as ``activation=``; plain tensors without
 one are refused (``CriticArchitectureError``), never computed as some default network. Supported by
-the kernel: 1 or 2 hidden layers with any of ReLU, ELU(alpha), LeakyReLU(slope), SiLU, Tanh, GELU
-(exact or tanh), first width <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one device.
-Anything else (3 or more hidden layers, float64) runs the reference under ``"auto"`` (float64 stays
-float64) and raises ``ValueError`` (``CriticArchitectureError``) under ``"triton"``.
+the kernel: 1 to 4 hidden layers with one of ReLU, ELU(alpha), LeakyReLU(slope), SiLU, Tanh, GELU
+(exact or tanh) everywhere, hidden widths <= 256, action dim 1..32, fp32/fp16/bf16 tensors on one
+device. Anything else (5 or more hidden layers, wider layers, float64) runs the reference under
+``"auto"`` (float64 stays float64) and raises ``ValueError`` (``CriticArchitectureError``) under
+``"triton"``.
 """
 from __future__ import annotations
 
