@@ -1,7 +1,10 @@
 """Fused-op micro-benchmarks: each op against its torch reference (eager and torch.compile).
 
 MISA sizes: B=256 states, K=50 action samples, twin critics 256-256 ELU, hopper (S=11, A=3) and
-halfcheetah (S=17, A=6) dims.
+halfcheetah (S=17, A=6) dims. CQL at CORL's sizes (``test_cql_corl_*``): B=256, twin CORL-style
+critic modules (3x256 ReLU, forward concatenating (s, a)) passed as they are, 3 x 10 proposals with
+importance weights, ``T * logsumexp(Q / T + log_w)``, forward + backward: the fused op against the
+plain-torch loop a CQL agent runs (one critic call per proposal).
 
     pytest bench/bench_ops.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
     pytest bench/bench_ops.py --benchmark-disable          # smoke run (CI, CPU: seconds)
@@ -119,23 +122,23 @@ def test_sampled_q_cuda(benchmark, env, mode, impl):
         params = [t for wb in stacked for t in wb]
 
         def op():
-            return sampled_q_log_mean_exp(obs, actions, stacked, precision="tf32", backend="triton")
+            return sampled_q_log_mean_exp(obs, actions, stacked, precision="tf32", backend="triton", activation="elu")
     elif impl.startswith("fused"):
         prec = impl.split("-")[1]
 
         def op():
-            return sampled_q_log_mean_exp(obs, actions, critics, precision=prec, backend="triton")
+            return sampled_q_log_mean_exp(obs, actions, critics, precision=prec, backend="triton", activation="elu")
     elif impl == "naive-eager":
         def op():
             return naive_sampled_q_lme(obs, actions, critics)
     elif impl == "reference-eager":
         def op():
-            return sampled_q_log_mean_exp_reference(obs, actions, critics)
+            return sampled_q_log_mean_exp_reference(obs, actions, critics, activation="elu")
     else:
         compiled = torch.compile(sampled_q_log_mean_exp_reference)
 
         def op():
-            return compiled(obs, actions, critics)
+            return compiled(obs, actions, critics, activation="elu")
 
     if mode == "fwd":
         def fn():
@@ -162,7 +165,11 @@ def test_sampled_q_cpu_reference(benchmark, impl):
     actions = torch.rand(b, K, A) * 2 - 1
     critics = make_critics(S, A, (H, H), "cpu")
     params = [t for c in critics for wb in c for t in wb]
-    f = naive_sampled_q_lme if impl == "naive-eager" else sampled_q_log_mean_exp_reference
+    if impl == "naive-eager":
+        f = naive_sampled_q_lme
+    else:
+        def f(o, a, c):
+            return sampled_q_log_mean_exp_reference(o, a, c, activation="elu")
 
     def fn():
         torch.autograd.grad(f(obs, actions, critics).sum(), params)
@@ -171,6 +178,96 @@ def test_sampled_q_cpu_reference(benchmark, impl):
     per_call = _run(benchmark, fn, 1, False, rounds=5)
     if per_call:
         benchmark.extra_info.update(ms=per_call * 1e3, tflops=3 * sampled_q_flops(S, A, b=b) / per_call / 1e12)
+
+
+# ----------------------------------------------------------------------------------------------
+# CQL(H) at CORL's sizes: another agent's critics passed as they are
+# ----------------------------------------------------------------------------------------------
+CORL_B, CORL_N, CORL_HIDDEN, CORL_TEMP = 256, 10, (256, 256, 256), 1.0  # CORL's cql defaults, 3 x N proposals
+
+
+class CorlCritic(torch.nn.Module):
+    """CORL-style Q network: ``forward(obs, actions)`` runs Linear/ReLU x3 + Linear on concat(s, a)."""
+
+    def __init__(self, S, A, hidden=CORL_HIDDEN):
+        super().__init__()
+        dims = [S + A, *hidden]
+        mods = []
+        for i, o in zip(dims[:-1], dims[1:]):
+            mods += [torch.nn.Linear(i, o), torch.nn.ReLU()]
+        self.network = torch.nn.Sequential(*mods, torch.nn.Linear(dims[-1], 1))
+
+    def forward(self, obs, actions):
+        return self.network(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+
+def corl_problem(S, A, device, b=CORL_B, n=CORL_N, seed=0):
+    """Two CorlCritics, B states, 3 N proposals (uniform, policy at s, policy at s') and their
+    importance log-weights -log q(a)."""
+    torch.manual_seed(seed)
+    critics = [CorlCritic(S, A).to(device) for _ in range(2)]
+    obs = torch.randn(b, S, device=device)
+    actions = torch.rand(b, 3 * n, A, device=device) * 2 - 1
+    log_w = torch.cat([torch.full((b, n), A * math.log(2.0), device=device),
+                       torch.randn(b, 2 * n, device=device) - A], dim=1)
+    return critics, obs, actions, log_w
+
+
+def corl_plain_penalty_lse(critics, obs, actions, log_w, temp=CORL_TEMP):
+    """What a plain-torch CQL agent computes: each critic on every (s, a_k) row per proposal, the
+    concatenated importance-weighted values, temp * logsumexp(. / temp)."""
+    b, k, a_dim = actions.shape
+    n = k // 3
+    outs = []
+    for critic in critics:
+        qs = []
+        for j in range(3):  # one call per proposal, as the agents do
+            a = actions[:, j * n:(j + 1) * n].reshape(b * n, a_dim)
+            qs.append(critic(obs.repeat_interleave(n, dim=0), a).reshape(b, n))
+        outs.append(temp * torch.logsumexp(torch.cat(qs, 1) / temp + log_w, dim=1))
+    return torch.stack(outs)
+
+
+def _corl_case(benchmark, device, impl, inner, rounds):
+    S, A = DIMS["halfcheetah"]
+    critics, obs, actions, log_w = corl_problem(S, A, device)
+    params = [p for c in critics for p in c.parameters()]
+    if impl == "plain-loop":
+        def op():
+            return corl_plain_penalty_lse(critics, obs, actions, log_w)
+    else:  # "fused-<precision>": the Triton kernels; "op-torch-path": the op's torch path
+        backend = "triton" if impl.startswith("fused") else "torch"
+        prec = impl.split("-")[1] if backend == "triton" else None
+
+        def op():
+            return sampled_q_log_mean_exp(obs, actions, critics, log_w, "none", temperature=CORL_TEMP,
+                                          backend=backend, precision=prec)
+
+    def fn():
+        torch.autograd.grad(op().sum(), params)
+
+    per_call = _run(benchmark, fn, inner, device == "cuda", rounds=rounds)
+    if per_call:
+        h = CORL_HIDDEN[0]
+        flops = 3 * 2.0 * 2 * CORL_B * 3 * CORL_N * (h * (S + A) + 2 * h * h + h)
+        benchmark.extra_info.update(ms=per_call * 1e3, tflops=flops / per_call / 1e12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fused-tf32", "fused-ieee", "plain-loop"])
+def test_cql_corl_cuda(benchmark, impl):
+    """B = 256, twin 3x256 ReLU critics, 3 x 10 proposals, T * logsumexp, forward + backward."""
+    benchmark.group = "cql-corl-B256-3x256relu-K30-fwd+bwd"
+    _corl_case(benchmark, "cuda", impl, INNER, 30)
+
+
+@pytest.mark.parametrize("impl", ["op-torch-path", "plain-loop"])
+def test_cql_corl_cpu(benchmark, impl):
+    """The same problem on the CPU: the op's torch path (it reads the modules' Linear and ReLU
+    layers and shares the first layer's state half across the 30 samples) against the plain loop.
+    Not a GPU figure."""
+    benchmark.group = "cql-corl-cpu-B256-3x256relu-K30-fwd+bwd"
+    _corl_case(benchmark, "cpu", impl, 1, 5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,8 +394,8 @@ def test_hmc_cuda(benchmark, env, mode, impl):
 
         def op():
             if impl.endswith("rng"):
-                return hmc_sample(*args, precision=prec, backend="triton", generator=gen, **kw)
-            return hmc_sample(*args, noise=noise, precision=prec, backend="triton", **kw)
+                return hmc_sample(*args, precision=prec, backend="triton", generator=gen, activation="elu", **kw)
+            return hmc_sample(*args, noise=noise, precision=prec, backend="triton", activation="elu", **kw)
     elif impl == "reference-eager":
         def op():
             return hmc_lib.hmc_sample(*args, noise=noise, **kw)
