@@ -98,7 +98,13 @@ KNOWN_SPILLS = {
     # shared memory) the same tiles need more than 255 registers
     ("hmc_kernel", 80): 2432,
     ("sq_bwd_head_kernel", 80): 1856,
-    ("sq_bwd_trunk_kernel", 80): 320,
+    # 2026-12-03, critics beyond the presets' (subset compiles: CORL's 3x256 ReLU, every activation,
+    # 4x256): on sm_80 the trunk spills 488 B at 4 hidden layers (320 before), the middle-layer kernel
+    # 352 B; on sm_90 the 2x256 trunk with tanh-approximate GELU spills 232 B (its derivative keeps
+    # more (BLOCK_C, BLOCK_K) temporaries live), every other sm_90 sampled-Q configuration <= 120 B
+    ("sq_bwd_trunk_kernel", 80): 552,
+    ("sq_bwd_mid_kernel", 80): 400,
+    ("sq_bwd_trunk_kernel", 90): 264,
 }
 
 
@@ -323,11 +329,71 @@ def enumerate_launches(envs: Sequence[str] = tuple(ENVIRONMENTS)) -> List[Launch
                 except ValueError:  # not a valid setting of this preset (MISA-T excludes Lagrange)
                     continue
                 _agent_step(log, env, overrides, label, False)
+        # critics other than the presets': CORL's CQL (3x256 ReLU modules, 3 x 10 importance-weighted
+        # proposals, a temperature), every activation, 4 hidden layers, in both kernel families
+        _other_critics(log)
         for label, (shape, dim) in LOG_MEAN_EXP_SHAPES.items():
             x = torch.randn(shape, requires_grad=True)
             with log.labelled(f"log_mean_exp {label} {tuple(shape)} dim={dim}"):
                 ops.log_mean_exp(x, dim=dim).sum().backward()
     return log.launches
+
+
+OTHER_ACTIVATIONS = ("relu", "elu", "leaky_relu", "silu", "tanh", "gelu", "gelu_tanh")
+CORL_SIZES = dict(batch=256, proposals=3 * 10, hidden=(256, 256, 256), temperature=1.0)
+
+
+def _other_critics(log: LaunchLog) -> None:
+    """The ops with critics the presets do not use, at halfcheetah's dims: CORL-style CQL critics
+    (twin 3x256 ReLU modules whose forward concatenates (s, a), B = 256, 3 x 10 proposals with
+    log-weights, T * logsumexp) at every sampled-Q precision; each activation with the presets'
+    2x256 twin critics (sampled-Q tf32, HMC faithful tf32x3 with supplied noise); 4 hidden layers of
+    256 (sampled-Q tf32, HMC faithful tf32x3)."""
+    from misa_fast import hmc as hmc_lib
+    from misa_fast import nets, ops
+
+    _, obs_dim, act_dim = ENVIRONMENTS["halfcheetah"]
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(BATCH, obs_dim, generator=gen)
+
+    def critic_module(hidden, act):
+        dims = [obs_dim + act_dim, *hidden]
+        mods = []
+        for i, o in zip(dims[:-1], dims[1:]):
+            mods += [torch.nn.Linear(i, o), act()]
+        return torch.nn.Sequential(*mods, torch.nn.Linear(dims[-1], 1))
+
+    k = CORL_SIZES["proposals"]
+    actions = torch.rand(BATCH, k, act_dim, generator=gen) * 2 - 1
+    log_w = torch.randn(BATCH, k, generator=gen)
+    critics = [critic_module(CORL_SIZES["hidden"], torch.nn.ReLU) for _ in range(2)]
+    for precision in SAMPLED_Q_PRECISIONS:
+        with log.labelled(f"corl cql 3x256 relu sampled_q {precision}"):
+            ops.sampled_q_log_mean_exp(obs, actions, critics, log_w, "none", temperature=CORL_SIZES["temperature"],
+                                       precision=precision).sum().backward()
+
+    def hmc_call(critic, label):
+        layers = critic.stacked_layers(detach=True)
+        half = critic.first_layer_state_half(obs, detach=True)
+        mean, std = torch.zeros(BATCH, act_dim), torch.full((BATCH, act_dim), 0.3)
+        init = torch.rand(BATCH, act_dim, generator=gen) * 1.6 - 0.8
+        noise = hmc_lib.draw_noise("faithful", BATCH, 50, 5, act_dim, gen)
+        with log.labelled(label):
+            ops.hmc_sample(mean, std, layers, half, init, mode="faithful", num_samples=50, burn_in=5,
+                           step_size=0.3, noise=noise, precision="tf32x3")
+
+    samples = torch.rand(BATCH, 50, act_dim, generator=gen) * 2 - 1
+    for act in OTHER_ACTIVATIONS:
+        critic = nets.TwinCritic(obs_dim, act_dim, (256, 256))
+        critic_layers = nets.StackedLayers(critic.stacked_layers(), act)
+        with log.labelled(f"activation {act} 2x256 sampled_q tf32"):
+            ops.sampled_q_log_mean_exp(obs, samples, critic_layers, precision="tf32").sum().backward()
+        critic.activation = act  # stacked_layers() now carries it (forward is not called here)
+        hmc_call(critic, f"activation {act} 2x256 hmc faithful tf32x3 noise")
+    deep = nets.TwinCritic(obs_dim, act_dim, (256, 256, 256, 256), activation="relu")
+    with log.labelled("depth 4x256 relu sampled_q tf32"):
+        ops.sampled_q_log_mean_exp(obs, samples, deep, precision="tf32").sum().backward()
+    hmc_call(deep, "depth 4x256 relu hmc faithful tf32x3 noise")
 
 
 def _sampled_q_at_precision(log: LaunchLog, env: str, precision: str) -> None:
@@ -810,7 +876,8 @@ kernel launch of each preset's MISA update and of the ops as the agent calls the
 precisions and noise sources; every sampled-Q precision; CQL and MISA-T; log-mean-exp at its
 callers' sizes), specialised by Triton's own JIT binder for the target and compiled with the
 bundled ptxas. One row per distinct binary; *used by* lists the configurations that launch it.
-antmaze launches nothing: its three-hidden-layer critics take the torch path. Spill = the stack
+Beyond the presets: CORL-style CQL critics (3x256 ReLU, 3 x 10 proposals, a temperature), every
+activation, and 4 hidden layers. Spill = the stack
 frame cuobjdump reports (bytes per thread). Config: constexprs, then the integer arguments Triton
 specialised to 1 (`==1`) or marked divisible by 16 (`%16`), pointers it could not assume 16-byte
 aligned, warps and stages. Agent default: launched by a preset's default configuration

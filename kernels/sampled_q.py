@@ -653,7 +653,7 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: in
     BLOCK_H = max(16, triton.next_power_of_2(H_max))
     BLOCK_S = 16
     BLOCK_A = max(16, triton.next_power_of_2(A))
-    kmax = 64 if kind == "fwd" and n_mid == 0 else 32
+    kmax = 64 if kind == "fwd" and n_mid == 0 else (32 if kind == "fwd" or n_mid == 0 else 16)
     BLOCK_K = max(16, min(kmax, triton.next_power_of_2(K)))
     BLOCK_C = max(16, min(64 if kind == "head" and n_mid == 0 else 32, triton.next_power_of_2(HC)))
     BLOCK_R = min(32, BLOCK_H)

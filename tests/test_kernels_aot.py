@@ -63,18 +63,34 @@ def test_every_family_and_arch_is_covered(table):
     _, rows, meta = table
     for arch in ARCHS:
         kernels = {r["kernel"] for r in rows if r["arch"] == arch}
-        assert kernels == {"sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel", "hmc_kernel",
-                           "lme_fwd_kernel", "lme_bwd_kernel"}, kernels
+        assert kernels == {"sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel", "sq_bwd_mid_kernel",
+                           "hmc_kernel", "lme_fwd_kernel", "lme_bwd_kernel"}, kernels
     users = set(meta["configurations"])  # every launch enumerated, compiled or represented
-    # every preset environment's default agent launches the fused kernels, except antmaze, whose
-    # three-hidden-layer critics take the torch path
-    for env in ("hopper", "halfcheetah", "walker2d", "ant", "pen", "door", "hammer", "relocate", "kitchen",
-                "pendulum"):
+    # every preset environment's default agent launches the fused kernels; antmaze's three hidden
+    # layers add the middle-layer gradient kernel
+    for env in ("hopper", "halfcheetah", "walker2d", "ant", "antmaze", "pen", "door", "hammer", "relocate",
+                "kitchen", "pendulum"):
         assert any(u.startswith(f"{env} agent") for u in users), env
         defaults = {r["kernel"] for r in rows if r["agent_default"] and any(u.startswith(f"{env} agent")
                                                                             for u in r["used_by"])}
         assert {"sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel", "hmc_kernel"} <= defaults, env
-    assert not any(u.startswith("antmaze") for u in users)
+        if env == "antmaze":
+            assert "sq_bwd_mid_kernel" in defaults
+    # critics beyond the presets': CORL's CQL critics, every activation, four hidden layers
+    for precision in ("ieee", "tf32", "bf16"):
+        assert f"corl cql 3x256 relu sampled_q {precision}" in users
+    for act in ("relu", "elu", "leaky_relu", "silu", "tanh", "gelu", "gelu_tanh"):
+        assert f"activation {act} 2x256 sampled_q tf32" in users
+        assert f"activation {act} 2x256 hmc faithful tf32x3 noise" in users
+    assert {"depth 4x256 relu sampled_q tf32", "depth 4x256 relu hmc faithful tf32x3 noise"} <= users
+    for arch in ARCHS:  # every activation and every number of middle layers compiled, in both families
+        for kernel in ("sq_bwd_trunk_kernel", "hmc_kernel"):
+            acts = {p for r in rows if r["arch"] == arch and r["kernel"] == kernel
+                    for p in r["config"].split() if p.startswith("ACT=")}
+            assert acts == {f"ACT={i}" for i in range(7)}, (arch, kernel, acts)
+            nmid = {p for r in rows if r["arch"] == arch and r["kernel"] == kernel
+                    for p in r["config"].split() if p.startswith("NMID=")}
+            assert nmid == {"NMID=0", "NMID=1", "NMID=2"}, (arch, kernel, nmid)
     for mode in ("faithful", "adaptive", "parallel"):
         for space in ("post_tanh", "pre_tanh"):
             for precision in ("ieee", "tf32", "tf32x3", "bf16"):
@@ -104,5 +120,6 @@ def test_matrix_instructions_match_the_precision(table):
         assert kinds and all(k.endswith(operand) for k in kinds), r
         if r["arch"] == 90:
             assert any(k.startswith("wgmma") for k in kinds), r
-            if r["kernel"] == "hmc_kernel":
-                assert len(r["dots"]["wgmma"]) == 2 and "mma.sync" not in r["dots"], r
+            if r["kernel"] == "hmc_kernel":  # two per hidden-to-hidden layer: forward and transposed
+                nmid = int(next(p for p in r["config"].split() if p.startswith("NMID="))[5:])
+                assert len(r["dots"]["wgmma"]) == 2 + 2 * nmid and "mma.sync" not in r["dots"], r
