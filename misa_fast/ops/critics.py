@@ -50,7 +50,7 @@ class Critic:
     activations: Optional[List[Activation]] = None
     module: Optional[nn.Module] = None
     why: Optional[str] = None
-    concat_call: bool = False  # opaque module called as forward(concat(s, a))
+    concat_call: Optional[bool] = None  # module called as forward(concat(s, a)); None: not known yet
 
     @property
     def modeled(self) -> bool:
@@ -226,6 +226,10 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
     params = list(module.parameters())
     dtype = params[0].dtype if params else torch.float32
     read = _read_module(module, activation)
+    if isinstance(read, str):
+        # opaque: no check call (its forward may have state, e.g. batch-norm statistics); the torch
+        # path calls it on the real rows only
+        return Critic(module=module, why=read)
     B, K, A = actions.shape
     n_real = min(B, 2)
     o = obs[:n_real].detach().unsqueeze(1).expand(n_real, min(K, 2), obs.shape[1]).reshape(-1, obs.shape[1])
@@ -236,8 +240,6 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
     with torch.no_grad():
         concat, out = _call_convention(module, o, a)
         out = out.reshape(-1)
-        if isinstance(read, str):
-            return Critic(module=module, why=read, concat_call=concat)
         linears, acts = read
         if linears[0].in_features != obs.shape[1] + A:
             return Critic(module=module, why=f"its first Linear layer takes {linears[0].in_features} inputs, "
@@ -278,7 +280,11 @@ def module_q(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, dtype: to
     pdt = params[0].dtype if params else dtype
     o = obs.unsqueeze(1).expand(B, K, obs.shape[1]).reshape(B * K, obs.shape[1]).to(pdt)
     a = actions.reshape(B * K, A).to(pdt)
-    return _call(critic.module, o, a, critic.concat_call).reshape(B, K).to(dtype)
+    if critic.concat_call is None:  # first evaluation: find how it is called (kept in the cache)
+        critic.concat_call, out = _call_convention(critic.module, o, a)
+    else:
+        out = _call(critic.module, o, a, critic.concat_call)
+    return out.reshape(B, K).to(dtype)
 
 
 def _module_name(module: nn.Module, i: int) -> str:

@@ -63,7 +63,7 @@ def dot_tolerance(precision: str, *, reduction: int, depth: int, scale: float = 
     ``input_rounding(precision) + 2^-24 * sqrt(n)``: the operand rounding of each product (errors of
     independent sign: relative to the result they do not grow with n) plus fp32 accumulation in a
     different order than the reference's (a random walk over n partial sums). ``depth`` chained
-    layers (Linear + ELU, Lipschitz ~1 at these initialisations) add their errors: a forward pass
+    layers (Linear + activation, Lipschitz ~1 at these initialisations) add their errors: a forward pass
     through L layers has ``depth=L``; a gradient recomputes the forward and runs the backward,
     ``depth=2L``. A log-sum-exp over the outputs passes an absolute error through unchanged
     (softmax weights sum to 1). ``rtol`` is that error times a safety factor; ``atol`` the same
