@@ -443,3 +443,21 @@ def test_auto_backend_falls_back_for_what_the_kernel_lacks(monkeypatch):
         sampled_q_log_mean_exp(obs, actions, mixed, backend="triton")
     out = sampled_q_log_mean_exp(obs, actions, mixed, backend="torch")
     torch.testing.assert_close(out, textbook_lse(obs, actions, mixed, norm=math.log(3)), **TOL)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden", [(48, 40, 36), (40, 72, 50, 24)])
+def test_deep_stacked_critic_over_several_k_blocks_and_state_groups(hidden):
+    """Middle layers' scratch tiles reused across K blocks (K = 37) and states (5 states in 2
+    groups), widths that are not powers of two, an ensemble's stacked gradients."""
+    torch.manual_seed(len(hidden))
+    critic = nets.TwinCritic(4, 3, hidden, activation="relu").to(DEV)
+    with torch.no_grad():
+        for w in critic.weights:
+            w.mul_(3.0)
+    obs = torch.randn(5, 4, device=DEV, requires_grad=True)
+    actions = (torch.rand(5, 37, 3, device=DEV) * 2 - 1).requires_grad_()
+    out = sampled_q_log_mean_exp(obs, actions, critic, backend="triton", precision="ieee", groups=2)
+    ref = torch.logsumexp(critic(obs, actions), -1) - math.log(37)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_grads_match(out, ref, list(critic.parameters()) + [obs, actions], tol=dict(atol=1e-5, rtol=1e-5))
