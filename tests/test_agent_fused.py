@@ -11,13 +11,12 @@ from misa_fast.ops import use_backend
 from misa_fast.ops.testing import dot_tolerance
 
 B, S, A, HIDDEN, K = 6, 5, 2, 16, 3
-CRITIC_DOTS = 3  # Linear layers of a critic (two hidden + head)
 
 
-def tiny_agent(mode, device, sampled_q_precision):
+def tiny_agent(mode, device, sampled_q_precision, depth=2):
     # The HMC chain runs at fp32 ("ieee"): its accept decisions are compared exactly below.
     cfg = preset("locomotion").replace(obs_dim=S, act_dim=A, policy_hidden=(HIDDEN, HIDDEN),
-                                       critic_hidden=(HIDDEN, HIDDEN), num_samples=K, batch_size=B, hmc_burn_in=1,
+                                       critic_hidden=(HIDDEN,) * depth, num_samples=K, batch_size=B, hmc_burn_in=1,
                                        hmc_mode=mode, hmc_step_size=0.2, hmc_precision="ieee",
                                        sampled_q_precision=sampled_q_precision, seed=3, device=device)
     return MISA(cfg)
@@ -54,18 +53,20 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-# Every mode at fp32 dots; the default tf32 once (on CUDA it really is tf32: the tolerances follow).
-CASES = [("faithful", "ieee"), ("adaptive", "ieee"), ("parallel", "ieee"), ("faithful", "tf32")]
+# Every mode at fp32 dots; the default tf32 once (on CUDA it really is tf32: the tolerances follow);
+# critics of three hidden layers (the antmaze preset's depth) fused too.
+CASES = [("faithful", "ieee", 2), ("adaptive", "ieee", 2), ("parallel", "ieee", 2), ("faithful", "tf32", 2),
+         ("faithful", "ieee", 3)]
 
 
-@pytest.mark.parametrize("mode, precision", CASES, ids=[f"{m}-{p}" for m, p in CASES])
-def test_fused_backend_update_matches_torch(mode, precision, kernel_device, kernel_calls):
+@pytest.mark.parametrize("mode, precision, depth", CASES, ids=[f"{m}-{p}-{d}" for m, p, d in CASES])
+def test_fused_backend_update_matches_torch(mode, precision, depth, kernel_device, kernel_calls):
     from misa_fast.kernels.sampled_q import PRECISIONS
 
     batch = random_batch(seed=11, device=kernel_device)
     results = {}
     for backend in ("torch", "triton"):
-        agent = tiny_agent(mode, kernel_device, precision)
+        agent = tiny_agent(mode, kernel_device, precision, depth)
         noise = agent.draw_noise(B)
         with use_backend(backend):
             metrics = agent.update(batch, noise)
@@ -82,8 +83,8 @@ def test_fused_backend_update_matches_torch(mode, precision, kernel_device, kern
     # over the B*K samples. Compared relative to each gradient's largest entry (or absolutely below
     # 1, as in tests/test_ops_sampled_q.py). The floors are the
     # tolerances of the interpreter (fp32 everywhere, only the summation order differs).
-    loss_tol = dot_tolerance(precision, reduction=HIDDEN, depth=CRITIC_DOTS, floor=1e-5)
-    grad_tol = dot_tolerance(precision, reduction=B * K, depth=2 * CRITIC_DOTS, floor=1e-5)
+    loss_tol = dot_tolerance(precision, reduction=HIDDEN, depth=depth + 1, floor=1e-5)
+    grad_tol = dot_tolerance(precision, reduction=B * K, depth=2 * (depth + 1), floor=1e-5)
     for key in ("critic_loss", "actor_loss", "lme_gap", "actor_unbiased_term"):
         torch.testing.assert_close(m_fused[key], m_ref[key], **loss_tol)
     fused_params = list(fused.critic.parameters()) + list(fused.policy.parameters())
