@@ -19,7 +19,10 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="misa-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="misa-fast", description="misa-fast: MISA and the offline-RL baselines of its paper, fast: train on "
+        "D4RL-format or Minari datasets, evaluate, fine-tune online, sweep on Ray Tune and report. "
+        "`misa-fast COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from misa_fast import checkpoint as ckpt
 from misa_fast.data.prepare import DataInfo
+from misa_fast.options import add_options, option
 
 
 def load_policy(path: Path):
@@ -43,16 +46,24 @@ def load_policy(path: Path):
     return act, state["data_info"], False
 
 
+@dataclass
+class EvalConfig:
+    """The options of ``misa-fast eval``."""
+
+    checkpoint: str = option(required=True, help="checkpoint.pt, its run directory, or policy.pt2")
+    episodes: int = option(10, help="episodes to run")
+    seed: int = option(0, help="seed of the first episode (episode i uses seed + i)")
+    env: Optional[str] = option(None, help="gymnasium id (default: the one the training data came from)")
+    dataset_name: Optional[str] = option(None, help="name for the normalized score (default: the training dataset)")
+    json: bool = option(False, help="print the full result as JSON")
+    threads: Optional[int] = option(None, metavar="N",
+                                    help="intra-op threads for the policy's forward passes (default: "
+                                         "OMP_NUM_THREADS, else 1: one small forward per environment step gains "
+                                         "nothing from more)")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, its run directory, or policy.pt2")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--env", help="gymnasium id (default: the one the training data came from)")
-    p.add_argument("--dataset-name", help="name for the normalized score (default: the training dataset)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="intra-op threads for the policy's forward passes (default: OMP_NUM_THREADS, else 1: "
-                        "one small forward per environment step gains nothing from more)")
+    add_options(p, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,25 +30,31 @@ import numpy as np
 import torch
 
 from misa_fast import checkpoint as ckpt
+from misa_fast.options import add_options, from_args, option
 
 
 @dataclass
 class FinetuneConfig:
-    checkpoint: str  # a run directory or its checkpoint.pt
-    steps: int = 100_000  # environment steps (one update each)
-    env: Optional[str] = None  # gymnasium id; default: the dataset's
-    out: Optional[str] = None  # default: <run dir>-finetune
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS, else misa_fast.runtime's rule
-    exploration_noise: float = 0.1  # TD3 family: std of the Gaussian action noise (TD3's default)
-    start_updates_after: int = 0  # env steps collected before the first update
-    eval_every: int = 10_000
-    eval_episodes: int = 10
-    log_every: int = 1_000
-    progress: bool = True
-    tensorboard: bool = True
-    resume: bool = False
+    """Settings of an online fine-tuning run; each field is also an option of ``misa-fast finetune``."""
+
+    checkpoint: str = option(required=True, help="an offline run directory (or its checkpoint.pt)")
+    steps: int = option(100_000, help="environment steps, one update each")
+    env: Optional[str] = option(None, help="gymnasium environment id (default: the dataset's)")
+    out: Optional[str] = option(None, help="run directory (default: <run dir>-finetune)")
+    seed: int = option(0, help="seed of the exploration noise and the episodes")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    threads: Optional[int] = option(None, metavar="N",
+                                    help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the rule of "
+                                         "misa_fast.runtime)")
+    exploration_noise: float = option(0.1, help="TD3-family action noise std (TD3's default; MISA samples its "
+                                                "own policy)")
+    start_updates_after: int = option(0, help="environment steps collected before the first update")
+    eval_every: int = option(10_000, help="environment steps between evaluations")
+    eval_episodes: int = option(10, help="episodes per evaluation")
+    log_every: int = option(1_000, help="environment steps between progress.csv rows")
+    progress: bool = option(True, help="no progress bar")
+    tensorboard: bool = option(True, help="no TensorBoard events")
+    resume: bool = option(False, help="continue the fine-tuning checkpoint in --out")
 
 
 def _checkpoint_path(path: str) -> Path:
@@ -220,28 +226,11 @@ def _normalized(info, env_id: str, episode_return: float) -> Optional[float]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = FinetuneConfig(checkpoint="")
-    p.add_argument("--checkpoint", required=True, help="an offline run directory (or its checkpoint.pt)")
-    p.add_argument("--env", help="gymnasium environment id (default: the dataset's)")
-    p.add_argument("--steps", type=int, default=d.steps, help="environment steps, one update each")
-    p.add_argument("--out", help="run directory (default: <run dir>-finetune)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1)")
-    p.add_argument("--exploration-noise", type=float, default=d.exploration_noise,
-                   help="TD3-family action noise std (MISA samples its own policy)")
-    p.add_argument("--start-updates-after", type=int, default=d.start_updates_after)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--resume", action="store_true", help="continue the fine-tuning checkpoint in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    add_options(p, FinetuneConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    cfg = from_args(FinetuneConfig, args)
     try:
         summary = finetune(cfg)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from misa_fast.options import add_options, option
+
 import numpy as np
 
 # Paper-style grouping of the registry's per-environment domains, in the paper's order.
@@ -443,17 +445,25 @@ def make_report(paths, out, reference: Optional[str] = None) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@dataclass
+class ReportConfig:
+    """The options of ``misa-fast report``."""
+
+    paths: tuple = option(positional=True, nargs="+", metavar="PATH",
+                          help="a run directory of misa-fast train, or a directory holding run directories "
+                               "(searched recursively for config.json)")
+    out: Optional[str] = option(None, help="where report.md, report-last.csv, report-best.csv and "
+                                           "curves-<dataset>.png go (default: the first PATH)")
+    reference: Optional[str] = option(None, choices=("paper",),
+                                      help="paper: the MISA paper's Table 2 numbers beside ours, in columns marked "
+                                           "(paper)")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     # The module text (examples, what a cell and a total are, the outputs) is the help's epilog.
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="a run directory of misa-fast train, or a directory holding run directories (searched "
-                        "recursively for config.json)")
-    p.add_argument("--out", help="where report.md, report-last.csv, report-best.csv and curves-<dataset>.png go "
-                                 "(default: the first PATH)")
-    p.add_argument("--reference", choices=["paper"],
-                   help="paper: the MISA paper's Table 2 numbers beside ours, in columns marked (paper)")
+    add_options(p, ReportConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,8 +30,11 @@ import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from misa_fast.options import add_options, option
 
 RAY_MISSING = ('misa-fast sweep needs Ray Tune, an optional extra: pip install "misa-fast[sweep]" '
                '(or pip install "ray[tune]")')
@@ -250,60 +253,63 @@ def fetch_datasets(datasets) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@dataclass
+class SweepConfig:
+    """The sweep's own options (a trial's settings are ``RunConfig``'s, see ``TRIAL_OPTIONS``)."""
+
+    # the grid
+    datasets: tuple = option((), cli_default=None, nargs="+", metavar="DATASET",
+                             help="D4RL names, Minari ids or files (default: the embedded Pendulum dataset)")
+    algos: tuple = option((), cli_default=None, nargs="+", metavar="NAME", help="algorithms (default: misa)")
+    seeds: tuple = option(("0",), cli_default=["0"], nargs="+", metavar="SEEDS",
+                          help="seeds: a list (0,1,2 or 0 1 2) or a range (0-4); default: 0")
+    grid: tuple = option((), repeatable=True, metavar="KEY=V1,V2",
+                         help="a config key's values, one trial each (repeatable; tuples as 64-64)")
+    overrides: tuple = option((), flag="--set", repeatable=True, metavar="KEY=VALUE",
+                              help="a config value for every trial (repeatable)")
+    # resources and faults
+    cpus_per_trial: float = option(1.0, help="CPU share of a trial (default 1); its intra-op threads are "
+                                             "max(1, floor(share))")
+    gpus_per_trial: float = option(0.0, help="GPU share of a trial, e.g. 0.25 = four trials per GPU (default 0)")
+    max_concurrent: Optional[int] = option(None, help="at most this many trials at a time (default: as resources "
+                                                      "allow)")
+    max_failures: int = option(2, help="retries of a trial whose process fails or dies, each from its last "
+                                       "checkpoint (default 2)")
+    num_cpus: Optional[float] = option(None, help="CPUs of the local Ray instance (default: all); not with "
+                                                  "--address")
+    num_gpus: Optional[float] = option(None, help="GPUs of the local Ray instance (default: detected); not with "
+                                                  "--address")
+    # where
+    out: Optional[str] = option(None, help="the sweep directory: sweep.json, runs/, Tune's state (default: "
+                                           "sweeps/<date-time>); on a cluster a path every node sees")
+    resume: Optional[str] = option(None, metavar="DIR",
+                                   help="finish the sweep in DIR (its sweep.json holds the arguments)")
+    address: Optional[str] = option(None, help="join a running Ray cluster (e.g. auto, or HEAD_IP:6379)")
+    storage: Optional[str] = option(None, help="Tune's storage path or URI for trial results and checkpoints (a "
+                                               "shared filesystem or s3://..., default: the sweep directory)")
+    progress: bool = option(True, help="no live table (only the final summary)")
+    progress_every: float = option(10.0, metavar="S", help="seconds between progress tables (default 10)")
+
+
+GRID_OPTIONS = ("datasets", "algos", "seeds", "grid", "overrides")
+RESOURCE_OPTIONS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "num_cpus", "num_gpus")
+WHERE_OPTIONS = ("out", "resume", "address", "storage", "progress", "progress_every")
+# A trial's settings, as misa-fast train takes them (the run directory, seed and algorithm come from the grid).
+TRIAL_OPTIONS = ("steps", "eval_every", "eval_episodes", "checkpoint_every", "log_every", "preset", "env", "device",
+                 "backend", "data_source", "obs_norm", "tensorboard")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from misa_fast.train import RunConfig, add_shortcut_options
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
-    g = p.add_argument_group("grid")
-    g.add_argument("--datasets", nargs="+", metavar="DATASET",
-                   help="D4RL names, Minari ids or files (default: the embedded Pendulum dataset)")
-    g.add_argument("--algos", nargs="+", metavar="NAME", default=None, help="algorithms (default: misa)")
-    g.add_argument("--seeds", nargs="+", default=["0"], metavar="SEEDS",
-                   help="seeds: a list (0,1,2 or 0 1 2) or a range (0-4); default: 0")
-    g.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a config key's values, one trial each (repeatable; tuples as 64-64)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config value for every trial (repeatable)")
-    t = p.add_argument_group("each trial (as misa-fast train)")
-    t.add_argument("--steps", type=int, help="training steps (default: 1000000; 3000 for the embedded dataset)")
-    t.add_argument("--eval-every", type=int, help="steps between evaluations, each reported to Tune with its "
-                                                  "checkpoint (default: 10000; 500 for the embedded dataset)")
-    t.add_argument("--eval-episodes", type=int, default=10)
-    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
-    t.add_argument("--log-every", type=int, default=1000)
-    t.add_argument("--num-samples", type=int, metavar="K", help="same as --set num_samples=K")
-    t.add_argument("--burn-in", type=int, metavar="N", help="same as --set hmc_burn_in=N")
-    t.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen", "pendulum"])
-    t.add_argument("--env", help="gymnasium id to evaluate in (default: the dataset's)")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when the trial was given a GPU share, else cpu")
-    t.add_argument("--backend", default="eager", choices=["eager", "compiled", "graph"])
-    t.add_argument("--data-source", default="auto", choices=["auto", "prefetch", "device"])
-    t.add_argument("--obs-norm", choices=["none", "scalar", "per-dim"])
-    t.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
-    r = p.add_argument_group("resources and faults")
-    r.add_argument("--cpus-per-trial", type=float, default=1.0,
-                   help="CPU share of a trial (default 1); its intra-op threads are max(1, floor(share))")
-    r.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPU share of a trial, e.g. 0.25 = four trials per GPU (default 0)")
-    r.add_argument("--max-concurrent", type=int, help="at most this many trials at a time (default: as "
-                                                      "resources allow)")
-    r.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a trial whose process fails or dies, each from its last checkpoint "
-                        "(default 2)")
-    r.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance (default: all); not with --address")
-    r.add_argument("--num-gpus", type=float, help="GPUs of the local Ray instance (default: detected); "
-                                                  "not with --address")
-    s = p.add_argument_group("where")
-    s.add_argument("--out", help="the sweep directory: sweep.json, runs/, Tune's state (default: "
-                                 "sweeps/<date-time>); on a cluster a path every node sees")
-    s.add_argument("--resume", metavar="DIR", help="finish the sweep in DIR (its sweep.json holds the arguments)")
-    s.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HEAD_IP:6379)")
-    s.add_argument("--storage", help="Tune's storage path or URI for trial results and checkpoints (a shared "
-                                     "filesystem or s3://..., default: the sweep directory)")
-    s.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no live table (only the final summary)")
-    s.add_argument("--progress-every", type=float, default=10.0, metavar="S",
-                   help="seconds between progress tables (default 10)")
+    add_options(p.add_argument_group("grid"), SweepConfig, include=GRID_OPTIONS)
+    trial = p.add_argument_group("each trial (as misa-fast train)")
+    add_options(trial, RunConfig, include=TRIAL_OPTIONS)
+    add_shortcut_options(trial)
+    add_options(p.add_argument_group("resources and faults"), SweepConfig, include=RESOURCE_OPTIONS)
+    add_options(p.add_argument_group("where"), SweepConfig, include=WHERE_OPTIONS)
 
 
 def _run_options(args) -> dict:

@@ -27,34 +27,66 @@ import numpy as np
 import torch
 
 from misa_fast import checkpoint as ckpt
+from misa_fast.options import add_options, from_args, option
 from misa_fast.runtime import apply_threads, choose_threads
 from misa_fast.samplers import SOURCES, make_source
 
 
+def _algorithm_names():
+    from misa_fast.algos import ALGORITHMS
+
+    return list(ALGORITHMS)
+
+
+def _algorithm_help() -> str:
+    from misa_fast.algos import ALGORITHMS
+
+    return "; ".join(f"{a.name}: {a.summary}" for a in ALGORITHMS.values())
+
+
+PRESET_NAMES = ("locomotion", "antmaze", "adroit", "kitchen", "pendulum")
+
+
 @dataclass
 class RunConfig:
-    """Run-level settings (the learner's hyperparameters live in the agent's config)."""
+    """Run-level settings (the learner's hyperparameters live in the agent's config). Each field is
+    also an option of ``misa-fast train`` (and, for a trial's settings, of ``misa-fast sweep``)."""
 
-    dataset: Optional[str] = None  # name, path, or None for the embedded default
-    env: Optional[str] = None  # gymnasium id to evaluate in; None: the one the dataset records, else its domain's
-    algo: str = "misa"
-    preset: Optional[str] = None  # None: from the dataset name (locomotion when unknown)
-    steps: int = 1_000_000
-    seed: int = 0
-    device: str = "auto"
-    out: Optional[str] = None
-    eval_every: int = 10_000
-    eval_episodes: int = 10
-    checkpoint_every: Optional[int] = None  # None: every evaluation
-    log_every: int = 1_000
-    data_source: str = "auto"  # "auto" | "prefetch" | "device"
-    backend: str = "eager"  # "eager" | "compiled" | "graph" (misa_fast.backends)
-    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS, else misa_fast.runtime's rule
-    obs_norm: Optional[str] = None  # "none" | "scalar" | "per-dim"; None: the algorithm's default
-    overrides: tuple = ()  # "key=value" for the agent config
-    progress: bool = True
-    tensorboard: bool = True
-    resume: bool = False
+    dataset: Optional[str] = option(
+        None, help="D4RL name (e.g. hopper-medium-v2), Minari id (e.g. mujoco/hopper/medium-v0), a .hdf5/.npz file "
+                   "or a Minari directory; default: the embedded Pendulum dataset")
+    env: Optional[str] = option(
+        None, help="gymnasium id to evaluate in (default: the environment the dataset records, e.g. a Minari "
+                   "dataset's env spec, else the one of its domain)")
+    algo: str = option("misa", metavar="NAME", choices=_algorithm_names, help="algorithm (default: misa)")
+    preset: Optional[str] = option(None, choices=PRESET_NAMES,
+                                   help="hyperparameter preset (default: from the dataset name)")
+    steps: int = option(1_000_000, cli_default=None,
+                        help="total training steps (default: 1000000; 3000 for the embedded dataset)")
+    seed: int = option(0, help="the run's seed (networks, batches, noise, evaluation episodes)")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    out: Optional[str] = option(None, help="run directory (default: runs/<dataset>-<algo>-seed<seed>)")
+    eval_every: int = option(10_000, cli_default=None,
+                             help="steps between evaluations (default: 10000; 500 for the embedded dataset)")
+    eval_episodes: int = option(10, help="episodes per evaluation")
+    checkpoint_every: Optional[int] = option(None, help="steps between checkpoints (default: every evaluation)")
+    log_every: int = option(1_000, help="steps between progress.csv rows")
+    data_source: str = option("auto", choices=SOURCES,
+                              help="batches from the C++ prefetcher or a device-resident dataset (auto: device on "
+                                   "CUDA)")
+    backend: str = option("eager", choices=("eager", "compiled", "graph"),
+                          help="training step: eager PyTorch, torch.compile of the losses, or the whole update "
+                               "captured in a CUDA graph (CUDA only)")
+    threads: Optional[int] = option(None, metavar="N",
+                                    help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the rule of "
+                                         "misa_fast.runtime, printed at start)")
+    obs_norm: Optional[str] = option(None, choices=("none", "scalar", "per-dim"),
+                                     help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
+    overrides: tuple = option((), flag="--set", metavar="KEY=VALUE", repeatable=True,
+                              help="override an agent config value, e.g. --set num_samples=20 (repeatable)")
+    progress: bool = option(True, help="no progress bar")
+    tensorboard: bool = option(True, help="no TensorBoard events")
+    resume: bool = option(False, help="continue the checkpoint in --out")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -367,49 +399,18 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
-    p.add_argument("--dataset", help="D4RL name (e.g. hopper-medium-v2), Minari id (e.g. "
-                                     "mujoco/hopper/medium-v0), a .hdf5/.npz file or a Minari directory; "
-                                     "default: the embedded Pendulum dataset")
-    from misa_fast.algos import ALGORITHMS
-
-    p.add_argument("--env", help="gymnasium id to evaluate in (default: the environment the dataset records, "
-                                 "e.g. a Minari dataset's env spec, else the one of its domain)")
-    p.add_argument("--algo", default=d.algo, choices=list(ALGORITHMS), metavar="NAME",
-                   help="algorithm (default: %(default)s): " + "; ".join(
-                       f"{a.name}: {a.summary}" for a in ALGORITHMS.values()))
+def add_shortcut_options(p) -> None:
+    """Flags that stand for ``--set`` assignments of the agent config."""
     p.add_argument("--num-samples", type=int, metavar="K",
                    help="K, the samples per state of the log-partition and of HMC (CQL: per proposal); "
                         "same as --set num_samples=K")
     p.add_argument("--burn-in", type=int, metavar="N", help="HMC burn-in transitions; same as --set hmc_burn_in=N")
-    p.add_argument("--preset", choices=["locomotion", "antmaze", "adroit", "kitchen", "pendulum"],
-                   help="hyperparameter preset (default: from the dataset name)")
-    p.add_argument("--steps", type=int, help="total training steps (default: 1000000; 3000 for the "
-                                             "embedded dataset)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", help="run directory (default: runs/<dataset>-<algo>-seed<seed>)")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 10000; 500 for "
-                                                  "the embedded dataset)")
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress.csv rows")
-    p.add_argument("--data-source", default=d.data_source, choices=SOURCES,
-                   help="batches from the C++ prefetcher or a device-resident dataset (auto: device on CUDA)")
-    p.add_argument("--backend", default=d.backend, choices=["eager", "compiled", "graph"],
-                   help="training step: eager PyTorch, torch.compile of the losses, or the whole update "
-                        "captured in a CUDA graph (CUDA only)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1: see the README's "
-                        "Threads section for the measurement behind it)")
-    p.add_argument("--obs-norm", default=d.obs_norm, choices=["none", "scalar", "per-dim"],
-                   help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an agent config value, e.g. --set num_samples=20 (repeatable)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_options(p, RunConfig)
+    add_shortcut_options(p)
+    p.epilog = "algorithms: " + _algorithm_help()
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple:
@@ -420,15 +421,10 @@ def _flag_overrides(args: argparse.Namespace) -> tuple:
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     embedded = args.dataset is None
-    return RunConfig(
-        dataset=args.dataset, env=args.env, algo=args.algo, preset=args.preset,
-        steps=args.steps if args.steps is not None else (3_000 if embedded else 1_000_000),
-        seed=args.seed, device=args.device, out=args.out,
-        eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
-        eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        data_source=args.data_source, backend=args.backend, threads=args.threads, obs_norm=args.obs_norm, overrides=_flag_overrides(args) + tuple(args.overrides),
-        progress=args.progress, tensorboard=args.tensorboard, resume=args.resume,
-    )
+    return from_args(RunConfig, args,
+                     steps=args.steps if args.steps is not None else (3_000 if embedded else 1_000_000),
+                     eval_every=args.eval_every if args.eval_every is not None else (500 if embedded else 10_000),
+                     overrides=_flag_overrides(args) + tuple(args.overrides))
 
 
 def run(args: argparse.Namespace) -> int:
