@@ -123,8 +123,8 @@ def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
         out = _tanh(z)
     elif ACT == 5:
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    else:
-        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    else:  # 0.5 z (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        out = z * tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
     return out
 
 
@@ -145,9 +145,9 @@ def _dact(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
         out = 1.0 - t * t
     elif ACT == 5:
         out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    else:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:  # s = sigmoid(2u): d (z s) / dz = s (1 + z (1 - s) 2u'), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+        sg = tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
+        out = sg * (1.0 + z * (1.0 - sg) * (1.5957691216057308 * (1.0 + 0.134145 * z * z)))
     return out
 
 
