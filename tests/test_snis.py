@@ -164,7 +164,7 @@ def _direct_term(agent, batch, noise):
     z = (u - mean[:, None]) / std[:, None]
     log_pi = (-0.5 * z * z - torch.log(std[:, None]) - 0.5 * math.log(2 * math.pi)
               - 2.0 * (math.log(2.0) - u - torch.nn.functional.softplus(-2.0 * u))).sum(-1)
-    return agent.config.unbiased_weight * float((w * log_pi).sum(1).mean()), w
+    return agent.config.unbiased_weight * float((w * log_pi).sum(1).mean().detach()), w
 
 
 @pytest.mark.parametrize("algo", WITH_TERM + ["misa-lagrange"])
