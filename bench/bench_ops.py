@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from misa_fast import hmc as hmc_lib
+from misa_fast.nets import StackedLayers
 from misa_fast.ops import (
     hmc_sample,
     log_mean_exp,
@@ -343,7 +344,8 @@ BURN_IN, LEAPFROG = 5, 2
 
 def hmc_problem(S, A, device, b=B, hidden=H, seed=0):
     """Per-state policy mean/std, twin stacked critics (256-256 ELU, weights scaled so that Q varies
-    by O(1) over the action box), their layer-1 state halves and dataset actions."""
+    by O(1) over the action box; the layers carry their activation), their layer-1 state halves and
+    dataset actions."""
     g = torch.Generator().manual_seed(seed)
     dims = [S + A, hidden, hidden, 1]
     layers = []
@@ -356,7 +358,7 @@ def hmc_problem(S, A, device, b=B, hidden=H, seed=0):
     mean = (torch.randn(b, A, generator=g) * 0.5).to(device)
     std = torch.exp(torch.rand(b, A, generator=g) - 1.5).to(device)
     init = (torch.rand(b, A, generator=g) * 1.6 - 0.8).to(device)
-    return mean, std, layers, state_half, init
+    return mean, std, StackedLayers(layers, "elu"), state_half, init
 
 
 def _reference_compiled_density(mean, std, layers, state_half, init, mode, num_samples, step, noise):

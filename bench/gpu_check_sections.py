@@ -451,12 +451,14 @@ def op_timings(ctx) -> dict:
                 return torch.autograd.grad(naive_sampled_q_lme(obs, actions, critics).sum(), critic_params)
         elif impl == "reference-eager":
             def call():
-                return torch.autograd.grad(sampled_q_log_mean_exp_reference(obs, actions, stacked).sum(), stacked_params)
+                return torch.autograd.grad(sampled_q_log_mean_exp_reference(obs, actions, stacked, activation="elu").sum(),
+                                           stacked_params)
         else:
             precision = impl.split("-", 1)[1]
 
             def call():  # the agent's layout: stacked twin critics
-                out = sampled_q_log_mean_exp(obs, actions, stacked, precision=precision, backend="triton")
+                out = sampled_q_log_mean_exp(obs, actions, stacked, precision=precision, backend="triton",
+                                             activation="elu")
                 return torch.autograd.grad(out.sum(), stacked_params)
         return cuda_event_timing(call, time_left=ctx.time_left)
 
