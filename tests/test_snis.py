@@ -189,7 +189,7 @@ def test_snis_term_equals_a_direct_computation_and_no_chain_runs(monkeypatch, al
     assert out.hmc is None and not any(k.startswith("hmc_") for k in out.metrics)
     expected, w = _direct_term(agent, batch, noise)
     assert out.metrics["actor_unbiased_term"].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    ess = 1.0 / (w ** 2).sum(1)
+    ess = 1.0 / (w.detach() ** 2).sum(1)
     assert out.metrics["snis_ess"].item() == pytest.approx(float(ess.mean()), rel=1e-5)
     assert out.metrics["snis_ess_p05"].item() == pytest.approx(float(ess.quantile(0.05)), rel=1e-5)
     assert 1.0 <= out.metrics["snis_ess_p05"].item() <= out.metrics["snis_ess"].item() <= K
