@@ -223,9 +223,11 @@ def test_relu_twin_critic_is_computed_with_relu(backend, hidden):
     # the same through its stacked layers (they carry the activation), and ELU would differ
     torch.testing.assert_close(sampled_q_log_mean_exp(obs, actions, critic.stacked_layers(), backend=backend,
                                                       precision="ieee"), ref, **TOL)
-    elu = sampled_q_log_mean_exp(obs, actions, critic.stacked_layers(), activation="elu", backend=backend,
-                                 precision="ieee")
-    assert (elu - ref).abs().max() > 1e-3
+    with pytest.raises(CriticArchitectureError, match="carry relu"):  # the layers know their network
+        sampled_q_log_mean_exp(obs, actions, critic.stacked_layers(), activation="elu", backend=backend)
+    plain = [(w, b) for w, b in critic.stacked_layers()]
+    elu = sampled_q_log_mean_exp(obs, actions, plain, activation="elu", backend=backend, precision="ieee")
+    assert (elu - ref).abs().max() > 1e-3  # the activation matters at these weights
 
 
 # ----------------------------------------------------------------------------------------------

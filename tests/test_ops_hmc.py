@@ -405,14 +405,18 @@ def test_depth_and_activation_reproduce_reference(hidden, activation, space):
         assert 0.1 < ref.accept_rate.item() < 0.95
     # the same layers read as ELU are another target: the chains differ
     other = "elu" if activation == "relu" else "relu"
-    wrong = hmc_sample(*prob.args(), activation=other, precision="ieee", backend="triton", **kw)
+    mean, std, layers, half, init = prob.args()
+    wrong = hmc_sample(mean, std, list(layers), half, init, activation=other, precision="ieee", backend="triton", **kw)
     assert not torch.equal(wrong.samples, res.samples)
+    with pytest.raises(ValueError, match="carry"):  # the layers know their network
+        hmc_sample(*prob.args(), activation=other, precision="ieee", backend="triton", **kw)
 
 
 @needs_kernels
 @pytest.mark.parametrize("activation", ["leaky_relu", "silu", "tanh", "gelu", "gelu_tanh", ("elu", 0.5)])
 def test_other_activations_reproduce_reference(activation):
     prob = Problem(batch=2, act_dim=2, hidden=(16, 16), seed=2)
+    prob.layers = list(prob.layers)  # plain tensors: the activation is the argument's
     kw = dict(mode="parallel", num_samples=2, burn_in=2, step_size=0.3, noise=prob.noise("parallel", 2, 2),
               activation=activation)
     res = prob.fused(**kw)

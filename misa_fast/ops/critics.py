@@ -86,6 +86,10 @@ def _explicit(activation) -> Optional[Activation]:
 
 
 def _raw_activation(layers, activation: Optional[Activation], what: str) -> Activation:
+    carried = layers_activation(layers)
+    if carried is not None and activation is not None and carried != activation:
+        raise CriticArchitectureError(f"{what}: activation={activation} was given but the layers carry {carried} "
+                                      "(the network they came from)")
     spec = layers_activation(layers, activation)
     if spec is None:
         raise CriticArchitectureError(

@@ -57,6 +57,11 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _activation(critic_layers, activation):
+    carried = layers_activation(critic_layers)
+    explicit = layers_activation([], activation)
+    if carried is not None and explicit is not None and carried != explicit:
+        raise CriticArchitectureError(f"hmc_sample: activation={explicit} was given but the critic layers carry "
+                                      f"{carried} (the network they came from)")
     spec = layers_activation(critic_layers, activation)
     if spec is None:
         raise CriticArchitectureError(

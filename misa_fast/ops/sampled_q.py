@@ -341,7 +341,8 @@ def sampled_q_log_mean_exp(
             module such as ``nn.LeakyReLU(0.2)``, or ``misa_fast.nets.Activation``). Required for
             plain tensors (they do not say which activation they were trained with) unless they carry
             it (``misa_fast.nets.StackedLayers``); for modules that apply their activation in
-            ``forward`` (no activation modules); otherwise it must agree with what the modules hold.
+            ``forward`` (no activation modules); otherwise it must agree with what the modules hold
+            or the layers carry (a contradiction raises).
         return_q: also return the per-sample Q values (C, B, K) (detached, not divided by T).
         precision: Triton dot precision: ``"tf32"``, ``"bf16"`` or ``"ieee"`` (fp32); None (default)
             follows ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
