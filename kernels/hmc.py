@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_DEPTH", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE", "MAX_STEP_SIZE",
-           "unsupported_reason", "launch_config", "hmc_chains", "HMCKernelOutput"]
+__all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_DEPTH", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE",
+           "MAX_STEP_SIZE", "unsupported_reason", "launch_config", "hmc_chains", "HMCKernelOutput"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 3}
 # the critics' hidden activation, constexpr ACT (with ALPHA: ELU's alpha / the leaky slope)
@@ -171,7 +171,8 @@ def _log_density(
     E, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """log p and d log p / dx at positions x (BLOCK_A, BLOCK_C) (dims, chains); -inf and a zero
     gradient for chains outside the open box. Padded dims / hidden units contribute exactly 0.
@@ -193,7 +194,8 @@ def _log_density(
     log_pi = log_norm - tl.sum(0.5 * z * z + tl.log(den), axis=0)
     grad_pi = (2.0 * xa - z * inv_std) / den
     q_min, g_min = _critic_min(
-        xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr,
+        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     log_p = tl.where(inside, log_pi + q_min, float("-inf"))
@@ -208,7 +210,8 @@ def _tilt_density(
     E, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """The pre-tanh chains' tilt (``misa_fast.hmc.tilted_log_density``, space "pre_tanh"): at whitened
     positions z (BLOCK_A, BLOCK_C), Q(tanh(mean + std z)) and its gradient dQ/da (1 - a^2) std in z.
@@ -216,7 +219,8 @@ def _tilt_density(
     e2u = tl.exp(2.0 * (mean + std * z))
     a = 1.0 - 2.0 / (e2u + 1.0)  # tanh; +-1 (not NaN) where exp overflows or underflows
     q_min, g_min = _critic_min(
-        a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr,
+        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return q_min, g_min * ((1.0 - a) * (1.0 + a) * std)
@@ -229,7 +233,8 @@ def _critic_min(
     E, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr,
 ):
     """min_e Q_e(s, a) at actions xa (BLOCK_A, BLOCK_C) and the argmin critic's dQ/da."""
     offs_c = tl.arange(0, BLOCK_C)
@@ -365,19 +370,24 @@ def _chain_density(
     E, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """The chain's (log density, gradient): post-tanh log pi + Q, or the pre-tanh tilt (SPLIT)."""
     if SPLIT:
         log_p, grad = _tilt_density(
-            x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-            E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+            x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc,
+            m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
+            E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle,
+            s_wli, s_ble,
             BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     else:
         log_p, grad = _log_density(
-            x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
-            bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+            x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc,
+            m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
+            bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
+            s_wle, s_wli, s_ble,
             BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return log_p, grad
 
@@ -394,7 +404,8 @@ def _hmc_kernel(
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     s_oc, s_or, s_oa,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -422,8 +433,10 @@ def _hmc_kernel(
     step = tl.load(step_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
 
     log_p, grad = _chain_density(
-        x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
-        bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
+        x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc,
+        m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
+        bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
+        s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
     if RNG:
         seed = tl.load(seed_ptr)
@@ -455,8 +468,10 @@ def _hmc_kernel(
             else:
                 x_new = x_new + step[None, :] * p
             lp_new, g_new = _chain_density(
-                x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr,
-                wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli,
+                x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc,
+                m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr,
+                wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce,
+                s_bm1e, s_bm2e, s_wle, s_wli,
                 s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
             ok = ok & (tl.abs(lp_new) < float("inf"))  # finite (NaN compares false too)
             coef = tl.where(leap == LEAPFROG - 1, half, step)

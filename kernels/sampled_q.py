@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PRECISIONS", "ACTIVATIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config", "sampled_q_fwd",
-           "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MAX_DEPTH"]
+__all__ = ["PRECISIONS", "ACTIVATIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config",
+           "sampled_q_fwd", "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MAX_DEPTH"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2}
 # the hidden activation, constexpr ACT (ELU's alpha / the leaky slope is the runtime ALPHA)

@@ -127,13 +127,14 @@ def cql_batch(B=3, N=2, S=4, A=2, seed=0):
     a_unif = torch.rand(B, N, A, generator=g) * 2 - 1
     logq_unif = torch.full((B, N), -A * math.log(2.0))  # log U(a) on [-1, 1]^A
 
-    def policy(seed_shift):  # a tanh-Gaussian policy sample and its log density
+    def policy():  # a tanh-Gaussian policy sample and its log density
         mean = torch.randn(B, 1, A, generator=g) * 0.3
         std = torch.rand(B, 1, A, generator=g) * 0.5 + 0.2
-        a, logp = nets.tanh_gaussian_sample(mean.expand(B, N, A), std.expand(B, N, A), torch.randn(B, N, A, generator=g))
+        noise = torch.randn(B, N, A, generator=g)
+        a, logp = nets.tanh_gaussian_sample(mean.expand(B, N, A), std.expand(B, N, A), noise)
         return a, logp
 
-    props = [(a_unif, logq_unif), policy(0), policy(1)]
+    props = [(a_unif, logq_unif), policy(), policy()]
     to = lambda t: t.to(DEV)  # noqa: E731
     return (to(obs), to(actions), to(rewards), to(next_obs), to(dones), to(target_q),
             [(to(a), to(lp)) for a, lp in props])
@@ -195,8 +196,8 @@ def test_stacked_layers_with_explicit_activation_at_depth_four():
     S, A, B, K, E = 3, 2, 2, 5, 3
     per = [mlp(S + A, (16, 16, 16, 16), nn.SiLU, seed=e) for e in range(E)]
     lins = [[m for m in c if isinstance(m, nn.Linear)] for c in per]
-    stacked = [(torch.stack([l[j].weight for l in lins]).detach().requires_grad_(),
-                torch.stack([l[j].bias for l in lins]).detach().requires_grad_()) for j in range(5)]
+    stacked = [(torch.stack([lin[j].weight for lin in lins]).detach().requires_grad_(),
+                torch.stack([lin[j].bias for lin in lins]).detach().requires_grad_()) for j in range(5)]
     obs, actions = torch.randn(B, S, device=DEV), torch.rand(B, K, A, device=DEV) * 2 - 1
     out = sampled_q_log_mean_exp(obs, actions, stacked, activation="silu", backend="triton", precision="ieee")
     ref = sampled_q_log_mean_exp(obs, actions, stacked, activation=nn.SiLU(), backend="torch")

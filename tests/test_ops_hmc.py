@@ -444,7 +444,8 @@ def test_plain_tensors_need_an_activation_and_float64_is_not_downcast():
     assert out.samples.dtype == torch.float64
     if kernel_device() is not None:
         with pytest.raises(ValueError, match="float64"):
-            hmc_sample(*[t.to(DEV) for t in d], nets.StackedLayers([(w.to(DEV), b.to(DEV)) for w, b in layers64], "elu"),
+            layers_dev = nets.StackedLayers([(w.to(DEV), b.to(DEV)) for w, b in layers64], "elu")
+            hmc_sample(*[t.to(DEV) for t in d], layers_dev,
                        prob.state_half.double().to(DEV), prob.init.double().to(DEV), backend="triton",
                        **{**kw, "noise": hmc.HMCNoise(noise64.momentum.to(DEV), noise64.uniform.to(DEV))})
 

@@ -115,13 +115,15 @@ def _log_weights(log_weights: Optional[torch.Tensor], B: int, K: int) -> Optiona
 
 def _check_shapes(obs: torch.Tensor, actions: torch.Tensor, cset: CriticSet) -> None:
     if obs.dim() != 2 or actions.dim() != 3 or actions.shape[0] != obs.shape[0]:
-        raise ValueError(f"expected obs (B, S) and actions (B, K, A), got {tuple(obs.shape)} and {tuple(actions.shape)}")
+        raise ValueError(f"expected obs (B, S) and actions (B, K, A), got {tuple(obs.shape)} and "
+                         f"{tuple(actions.shape)}")
     if actions.shape[1] == 0:
         raise ValueError("no action samples (K = 0)")
     SA = obs.shape[1] + actions.shape[2]
     for name, c in zip(cset.names, cset.critics):
         if c.modeled and c.layers[0][0].shape[1] != SA:
-            raise ValueError(f"{name}: first layer expects {c.layers[0][0].shape[1]} inputs, obs + action dims are {SA}")
+            raise ValueError(f"{name}: first layer expects {c.layers[0][0].shape[1]} inputs, obs + action dims "
+                             f"are {SA}")
 
 
 def _compute_dtype(obs, actions, cset: CriticSet, log_weights=None) -> torch.dtype:
