@@ -1,7 +1,7 @@
 """Hyperparameters of the MISA learner: one dataclass, presets per D4RL domain, and a ``--set
 key=value`` parser for the CLI.
 
-Every value of DESIGN.md section 2 has a name here, with the official code's default. Variants of
+Every value of the learner (the docs' design page) has a name here, with the official code's default. Variants of
 the paper (BA, MISA-f, MISA-DV, MISA-biased, no-BA, ...) are settings of this one config, not new
 classes: ``energy_bound`` picks the critic regulariser, ``use_ba`` the log pi(a_D|s) term and
 ``use_hmc`` the unbiased (MCMC) correction of the actor.
@@ -119,7 +119,7 @@ class MISAConfig(ConfigBase):
     # "cql" bounds (the torch path is always fp32). "tf32", the op's default, rounds the dot inputs
     # to 10 mantissa bits (Q off by ~1e-3 relative); "ieee" gives fp32 dots (the torch path's
     # values to float rounding); "bf16" halves the operand traffic at ~1e-2. Which one learns as
-    # well as fp32 is unmeasured: no GPU has run it yet.
+    # well as fp32 is an open, measurable question (a GPU learning run per precision).
     sampled_q_precision: SampledQPrecision = "tf32"
 
     # --- Lagrange variant (paper eq. 17 / 26) ----------------------------------------------------

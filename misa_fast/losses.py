@@ -1,4 +1,4 @@
-"""The losses of the MISA learner as plain functions (DESIGN.md section 2).
+"""The losses of the MISA learner as plain functions (docs: the design page, the losses).
 
 Each function detaches what its loss must not differentiate (targets, temperatures, multipliers,
 samples), so "each loss updates only its own parameters" holds by construction: the agent can sum

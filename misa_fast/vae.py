@@ -1,4 +1,4 @@
-"""SPOT's conditional VAE of the behaviour policy (DESIGN.md section 3) and its density estimates.
+"""SPOT's conditional VAE of the behaviour policy (docs: the design page, SPOT) and its density estimates.
 
 Model (as in the official SPOT code, github thuml/SPOT ``vae.py``): encoder q(z|s,a) = N(mean, std^2)
 from an MLP on concat(s, a), log std clamped to [-4, 15]; prior p(z) = N(0, I); decoder

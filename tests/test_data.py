@@ -325,7 +325,7 @@ def test_prepare_uses_recorded_env_and_minmax_for_adroit(tmp_path):
 
 
 # --------------------------------------------------------------------------------- normalized score
-D4RL_REFERENCES = {  # DESIGN.md section 2
+D4RL_REFERENCES = {  # the docs' design page, data conventions
     "hopper-medium-v2": (-20.272305, 3234.3), "halfcheetah-expert-v2": (-280.178953, 12135.0),
     "walker2d-random-v2": (1.629008, 4592.3), "ant-medium-replay-v2": (-325.6, 3879.7),
     "antmaze-large-diverse-v2": (0.0, 1.0), "kitchen-mixed-v0": (0.0, 4.0),

@@ -1,4 +1,4 @@
-"""The MISA learner (DESIGN.md section 2): twin critics with the mutual-information regulariser, a
+"""The MISA learner (docs: the design page, "The MISA learner"): twin critics with the mutual-information regulariser, a
 tanh-Gaussian actor with the BA term and the HMC-corrected log-mean-exp gradient, SAC temperature,
 optional Lagrange multiplier on the regulariser.
 

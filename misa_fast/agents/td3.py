@@ -1,6 +1,6 @@
 """The deterministic-actor learner: TD3 (Fujimoto et al. 2018) with a behaviour regulariser on the
-actor, ``behavior_reg="bc"`` = TD3+BC (Fujimoto & Gu 2021), ``"vae"`` = SPOT (Wu et al. 2022; DESIGN.md
-section 3). One class, the variants are configuration (``TD3Config``).
+actor, ``behavior_reg="bc"`` = TD3+BC (Fujimoto & Gu 2021), ``"vae"`` = SPOT (Wu et al. 2022; docs:
+the design page). One class, the variants are configuration (``TD3Config``).
 
 One ``update(batch)`` follows the official PyTorch code step for step: the twin critics take a TD
 step towards r + gamma (1 - d) min_i Q'_i(s', clip(pi'(s') + clip(0.2 eps, +-0.5), -1, 1)); every

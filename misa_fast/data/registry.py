@@ -79,7 +79,7 @@ class Domain:
     needs: str | None = None  # pip package that provides env_id, when gymnasium lacks it
 
 
-# Reference returns: D4RL's (DESIGN.md section 2). Pendulum has no D4RL reference; ours is
+# Reference returns: D4RL's. Pendulum has no D4RL reference; ours is
 # measured with misa_fast.envs.evaluate over 100 seeded episodes (seeds 0..99):
 #   ref_min: a uniform random policy;  ref_max: the best checkpoint of a stable-baselines3 SAC run
 #   (10k steps, seed 0, default hyper-parameters), deterministic actions.

@@ -1,4 +1,4 @@
-"""Per-domain transforms applied to q-learning transitions before training (DESIGN.md section 2):
+"""Per-domain transforms applied to q-learning transitions before training (docs: the design page, data conventions):
 action clipping, reward transforms, observation normalisation.
 
 Everything a transform learned from the data (normalisation statistics, reward min/max) is
