@@ -564,7 +564,11 @@ def launch_config(C: int, A: int, H0: int, HC: int, has_chunk: bool = True, prec
     these tiles spill 0.5-2 KiB per thread in every variant (no wgmma: the operands go through
     registers): an A100 needs its own configuration. BLOCK_K = 32: the contraction depth of every
     big dot, a 32 KiB fp32 weight tile per TMA copy. 8 warps: two warpgroups split the 256 rows of
-    each wgmma. Re-tune with timings on the GPU (``block_c`` overrides the chains per program).
+    each wgmma. Critics with middle layers (3 or 4 hidden layers) take the same tiles, H0 standing
+    for the widest of the first and middle widths; every hidden-to-hidden dot stays a wgmma on sm_90,
+    with at most 32 B of spills in the configurations compiled on 2026-12-03 (antmaze's 3x256 in
+    every mode / precision / noise source pairwise, 4x256 faithful tf32x3); sm_80 spills 1.2-1.8 KiB
+    there. Re-tune with timings on the GPU (``block_c`` overrides the chains per program).
     """
     BLOCK_A = max(16, triton.next_power_of_2(A))
     BLOCK_H = max(16, triton.next_power_of_2(H0))

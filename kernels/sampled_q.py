@@ -646,8 +646,11 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: in
     the head spills 312 bytes (1.6 KiB for A > 16), nor for "ieee": fp32 dots on the FMA units
     spill kilobytes at H0 = 256 on both architectures. Critics with middle layers (3 or 4 hidden
     layers, ``n_mid`` > 0) hold one more (BLOCK_H, BLOCK_K) tile and pass their middle activations
-    through a per-program scratch tile: BLOCK_K 32 everywhere, middle-layer rows in BLOCK_R = 32
-    chunks. Re-tune with timings on the GPU.
+    through a per-program scratch tile: forward BLOCK_K 32, backward BLOCK_K 16 (at 32 the backward
+    kernels spilled 160-200 B on sm_90), middle-layer rows in BLOCK_R = 32 chunks. At 3x256 and 4x256
+    (tf32, bench/results/kernels-aot-2026-12-03.md) no sampled-Q kernel spills more than 40 B on
+    sm_90; on sm_80 the 4x256 trunk spills 488 B and the middle-layer kernel 352 B. Re-tune with
+    timings on the GPU.
     """
     H_max = H0 if H_max is None else H_max
     BLOCK_H = max(16, triton.next_power_of_2(H_max))
