@@ -341,3 +341,16 @@ def test_train_writes_the_snis_columns_and_warns_once_when_the_weights_collapse(
     err = capsys.readouterr().err
     assert err.count("SNIS weights of the actor's correction term have collapsed") == 1
     assert train_lib.snis_collapse_warning is snis_collapse_warning
+
+
+@pytest.mark.parametrize("algo", [name for name, algo in ALGORITHMS.items() if algo.family == "misa"])
+def test_every_misa_variant_accepts_the_setting(algo):
+    """--set unbiased_estimator=snis on any MISA-family algorithm: those with the term use SNIS,
+    the others (misa-biased, misa-dv, misa-f, ba, cql) have no term to estimate and train as before."""
+    overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items() if k != "num_samples"}
+    agent = MISA(tiny_config(**overrides))
+    metrics = agent.update(make_batch())
+    has_term = agent.config.use_hmc
+    assert ("snis_ess" in metrics) == has_term and ("actor_unbiased_term" in metrics) == has_term
+    assert not any(k.startswith("hmc_") for k in metrics)
+    assert all(bool(torch.isfinite(v)) for v in metrics.values())
