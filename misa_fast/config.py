@@ -4,7 +4,8 @@ key=value`` parser for the CLI.
 Every value of the learner (the docs' design page) has a name here, with the official code's default. Variants of
 the paper (BA, MISA-f, MISA-DV, MISA-biased, no-BA, ...) are settings of this one config, not new
 classes: ``energy_bound`` picks the critic regulariser, ``use_ba`` the log pi(a_D|s) term and
-``use_hmc`` the unbiased (MCMC) correction of the actor.
+``use_hmc`` the unbiased (MCMC) correction of the actor, ``unbiased_estimator`` how that correction is
+estimated (HMC chains, or SNIS over the log-partition's samples).
 """
 from __future__ import annotations
 
