@@ -3,6 +3,7 @@ function, the progress table and the driver. See ``misa_fast.sweep`` for the com
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -278,6 +279,11 @@ def run_sweep(sweep: dict, resume: bool = False, progress: bool = True, progress
     resources = {"cpu": sweep["resources"]["cpu"], "gpu": sweep["resources"]["gpu"]}
     # Tiny trials checkpoint every few seconds; Tune's warning about snapshot frequency is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own console output (its configuration box, result paths, and each failed attempt's
+    # traceback) would bury the live table and the summary, which say the same per trial (the error
+    # of a failed one included; its full traceback is in Tune's logs under the sweep directory).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     init = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     # Ray puts the driver's working directory on its workers' sys.path. From a checkout's root after a
     # non-editable install that would make trials import the checkout's misa_fast/, which has no

@@ -564,3 +564,15 @@ def test_pre_tanh_hmc_space_feeds_eq15_with_its_exact_pre_tanh_samples(mode):
     assert 0 < agent.hmc_step_size.item() <= math.pi / (2 * cfg.hmc_leapfrog_steps) + 1e-6  # a quarter rotation
     with pytest.raises(ValueError, match="hmc_space"):
         apply_overrides(tiny_config(), ["hmc_space=tanh"])
+
+
+def test_the_non_finite_error_survives_copy_and_pickle():
+    """A sweep's worker hands the error to the driver by pickling it."""
+    import copy
+    import pickle
+
+    from misa_fast.agents import NonFiniteLossError
+
+    error = NonFiniteLossError("critic_loss", 7)
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert (type(again), again.term, again.step, str(again)) == (type(error), "critic_loss", 7, str(error))

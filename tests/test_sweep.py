@@ -210,6 +210,7 @@ def test_four_trials_share_one_gpu_concurrently(tmp_path):
                "--progress-every", 1, "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 of 4 trials finished, 0 failed" in res.stdout
+    assert "Configuration for experiment" not in res.stdout and "View detailed results" not in res.stdout
     assert "== sweep: 4 trials" in res.stdout and "steps/s" in res.stdout  # the live table
     from misa_fast.runtime import tune_host_allocator
 
@@ -304,6 +305,8 @@ def test_failed_trial_is_reported_with_its_error(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if "broken/td3bc/seed0" in ln and "ERROR" in ln)
     assert "Error" in line  # the exception's one-line message, e.g. OSError: Unable to open file
+    # Tune's own console output stays out of the sweep's: no configuration box, no traceback.
+    assert "Traceback" not in res.stdout + res.stderr and "Configuration for experiment" not in res.stdout
     text, rep = report.make_report([out], out)
     listed = [ln for ln in text.splitlines() if "broken/td3bc/seed0: td3bc seed 0 on" in ln]
     assert "## Not in the tables" in text and len(listed) == 1 and "failed: " in listed[0], text

@@ -59,6 +59,9 @@ class NonFiniteLossError(FloatingPointError):
         self.term, self.step = term, step
         super().__init__(f"non-finite {term} at step {step}; no parameter was updated")
 
+    def __reduce__(self):  # copies and pickles (a sweep's worker hands it to the driver) keep term and step
+        return type(self), (self.term, self.step)
+
 
 class UpdateNoise(NamedTuple):
     """All the randomness of one update, in the order it is drawn from the agent's generator."""
