@@ -46,6 +46,7 @@ import torch
 
 from misa_fast import algos, hmc, losses, nets
 from misa_fast.data import DataInfo, prepare
+from misa_fast.data.registry import DEFAULT_DATASET
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "hmc-accuracy-2026-12-02"
@@ -68,7 +69,7 @@ class Problem:
         self.agent.policy.eval()
         self.cfg = self.agent.config
         info = DataInfo.from_dict(state["data_info"])
-        path = dataset or state["run"]["dataset"]
+        path = dataset or state["run"]["dataset"] or DEFAULT_DATASET  # None: trained on the embedded dataset
         # raw observations, then the checkpoint's own normalisation (what the agent trained on)
         data, _ = prepare(path, obs_norm="none", action_clip=info.action_clip)
         rng = np.random.default_rng(seed)

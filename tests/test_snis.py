@@ -354,3 +354,41 @@ def test_every_misa_variant_accepts_the_setting(algo):
     assert ("snis_ess" in metrics) == has_term and ("actor_unbiased_term" in metrics) == has_term
     assert not any(k.startswith("hmc_") for k in metrics)
     assert all(bool(torch.isfinite(v)) for v in metrics.values())
+
+
+def _load_bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_study_has_the_agent_snis_row(tmp_path):
+    """bench/hmc_accuracy.py's "snis (agent)" row: the learner's own update code at the study's
+    states, leaving the agent's config and generator as they were."""
+    import json
+
+    from misa_fast.cli import main
+
+    hmc_accuracy = _load_bench("hmc_accuracy")
+    run = tmp_path / "run"
+    main(["train", "--steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--out", str(run),
+          "--set", "batch_size=8", "--set", "policy_hidden=8-8", "--set", "critic_hidden=8-8", "--no-tensorboard"])
+    out = tmp_path / "acc"
+    hmc_accuracy.main(["--checkpoint", str(run / "checkpoint.pt"), "--states", "8", "--is-samples", "200",
+                       "--seeds", "2", "--warm-calls", "1", "--out", str(out)])
+    rows = {r["sampler"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    row = rows["snis (agent)"]
+    assert len(row["cosine"]) == 2 and all(-1.0 <= c <= 1.0 for c in row["cosine"])
+    assert all(1.0 <= e <= 10 for e in row["ess"])  # K=10 (the pendulum preset)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    problem = hmc_accuracy.Problem(state, None, 8, 0)
+    config, generator = problem.agent.config, problem.agent.generator
+    term, per_state, ess = hmc_accuracy.snis_agent_term(problem, 0)
+    assert problem.agent.config is config and problem.agent.generator is generator
+    assert per_state.shape == (8,) and term.requires_grad
+    assert float(term.detach()) == pytest.approx(float(per_state.mean()), rel=1e-5)
