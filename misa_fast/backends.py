@@ -13,7 +13,8 @@
   into that graph (burn-in + K transitions: minutes of compiling at K=50 on a 2-core CPU); it runs
   in pieces of ``hmc_piece`` transitions through one compiled graph per piece shape
   (``misa_fast.hmc.compiled_transitions``), so the first step compiles in 10-60 s there, and
-  inductor's FX-graph cache makes later runs start faster. On CUDA the fused Triton ops are
+  inductor's FX-graph cache makes later runs start faster (with ``unbiased_estimator=snis`` there
+  is no chain: the loss computation is one compiled graph). On CUDA the fused Triton ops are
   autograd Functions around raw kernel launches, which dynamo may graph-break on (unmeasured): there
   ``compiled`` is a comparison point and ``graph`` the fast path.
 - ``graph``: CUDA only. The whole update — drawing the batch from the device-resident dataset, the
