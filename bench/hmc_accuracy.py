@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from misa_fast import algos, hmc, losses, nets
+from misa_fast import algos, checkpoint, hmc, losses, nets
 from misa_fast.data import DataInfo, prepare
 from misa_fast.data.registry import DEFAULT_DATASET
 
@@ -354,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output path without suffix (.json and .md)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state = checkpoint.load(args.checkpoint)
     problem = Problem(state, args.dataset, args.states, args.seed)
     cfg = problem.cfg
     meta = {"checkpoint": str(args.checkpoint), "step": int(state["step"]), "dataset": problem.dataset,

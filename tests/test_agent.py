@@ -313,7 +313,7 @@ def test_checkpoint_resume_is_bit_identical(mode, algo):
     expected = [agent.update(b) for b in batches[3:]]
     buffer.seek(0)
     resumed = MISA(cfg.replace(seed=123))  # a different init and stream, all overwritten by the load
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     got = [resumed.update(b) for b in batches[3:]]
     for e, g in zip(expected, got):
         assert e.keys() == g.keys()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from misa_fast import losses, nets, ops
+from misa_fast import checkpoint, losses, nets, ops
 from misa_fast import hmc as hmc_lib
 from misa_fast.agents import MISA
 from misa_fast.algos import ALGORITHMS
@@ -385,7 +385,7 @@ def test_accuracy_study_has_the_agent_snis_row(tmp_path):
     row = rows["snis (agent)"]
     assert len(row["cosine"]) == 2 and all(-1.0 <= c <= 1.0 for c in row["cosine"])
     assert all(1.0 <= e <= 10 for e in row["ess"])  # K=10 (the pendulum preset)
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = checkpoint.load(run)
     problem = hmc_accuracy.Problem(state, None, 8, 0)
     config, generator = problem.agent.config, problem.agent.generator
     term, per_state, ess = hmc_accuracy.snis_agent_term(problem, 0)
