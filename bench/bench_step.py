@@ -174,7 +174,8 @@ def test_train_step_estimator(benchmark, request, backend, device, estimator, k)
     """One update of the hopper-shaped learner per eq. 15 estimator (burn-in 5 for the HMC rows):
     what the chain costs against SNIS, which reuses the critic's K samples and Q values.
 
-        OMP_NUM_THREADS=2 pytest bench/bench_step.py -k estimator --benchmark-json bench/results/step-estimators-<device>-<date>.json
+        OMP_NUM_THREADS=2 pytest bench/bench_step.py -k estimator \\
+            --benchmark-json bench/results/step-estimators-<device>-<date>.json
     """
     skip_unless_runnable(request, device, backend, cheap=False)
     overrides = dict(ESTIMATORS[estimator], num_samples=k, hmc_burn_in=5)

@@ -60,7 +60,8 @@ def table(results: list, datasets: list, algos: list) -> str:
     for algo in algos:
         cells = []
         for dataset in datasets:
-            runs = [r for r in results if r["algo"] == algo and r["dataset"] == dataset and r.get("normalized") is not None]
+            runs = [r for r in results
+                    if r["algo"] == algo and r["dataset"] == dataset and r.get("normalized") is not None]
             if not runs:
                 cells += ["failed", "-"]
                 continue

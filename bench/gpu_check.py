@@ -117,7 +117,7 @@ def _budget(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     sections = "\n".join(f"  {s.name:17s} {s.budget_s:4.0f} s "
-                         f"({'--quick ' + format(s.quick_budget_s, '.0f') + ' s' if s.quick_budget_s else 'not under --quick'})"
+                         f"({f'--quick {s.quick_budget_s:.0f} s' if s.quick_budget_s else 'not under --quick'})"
                          f"  {s.description}" for s in SECTIONS)
     p = argparse.ArgumentParser(
         prog="python -m bench.gpu_check",
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="shorter budgets; skips kernel_tests and the compiled backend")
-    p.add_argument("--only", type=_section_list, metavar="A,B", help="run only these sections (environment always runs)")
+    p.add_argument("--only", type=_section_list, metavar="A,B",
+                   help="run only these sections (environment always runs)")
     p.add_argument("--skip", type=_section_list, default=[], metavar="A,B", help="do not run these sections")
     p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SECTION=SECONDS",
                    help="override one section's budget (repeatable)")
@@ -342,7 +343,8 @@ def format_summary(doc: Mapping, path: Optional[Path] = None) -> str:
     versions = env.get("versions") or {}
     if versions:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    lines.append(f"  wall {_fmt(doc.get('wall_s'), '.0f')} s" + (f"; ABORTED: {doc['aborted']}" if doc.get("aborted") else ""))
+    lines.append(f"  wall {_fmt(doc.get('wall_s'), '.0f')} s"
+                 + (f"; ABORTED: {doc['aborted']}" if doc.get("aborted") else ""))
     lines.append("")
     lines.append("  section           status    time / budget")
     for name in SECTION_NAMES:
@@ -385,14 +387,16 @@ def format_summary(doc: Mapping, path: Optional[Path] = None) -> str:
                 lines.append(f"  {row['case']:20s} {row['backend']:9s} FAILED: {row['error'][:120]}")
             else:
                 lines.append(f"  {row['case']:20s} {row['backend']:9s} {_fmt(row.get('steps_per_s'), '8.1f')} steps/s"
-                             f"  ({_fmt(row.get('median_ms'), '.2f')} ms)  first {_fmt(row.get('first_call_s'), '.1f')} s")
+                             f"  ({_fmt(row.get('median_ms'), '.2f')} ms)"
+                             f"  first {_fmt(row.get('first_call_s'), '.1f')} s")
     resources = (sections.get("kernel_resources") or {}).get("result") or {}
     if resources.get("jit"):
         lines.append("")
         lines.append("kernels as compiled on this device (registers, spill bytes, shared KiB):")
         for row in resources["jit"]:
-            lines.append(f"  {row['kernel']:28s} warps={_fmt(row.get('num_warps'), 'd')} regs={_fmt(row.get('registers'), 'd')} "
-                         f"spills={_fmt(row.get('spill_bytes'), 'd')} smem={_fmt(row.get('shared_kib'), '.1f')}")
+            lines.append(f"  {row['kernel']:28s} warps={_fmt(row.get('num_warps'), 'd')} "
+                         f"regs={_fmt(row.get('registers'), 'd')} spills={_fmt(row.get('spill_bytes'), 'd')} "
+                         f"smem={_fmt(row.get('shared_kib'), '.1f')}")
     if resources.get("compile_table_error"):
         lines.append(f"  compile table: {resources['compile_table_error'][:160]}")
     elif resources.get("compile_table"):

@@ -407,7 +407,8 @@ def op_timings(ctx) -> dict:
     torch.manual_seed(0)
     problems = {}
     # the official post-tanh chains in both layouts, and the pre-tanh chains (its own step size)
-    for name, mode, space, step in (("faithful", "faithful", "post_tanh", 0.3), ("parallel", "parallel", "post_tanh", 0.3),
+    for name, mode, space, step in (("faithful", "faithful", "post_tanh", 0.3),
+                                    ("parallel", "parallel", "post_tanh", 0.3),
                                     ("faithful-pre_tanh", "faithful", "pre_tanh", 0.7)):
         mean, std, layers, state_half, init = hmc_problem(S, A, "cuda")
         noise = hmc_lib.draw_noise(mode, BATCH, SAMPLES, BURN_IN, A, torch.Generator(device="cuda").manual_seed(0),
@@ -451,8 +452,8 @@ def op_timings(ctx) -> dict:
                 return torch.autograd.grad(naive_sampled_q_lme(obs, actions, critics).sum(), critic_params)
         elif impl == "reference-eager":
             def call():
-                return torch.autograd.grad(sampled_q_log_mean_exp_reference(obs, actions, stacked, activation="elu").sum(),
-                                           stacked_params)
+                return torch.autograd.grad(
+                    sampled_q_log_mean_exp_reference(obs, actions, stacked, activation="elu").sum(), stacked_params)
         else:
             precision = impl.split("-", 1)[1]
 

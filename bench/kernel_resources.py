@@ -801,7 +801,8 @@ def _users_text(labels: Sequence[str]) -> str:
 
 
 def _dots_text(dots: Dict[str, List[str]]) -> str:
-    return "; ".join(f"{kind} " + ",".join(site.split(":")[1] for site in sites) for kind, sites in sorted(dots.items()))
+    return "; ".join(f"{kind} " + ",".join(site.split(":")[1] for site in sites)
+                     for kind, sites in sorted(dots.items()))
 
 
 def dot_site_summary(rows: Sequence[dict]) -> List[str]:

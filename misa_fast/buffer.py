@@ -75,7 +75,8 @@ class ReplayBuffer:
         self._storage = dict(zip(FIELDS, self._core.storage()))
 
     @classmethod
-    def from_arrays(cls, data: Mapping[str, np.ndarray], capacity: Optional[int] = None, seed: int = 0) -> "ReplayBuffer":
+    def from_arrays(cls, data: Mapping[str, np.ndarray], capacity: Optional[int] = None,
+                    seed: int = 0) -> "ReplayBuffer":
         """A buffer holding ``data`` (D4RL field names); capacity defaults to its length."""
         missing = [f for f in FIELDS if f not in data]
         if missing:
@@ -240,7 +241,8 @@ class Prefetcher:
             views, offset = {}, 0
             for field, width in zip(FIELDS, widths):
                 n = self.batch_size * (width or 1)
-                views[field] = flat[offset:offset + n].view(self.batch_size, width) if width else flat[offset:offset + n]
+                views[field] = (flat[offset:offset + n].view(self.batch_size, width) if width
+                                else flat[offset:offset + n])
                 offset += n
             return views
 

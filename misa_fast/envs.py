@@ -131,7 +131,8 @@ def evaluate(
     policy was trained with). ``n_envs`` environments step together (default min(episodes, 10));
     ``vectorization`` is "sync" (one process) or "async" (one process per environment); on a 2-core
     machine sync is faster (10 HalfCheetah episodes of 1000 steps with a 256x256 MLP policy:
-    0.6-0.7 s sync, 1.5 s async), async pays off only with expensive environments and many cores. Returns raw ``returns`` and ``lengths`` per episode (in
+    0.6-0.7 s sync, 1.5 s async), async pays off only with expensive environments and many cores.
+    Returns raw ``returns`` and ``lengths`` per episode (in
     episode order), ``mean_return``, ``std_return`` and, where reference returns exist for
     ``dataset_name`` (default: the env id's domain), ``normalized`` and ``mean_normalized``.
     ``reference_returns``: "by-name" (the domain's, found from ``dataset_name`` or ``env_id``), a

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        line = f"{env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over {args.episodes} episodes"
+        line = (f"{env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} "
+                f"over {args.episodes} episodes")
         if result["mean_normalized"] is not None:
             line += f"; normalized score {result['mean_normalized']:.1f}"
         print(line)

@@ -67,7 +67,8 @@ def online_reward(reward: float, info) -> float:
     from misa_fast.data import transforms
 
     if info.reward_transform == "minmax":
-        return float(transforms.minmax_rewards(np.float32(reward), info.reward_params["min"], info.reward_params["max"]))
+        return float(transforms.minmax_rewards(np.float32(reward), info.reward_params["min"],
+                                               info.reward_params["max"]))
     return float(transforms.transform_rewards(np.asarray([reward], np.float32), info.reward_transform)[0][0])
 
 
@@ -90,7 +91,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     own = out / ckpt.CHECKPOINT_NAME
     resuming = own.exists()
     if resuming and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                              "or choose another --out")
     if not resuming and not source_path.exists():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {source_path}")
     state = ckpt.load(own if resuming else source_path)
@@ -124,7 +126,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         env_steps, episodes, last_eval = 0, 0, None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"finetune": dataclasses.asdict(cfg), "offline_run": offline_run,
-                                                 "agent": agent_cfg.to_dict(), "env_id": env_id}, indent=2, default=str))
+                                                 "agent": agent_cfg.to_dict(), "env_id": env_id},
+                                                indent=2, default=str))
 
     env = make_env(env_id, **info.env_kwargs)
     low, high = env.action_space.low, env.action_space.high

@@ -478,7 +478,8 @@ def hmc_sample(
     layer-1 state halves (E, B, H1); init_actions: (B, A) dataset actions, clipped to +-init_clip.
     space: "post_tanh" (the official sampler) or "pre_tanh" (see the module docstring); in
     "pre_tanh" the step size is the rotation angle of one leapfrog step.
-    step_size: a scalar or a (C,) per-chain tensor; None: ``default_step_size(space, leapfrog_steps)``. adapt: None -> mode == "adaptive".
+    step_size: a scalar or a (C,) per-chain tensor; None: ``default_step_size(space, leapfrog_steps)``.
+    adapt: None -> mode == "adaptive".
     noise: supplied HMCNoise (see ``draw_noise`` for shapes) or None to draw it from ``generator``.
     activation: the critics' hidden activation; None: the one ``critic_layers`` carry
     (``EnsembleCritic.stacked_layers()``), else ELU.

@@ -105,7 +105,8 @@ def energy_gap(
 ):
     """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
     log-partition term alone (both (E,)); with ``return_q`` ("misa" bound only) also the detached
-    per-sample Q values (E, B, K) the log-partition was computed from. ``sample_actions`` (B, K, A) are policy samples at s
+    per-sample Q values (E, B, K) the log-partition was computed from. ``sample_actions`` (B, K, A) are
+    policy samples at s
     (for "cql", the proposals of :func:`cql_proposals` with their ``log_weights``).
 
     misa (eq. 10): mean_s [log mean_k exp Q(s, a_k)]      (normalised by ``norm``)

@@ -334,7 +334,8 @@ def markdown(report: Report, paths, paper: Optional[PaperReference] = None, curv
            f"{len(report.runs)} run(s) found under {', '.join(str(p) for p in paths)}: "
            f"{len(report.tabled)} in the tables, {len(unlisted)} not (listed at the end).", "",
            "Cells: mean ± std over runs (seeds) of the normalized score (raw return in the tables that say "
-           "so); std is the population std (numpy.std, ddof=0); n is the number of runs. A domain's total sums its datasets' means (as "
+           "so); std is the population std (numpy.std, ddof=0); n is the number of runs. A domain's total "
+           "sums its datasets' means (as "
            "the MISA paper's Table 2 does), ± the root of their summed variances; \"incomplete\" when an "
            "algorithm lacks one of the domain's datasets."]
     if paper is not None:

@@ -234,7 +234,8 @@ def progress_table(trials, elapsed: float, total_trials: Optional[int] = None) -
         r = t.last_result or {}
         steps = t.config.get("trial", {}).get("run", {}).get("steps", "?")
         step = r.get("step")
-        lines.append(f"  {_label(t):<{width}}  {t.status:<10} {(str(step) if step is not None else '-') + '/' + str(steps):>15} "
+        lines.append(f"  {_label(t):<{width}}  {t.status:<10} "
+                     f"{(str(step) if step is not None else '-') + '/' + str(steps):>15} "
                      f"{_fmt(r.get('steps_per_s'), '.1f'):>8} {_fmt(r.get('score'), '.1f'):>7}")
     return "\n".join(lines)
 
@@ -352,7 +353,8 @@ def summarize(results, sweep: dict, wall_s: float) -> dict:
             entry["error"] = error_line(text)
             if run_dir is not None:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                _record(run_dir, lambda state: state.update(failed=entry["error"], tune_error=str(result.error)[-4000:]))
+                _record(run_dir, lambda state: state.update(failed=entry["error"],
+                                                            tune_error=str(result.error)[-4000:]))
         by_label[entry["label"]] = entry
     trials = [by_label.get(t["label"], {"label": t["label"], "out": t["out"], "state": "NOT RUN"})
               for t in sweep["trials"]]

@@ -318,8 +318,9 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
 
     def save(step: int) -> None:
         ckpt.save_atomic({"step": step, "run": dataclasses.asdict(run), "agent_config": cfg.to_dict(),
-                          "data_info": info.to_dict(), "data_fingerprint": data_fingerprint, "agent": agent.state_dict(),
-                          "sampler": source.state_dict(), "rng": ckpt.rng_state(), "last_eval": last_eval},
+                          "data_info": info.to_dict(), "data_fingerprint": data_fingerprint,
+                          "agent": agent.state_dict(), "sampler": source.state_dict(), "rng": ckpt.rng_state(),
+                          "last_eval": last_eval},
                          out / ckpt.CHECKPOINT_NAME)
 
     if getattr(agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
@@ -439,5 +440,6 @@ def run(args: argparse.Namespace) -> int:
     last = summary["last_eval"] or {}
     score = last.get("mean_normalized")
     print(f"done: {summary['steps']} steps in {summary['out']}; last evaluation: return "
-          f"{last.get('mean_return', float('nan')):.1f}" + (f", normalized score {score:.1f}" if score is not None else ""))
+          f"{last.get('mean_return', float('nan')):.1f}"
+          + (f", normalized score {score:.1f}" if score is not None else ""))
     return 0

@@ -119,7 +119,8 @@ def hand_losses(agent, batch, noise, hmc_samples):
     if cfg.energy_bound == "cql":  # uniform, policy at s, policy at s' proposals, importance-weighted
         u_next = nmean[:, None] + nstd[:, None] * _np(noise.next_samples)
         samples = np.concatenate([_np(noise.uniform), samples, np.tanh(u_next)], axis=1)
-        log_w = np.concatenate([np.full((B, K), A * math.log(2)), -np_log_prob_pre_tanh(mean[:, None], std[:, None], u_samples),
+        log_w = np.concatenate([np.full((B, K), A * math.log(2)),
+                                -np_log_prob_pre_tanh(mean[:, None], std[:, None], u_samples),
                                 -np_log_prob_pre_tanh(nmean[:, None], nstd[:, None], u_next)], axis=1)
     q_samples = np_q(energy, np.repeat(obs[:, None], samples.shape[1], 1), samples)  # (E, B, K)
     norm = math.log(K) if cfg.lse_norm == "k" else math.log(B)

@@ -267,7 +267,8 @@ def test_graph_finite_flag_is_sticky_and_reported_after_the_step():
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{}, {"hmc_mode": "adaptive", "lagrange": True}, {"hmc_mode": "parallel"},
                                        {"energy_bound": "cql", "use_hmc": False}, {"use_hmc": False},
-                                       {"energy_network": "separate"}, {"hmc_mode": "adaptive", "hmc_space": "pre_tanh"},
+                                       {"energy_network": "separate"},
+                                       {"hmc_mode": "adaptive", "hmc_space": "pre_tanh"},
                                        {"unbiased_estimator": "snis"}],
                          ids=["faithful", "adaptive-lagrange", "parallel", "cql", "no-hmc", "misa-t",
                               "adaptive-pre-tanh", "snis"])

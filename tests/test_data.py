@@ -241,7 +241,8 @@ def test_minari_directory_is_flattened_to_d4rl_rows(tmp_path):
 
 def test_minari_dict_observations_are_concatenated_in_key_order(tmp_path):
     episode = minari_episode(2, 0.0, True)
-    episode["observations"] = {"observation": np.zeros((3, 2), np.float32), "achieved_goal": np.ones((3, 1), np.float32)}
+    episode["observations"] = {"observation": np.zeros((3, 2), np.float32),
+                               "achieved_goal": np.ones((3, 1), np.float32)}
     raw = load_dataset(write_minari(tmp_path / "ds", [episode]))
     np.testing.assert_array_equal(raw["observations"], [[1, 0, 0], [1, 0, 0]])
 
@@ -307,7 +308,8 @@ def test_prepare_applies_the_domain_transforms_and_records_them(tmp_path):
     assert (info.name, info.n_transitions, info.obs_dim, info.act_dim) == ("antmaze-umaze-v2", 6, 2, 1)
     restored = DataInfo.from_dict(json.loads(json.dumps(info.to_dict())))  # checkpoint-safe
     assert restored == info
-    np.testing.assert_allclose(restored.normalize(np.array([[mean[0], 0.0]])), [[0.0, -mean[1] / std[1]]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(restored.normalize(np.array([[mean[0], 0.0]])), [[0.0, -mean[1] / std[1]]],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_prepare_uses_recorded_env_and_minmax_for_adroit(tmp_path):

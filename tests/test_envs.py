@@ -133,7 +133,8 @@ def test_custom_dataset_name_falls_back_to_the_env_reference():
 def test_async_vectorization_gives_the_same_episodes():
     zero = lambda obs: np.zeros((len(obs), 1), np.float32)  # noqa: E731
     sync = evaluate(zero, "Pendulum-v1", episodes=2, seed=4)["returns"]
-    np.testing.assert_allclose(evaluate(zero, "Pendulum-v1", episodes=2, seed=4, vectorization="async")["returns"], sync)
+    np.testing.assert_allclose(evaluate(zero, "Pendulum-v1", episodes=2, seed=4, vectorization="async")["returns"],
+                               sync)
     with pytest.raises(ValueError, match="vectorization"):
         evaluate(zero, "Pendulum-v1", episodes=1, vectorization="threads")
 

@@ -104,7 +104,8 @@ def test_actor_loss_with_weights_is_the_weighted_sum_per_state():
     w = torch.softmax(torch.randn(B, K), 1)
     alpha, lp_new, q_new = torch.tensor(0.5), torch.randn(B), torch.randn(B)
     _, terms = losses.actor_loss(alpha, lp_new, q_new, 0.5, None, log_pi, 0.3, w)
-    assert terms["actor_unbiased_term"].detach().item() == pytest.approx(0.3 * float((w * log_pi.detach()).sum(1).mean()), rel=1e-6)
+    assert terms["actor_unbiased_term"].detach().item() == pytest.approx(
+        0.3 * float((w * log_pi.detach()).sum(1).mean()), rel=1e-6)
     terms["actor_unbiased_term"].backward()
     torch.testing.assert_close(log_pi.grad, 0.3 * w / B)
 

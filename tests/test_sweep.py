@@ -144,8 +144,8 @@ def test_module_and_help_do_not_import_ray():
     code = ("import sys; import misa_fast.sweep, misa_fast.report; from misa_fast import cli; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), timeout=60)
-    code = ("import sys; sys.modules['ray'] = None; from misa_fast import cli; sys.argv = ['misa-fast', 'sweep', '--help']; "
-            "cli.main()")
+    code = ("import sys; sys.modules['ray'] = None; from misa_fast import cli; "
+            "sys.argv = ['misa-fast', 'sweep', '--help']; cli.main()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 0 and "--gpus-per-trial" in out.stdout and "--resume" in out.stdout
 
