@@ -50,7 +50,7 @@ from misa_fast.data.registry import DEFAULT_DATASET
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "hmc-accuracy-2026-12-02"
-DEFAULT_CHECKPOINT = "runs/hopper-k10/checkpoint.pt"  # where the README's training command writes it
+DEFAULT_CHECKPOINT = "runs/hopper-k10/checkpoint.pt"  # where the docs' training command writes it
 # name -> (space, mode, initial step; None: misa_fast.hmc.default_step_size of the space)
 SAMPLERS = {
     "faithful": ("post_tanh", "faithful", None),

@@ -552,7 +552,7 @@ def launch_config(C: int, A: int, H0: int, HC: int, has_chunk: bool = True, prec
     """(constexpr block sizes, num_warps, num_stages) for C chains.
 
     Chosen from sm_90 compiles (``python bench/kernel_resources.py``: registers, spills, shared
-    memory), not from timings: no GPU was available. Each gradient evaluation streams Wc and Wc^T
+    memory) as of 2026-12-03, not from GPU timings. Each gradient evaluation streams Wc and Wc^T
     (2 x 256 KiB fp32 per 256x256 critic) from L2 through shared memory once per program, whatever
     BLOCK_C, so fewer chains per program buy SM parallelism but no shorter evaluation:
     BLOCK_C = 16 where chains are few (paper-faithful, B = 256 chains: 16 programs, 3 TMA stages),

@@ -636,7 +636,7 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: in
     """Block sizes, warps and stages for ``kind`` in {"fwd", "trunk", "head", "mid"}.
 
     Chosen from sm_90 compiles (registers, spills, shared memory reported by Triton's bundled
-    ptxas/cuobjdump: ``python bench/kernel_resources.py``), not from timings: no GPU was available.
+    ptxas/cuobjdump: ``python bench/kernel_resources.py``), not from GPU timings (2026-12-03).
     At the MISA sizes (H0 = HC = 256, K = 50, A <= 16, tf32) on sm_90 that gives
     (bench/results/kernels-aot-2026-12-02.md): forward BLOCK_K 64, BLOCK_C 32, 8 warps: 136
     registers, no spill, 112 KiB shared; trunk BLOCK_K 32, BLOCK_C 32, 8 warps: 232 registers, no

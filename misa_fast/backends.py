@@ -15,7 +15,7 @@
   (``misa_fast.hmc.compiled_transitions``), so the first step compiles in 10-60 s there, and
   inductor's FX-graph cache makes later runs start faster (with ``unbiased_estimator=snis`` there
   is no chain: the loss computation is one compiled graph). On CUDA the fused Triton ops are
-  autograd Functions around raw kernel launches, which dynamo may graph-break on (unmeasured): there
+  autograd Functions around raw kernel launches, which dynamo may graph-break on: there
   ``compiled`` is a comparison point and ``graph`` the fast path.
 - ``graph``: CUDA only. The whole update — drawing the batch from the device-resident dataset, the
   noise, every loss with the fused ops, backward, the Adam steps, the Polyak target update and the

@@ -136,13 +136,13 @@ class MISAConfig(ConfigBase):
     # sampling p(a|s) ~ pi(a|s) e^{min_i Q_i(s, a)} with the hmc_* settings below; "snis" reweights
     # the K detached policy samples of the critic's log-partition term by w_k = softmax_k(min_i Q_i(s,
     # a_k)) (self-normalised importance sampling, no chain, no extra critic evaluation; accurate
-    # while the tilt is weak: see the snis_ess diagnostic and README, "SNIS instead of HMC").
+    # while the tilt is weak: see the snis_ess diagnostic and the docs, "SNIS instead of HMC").
     unbiased_estimator: UnbiasedEstimator = "hmc"
     hmc_mode: HMCMode = "faithful"
     # Where the chains move (misa_fast.hmc): "post_tanh" the action itself, as the official sampler
     # does (step 1 leaves the box: no move is ever accepted); "pre_tanh" the policy-whitened pre-tanh
     # action, split HMC with the step size as the rotation angle of one leapfrog step, which samples
-    # the tilted policy (README, "Does the HMC sample?").
+    # the tilted policy (the docs, "Does the HMC sample?").
     hmc_space: HMCSpace = "post_tanh"
     hmc_burn_in: int = 5
     hmc_leapfrog_steps: int = 2

@@ -59,7 +59,7 @@ def available_cpus() -> int:
 
 
 # The rule below comes from ``python -m bench.threads`` on the 2-core development machine
-# (bench/results/threads-cpu-2core-2026-12-02.json; README, "Threads"), median ms per step:
+# (bench/results/threads-cpu-2core-2026-12-02.json; the docs, "Threads"), median ms per step:
 #   64-wide MISA (pendulum, K=10): 1 thread 26.5 idle / 25.4 busy; 2 threads 28.4 / 64.3 (spinning),
 #     41.3 / 30.5 (passive): a second thread never helps.
 #   256-wide MISA (K=50: locomotion, antmaze, adroit, kitchen): 2 threads are 1.5-2.3x faster than 1

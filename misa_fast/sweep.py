@@ -239,7 +239,7 @@ def plan_trials(datasets, algos, seeds, grid: dict, sets: dict, run_options: dic
 def fetch_datasets(datasets) -> None:
     """Resolves (downloads when missing and online) every named dataset once, in the driver, so
     concurrent trials never download the same file. On a cluster the cache must be shared (see the
-    README's Sweeps section), or each node fetches its own copy when its first trial starts."""
+    docs' Sweeps page), or each node fetches its own copy when its first trial starts."""
     from misa_fast.data.download import resolve_dataset
     from misa_fast.data import DEFAULT_DATASET
 

@@ -20,7 +20,7 @@ Noise, two ways:
 Precision of the hidden-layer dots on the GPU (default: PyTorch's own
 ``torch.get_float32_matmul_precision()``, "highest" -> ieee, "high" -> tf32, "medium" -> bf16): ``"tf32"``, ``"tf32x3"``
 (three tf32 products, ~fp32 accuracy on tensor cores; the chain is bound by streaming weights from
-L2, so the extra MMAs should cost little: measure. It is what the MISA agent runs: its config's
+L2, so the extra MMAs are expected to cost little; the GPU check times it. It is what the MISA agent runs: its config's
 ``hmc_precision`` defaults to it), ``"ieee"`` (fp32 FMA dots: agreement with the reference to float
 rounding) or ``"bf16"`` (bf16 weights and activations, half the L2 traffic, a coarser target).
 tf32 rounds the dot inputs to 10 mantissa bits: Q carries a relative error of ~1e-3, i.e. an
