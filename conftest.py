@@ -27,7 +27,7 @@ def pytest_configure(config):
     if importlib.util.find_spec("misa_fast") is None:
         pytest.exit("misa_fast is not installed: `bash scripts/test.sh` installs it and runs the tests",
                     returncode=4)
-    from misa_fast._native import load_extension
+    from misa_fast.replay._native import load_extension
 
     try:
         load_extension()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from misa_fast import ReplayBuffer
-from misa_fast.buffer import FIELDS
+from misa_fast.replay.buffer import FIELDS
 
 N, BATCH = 1_000_000, 256
 SHAPES = {"hopper": (11, 3), "halfcheetah": (17, 6)}

@@ -1,10 +1,10 @@
-"""Per-batch latency of the two data paths (misa_fast.samplers): the dataset resident on the device
+"""Per-batch latency of the two data paths (misa_fast.replay.sources): the dataset resident on the device
 with on-device index sampling (``DeviceSource``: one randint + one index_select) and the C++
 prefetcher (``PrefetchSource``: a worker thread gathers batches ahead into a ring of slots; on CUDA
 the slots are pinned and each batch is copied with ``non_blocking=True``).
 
     pytest bench/bench_data_path.py --benchmark-json bench/results/data-<device>-<date>.json
-    python -m bench.report bench/results/data-<device>-<date>.json
+    python -m bench.summarize bench/results/data-<device>-<date>.json
 
 B=256 from a 1M-row dataset (the size of the D4RL locomotion datasets), hopper and halfcheetah
 widths. A call is ``next(source)`` in a tight loop, so the prefetcher's figure is the larger of its
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from misa_fast.samplers import DeviceSource, PrefetchSource
+from misa_fast.replay.sources import DeviceSource, PrefetchSource
 
 SHAPES = {"hopper": (11, 3), "halfcheetah": (17, 6)}
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]

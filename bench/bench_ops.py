@@ -21,7 +21,7 @@ Target (issue 5, H100): the fused sampled-Q log-mean-exp at least 2x faster than
 logsumexp (``naive-eager``).
 
 HMC (``test_hmc_cuda``): the fused chain (one launch, ``misa_fast.ops.hmc_sample``) against the torch
-reference sampler ``misa_fast.hmc.hmc_sample`` in eager mode, with its log-density closure compiled
+reference sampler ``misa_fast.ops.hmc_reference.hmc_sample`` in eager mode, with its log-density closure compiled
 (``reference-compile``: the per-evaluation graph, what one would compile in practice) and fully
 compiled (``reference-compile-full``: the whole unrolled chain; minutes of compilation in the
 warm-up), paper-faithful (256 chains x 55 transitions x 2 leapfrog steps = 110 sequential gradient
@@ -36,8 +36,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from misa_fast import hmc as hmc_lib
 from misa_fast.nets import StackedLayers
+from misa_fast.ops import hmc_reference as hmc_lib
 from misa_fast.ops import (
     hmc_sample,
     log_mean_exp,

@@ -1,16 +1,16 @@
 """Per-step latency of the MISA training step — one full update, batch sampling included — across
-HMC modes, K, burn-in, shapes, devices and backends (misa_fast.backends: eager, compiled, graph).
+HMC modes, K, burn-in, shapes, devices and backends (misa_fast.training.backends: eager, compiled, graph).
 The reference configuration is B=256, K=50, 2x256 MLPs.
 
     # the full suite on this machine (compiled cases compile first: ~10-40 s each on a 2-core CPU)
     OMP_NUM_THREADS=2 pytest bench/bench_step.py --benchmark-json bench/results/step-<device>-<date>.json
     pytest bench/bench_step.py -k "hopper and faithful-K50-BI5"      # the headline rows only
     pytest bench/bench_step.py -k "not compiled"                      # skip the compiles
-    python -m bench.report bench/results/step-<device>-<date>.json    # table + PNG, speed-up over eager
+    python -m bench.summarize bench/results/step-<device>-<date>.json    # table + PNG, speed-up over eager
 
 Under ``--benchmark-disable`` (CI) every case runs once as a correctness check, except the compiled
 ones: compiling a configuration takes 10-40 s on a 2-core CPU, so only the no-HMC hopper case
-compiles there (tests/test_backends.py checks the compiled step against eager). ``graph`` is
+compiles there (tests/training/test_backends.py checks the compiled step against eager). ``graph`` is
 CUDA only. Each case records steps/s, the time 1M steps would take and the first call's time
 (compile / capture included) in ``extra_info``.
 """
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from misa_fast.agents import MISA
-from misa_fast.backends import make_step
-from misa_fast.config import preset
-from misa_fast.runtime import tune_host_allocator
-from misa_fast.samplers import DeviceSource
+from misa_fast.agents.misa_config import preset
+from misa_fast.replay.sources import DeviceSource
+from misa_fast.training.backends import make_step
+from misa_fast.training.runtime import tune_host_allocator
 
 tune_host_allocator()  # as the trainer does
 

@@ -23,8 +23,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from misa_fast.algos import ALGORITHMS
-from misa_fast.runtime import available_cpus
+from misa_fast.agents.algorithms import ALGORITHMS
+from misa_fast.training.runtime import available_cpus
 
 
 def run_one(dataset: str, algo: str, seed: int, args, run_dir: Path) -> dict:

@@ -11,7 +11,7 @@ with ``torch.set_num_threads`` and ``OMP_NUM_THREADS``, warms up, then times ste
 ``--steps`` steps or ``--seconds`` seconds, whichever comes first (a thrashing configuration can
 take seconds per step). ``passive`` adds the variant with ``OMP_WAIT_POLICY=PASSIVE`` (threads
 sleep at barriers instead of spinning). Not collected by pytest: a measurement, not a test.
-The rule ``misa_fast.runtime.default_threads`` applies was chosen from this file's results.
+The rule ``misa_fast.training.runtime.default_threads`` applies was chosen from this file's results.
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def measure_one(case: str, threads: int, steps: int, seconds: float) -> dict:
     import numpy as np
     import torch
 
-    from misa_fast import algos
-    from misa_fast.backends import make_step
-    from misa_fast.runtime import tune_host_allocator
-    from misa_fast.samplers import make_source
+    from misa_fast.agents import algorithms as algos
+    from misa_fast.replay.sources import make_source
+    from misa_fast.training.backends import make_step
+    from misa_fast.training.runtime import tune_host_allocator
 
     tune_host_allocator()
     torch.set_num_threads(threads)

@@ -9,12 +9,14 @@ import sys
 
 # name -> (module, one-line help). The module defines configure_parser(parser) and run(args) -> int.
 SUBCOMMANDS = {
-    "train": ("misa_fast.train", "train an agent on a D4RL-format dataset"),
-    "finetune": ("misa_fast.finetune", "fine-tune an offline checkpoint online in its gymnasium environment"),
-    "eval": ("misa_fast.evaluate_cli", "evaluate a checkpoint in its gymnasium environment"),
-    "make-dataset": ("misa_fast.data.make_dataset", "write a D4RL-format dataset from a gymnasium env"),
-    "sweep": ("misa_fast.sweep", "a grid of train runs (datasets x algorithms x seeds x config values) on Ray Tune"),
-    "report": ("misa_fast.report", "results table (mean ± std over seeds) and learning curves of run directories"),
+    "train": ("misa_fast.training.loop", "train an agent on a D4RL-format dataset"),
+    "finetune": ("misa_fast.training.finetune", "fine-tune an offline checkpoint online in its gymnasium environment"),
+    "eval": ("misa_fast.training.evaluation", "evaluate a checkpoint in its gymnasium environment"),
+    "make-dataset": ("misa_fast.envs.make_dataset", "write a D4RL-format dataset from a gymnasium env"),
+    "sweep": ("misa_fast.sweep.grid",
+              "a grid of train runs (datasets x algorithms x seeds x config values) on Ray Tune"),
+    "report": ("misa_fast.sweep.report",
+               "results table (mean ± std over seeds) and learning curves of run directories"),
 }
 
 
@@ -37,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # First pass finds the command; the second parses its own options.
     if argv and argv[0] in SUBCOMMANDS:
-        from misa_fast.runtime import prefer_passive_waiting, tune_host_allocator
+        from misa_fast.training.runtime import prefer_passive_waiting, tune_host_allocator
 
-        prefer_passive_waiting()  # before the subcommand's module imports torch (see misa_fast.runtime)
+        prefer_passive_waiting()  # before the subcommand's module imports torch (see misa_fast.training.runtime)
         tune_host_allocator()
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"misa-fast {argv[0]}", description=SUBCOMMANDS[argv[0]][1])

@@ -13,7 +13,7 @@ reached -423 after 2k steps (dataset mean -498).
 
 The SAC run that produces the data also gives the reference policy: ref_max is its best
 checkpoint's mean return (deterministic actions), ref_min a uniform random policy's, both over
-the same 100 seeded episodes (seeds 0..99) of misa_fast.envs.evaluate.
+the same 100 seeded episodes (seeds 0..99) of misa_fast.envs.rollout.evaluate.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from misa_fast.data import registry  # noqa: E402
 from misa_fast.data.d4rl import write_hdf5  # noqa: E402
-from misa_fast.data.make_dataset import build_dataset, describe  # noqa: E402
-from misa_fast.envs import evaluate  # noqa: E402
+from misa_fast.envs.make_dataset import build_dataset, describe  # noqa: E402
+from misa_fast.envs.rollout import evaluate  # noqa: E402
 
 ENV_ID = "Pendulum-v1"
 

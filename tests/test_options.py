@@ -45,8 +45,10 @@ def test_bad_options_are_argparse_errors(argv):
 
 
 def test_train_and_sweep_share_the_trial_options():
-    from misa_fast.sweep import TRIAL_OPTIONS, configure_parser as sweep_parser
-    from misa_fast.train import RunConfig, configure_parser as train_parser
+    from misa_fast.sweep.grid import TRIAL_OPTIONS
+    from misa_fast.sweep.grid import configure_parser as sweep_parser
+    from misa_fast.training.loop import RunConfig
+    from misa_fast.training.loop import configure_parser as train_parser
 
     parsers = {}
     for name, configure in (("train", train_parser), ("sweep", sweep_parser)):

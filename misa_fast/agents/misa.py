@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from misa_fast import hmc as hmc_lib
-from misa_fast import losses, nets, ops
-from misa_fast.config import MISAConfig
+from misa_fast import nets, ops
+from misa_fast.agents import losses
+from misa_fast.agents.misa_config import MISAConfig
+from misa_fast.ops import hmc_reference as hmc_lib
 
 # Which optimizer each loss drives.
 LOSS_OWNER = {
@@ -98,7 +99,7 @@ class MISA:
         self.device = torch.device(cfg.device)
         self.target_entropy = cfg.resolved_target_entropy(act_dim)
 
-        init_seed, sample_seed = _derive_seeds(cfg.seed)
+        init_seed, sample_seed = derive_seeds(cfg.seed)
         init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
         self.policy = nets.TanhGaussianPolicy(obs_dim, act_dim, cfg.policy_hidden, init_generator)
         self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator)
@@ -318,7 +319,7 @@ class MISA:
         Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite
         and ``check_finite`` (default: the config's) is on. The CUDA-graph backend turns it off
         inside the graph (a host sync cannot be captured): the graph tests the losses and gradients
-        on the device and misa_fast.backends reads that flag after the replay."""
+        on the device and misa_fast.training.backends reads that flag after the replay."""
         out = self.compute_losses(batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -431,7 +432,7 @@ class MISA:
         raise NonFiniteLossError(bad, self.step)
 
 
-def _derive_seeds(seed: int):
+def derive_seeds(seed: int):
     """Two independent 63-bit seeds (network init, sampling) from one config seed."""
     words = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
     return [int(w) & (2**63 - 1) for w in words]

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from misa_fast import losses, nets
-from misa_fast import vae as vae_lib
-from misa_fast.agents.misa import NonFiniteLossError, _derive_seeds, numpy_io
-from misa_fast.config import TD3Config
+from misa_fast import nets
+from misa_fast.agents import losses
+from misa_fast.agents import vae as vae_lib
+from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io
+from misa_fast.agents.td3_config import TD3Config
 
 # The actor metrics of each variant (returned by every update: the last actor step's values).
 _ACTOR_METRICS = {
@@ -93,7 +94,7 @@ class TD3:
         self.device = torch.device(cfg.device)
         self.dropout = cfg.resolved_actor_dropout
 
-        init_seed, sample_seed = _derive_seeds(cfg.seed)
+        init_seed, sample_seed = derive_seeds(cfg.seed)
         init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
         self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w)
         self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator,

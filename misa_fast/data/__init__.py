@@ -18,7 +18,7 @@ from misa_fast.data.d4rl import (
     write_hdf5,
 )
 from misa_fast.data.download import default_dataset_path, download_file, resolve_dataset
-from misa_fast.data.minari_ids import is_minari_id, resolve_minari_id
+from misa_fast.data.minari import is_minari_id, resolve_minari_id
 from misa_fast.data.prepare import DataInfo, prepare
 from misa_fast.data.registry import D4RL_URLS, DEFAULT_DATASET, data_dir, domain_of, env_id_for
 from misa_fast.data.scores import normalized_score, reference_returns

@@ -15,7 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from misa_fast.data import minari_ids, registry
+from misa_fast.data import minari as minari_ids
+from misa_fast.data import registry, transforms
 from misa_fast.data.download import resolve_dataset
 
 # What each required key must hold, as said in error messages.
@@ -93,16 +94,15 @@ def read_minari_dataset(path: str | os.PathLike) -> dict:
     metadata = minari_ids.read_metadata(path)
     if metadata is None:  # an h5py-only directory: episodes and nothing else
         return read_minari(path)
-    from misa_fast.envs import DICT_OBSERVATION_KEYS, unscale_actions
 
     dataset_id = str(metadata.get("dataset_id") or Path(path).name)
     minari_ids.check_storage_format(metadata, dataset_id)
     action_space = minari_ids.check_action_space(metadata, dataset_id)
-    keys = minari_ids.observation_keys(metadata, dataset_id, DICT_OBSERVATION_KEYS)
+    keys = minari_ids.observation_keys(metadata, dataset_id, registry.DICT_OBSERVATION_KEYS)
     raw = read_minari(path, observation_keys=keys)
     bounds = minari_ids.action_bounds(action_space)
     if bounds is not None:  # stored in the environment's units; policies act in [-1, 1]
-        raw["actions"] = unscale_actions(raw["actions"], *bounds)
+        raw["actions"] = transforms.unscale_actions(raw["actions"], *bounds)
     raw["metadata/dataset_name"] = dataset_id
     raw["metadata/scores_from_dataset"] = True
     env_id, env_kwargs = minari_ids.evaluation_env(metadata)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from misa_fast.data import minari_ids, registry
+from misa_fast.data import minari as minari_ids
+from misa_fast.data import registry
 
 CHUNK_BYTES = 1 << 20
 

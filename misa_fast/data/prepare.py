@@ -37,7 +37,7 @@ class DataInfo:
     ref_max: float | None = None
 
     def reference_returns(self):
-        """What ``misa_fast.envs.evaluate`` takes as ``reference_returns``: "by-name" (the domain's
+        """What ``misa_fast.envs.rollout.evaluate`` takes as ``reference_returns``: "by-name" (the domain's
         reference returns), the dataset's own (ref_min, ref_max), or None (no normalized score)."""
         if self.scores_from != "dataset":
             return "by-name"

@@ -8,6 +8,7 @@ packages): the files are plain HDF5, so nothing of D4RL itself is needed to read
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class Domain:
 
 
 # Reference returns: D4RL's. Pendulum has no D4RL reference; ours is
-# measured with misa_fast.envs.evaluate over 100 seeded episodes (seeds 0..99):
+# measured with misa_fast.envs.rollout.evaluate over 100 seeded episodes (seeds 0..99):
 #   ref_min: a uniform random policy;  ref_max: the best checkpoint of a stable-baselines3 SAC run
 #   (10k steps, seed 0, default hyper-parameters), deterministic actions.
 #   Measured by scripts/make_default_dataset.py (the run that made the embedded dataset).
@@ -127,14 +128,36 @@ _ENV_NAME_TO_DOMAIN = {
 }
 
 
+# namespace/name/dataset-vN, as Minari writes its ids (the namespace is part of every hosted id).
+_MINARI_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+-v\d+$")
+
+# Namespaces whose every environment is a locomotion task (Minari's own MuJoCo datasets).
+LOCOMOTION_NAMESPACES = ("mujoco",)
+
+
+def is_minari_id(name: str | os.PathLike) -> bool:
+    return bool(_MINARI_ID.match(str(name)))
+
+
+def environment_part(dataset_id: str) -> str:
+    """The environment component of an id: ``mujoco/hopper/medium-v0`` -> ``hopper``."""
+    return str(dataset_id).split("/")[-2]
+
+
+def namespace_part(dataset_id: str) -> str:
+    return str(dataset_id).split("/")[0]
+
+
+# The keys of a Dict observation space that make the policy's input vector, per domain.
+DICT_OBSERVATION_KEYS = {"antmaze": ("achieved_goal", "observation"), "kitchen": ("observation",)}
+
+
 def domain_of(name: str) -> Domain:
     """Domain of a dataset name (``hopper-medium-v2``), a file name (``hopper-medium-local.hdf5``),
     a Minari id (``mujoco/hopper/medium-v0``) or a gymnasium id (``Hopper-v4``, ``AntMaze_UMaze-v4``)."""
-    from misa_fast.data import minari_ids
-
     stem = Path(str(name)).name.lower()
-    if minari_ids.is_minari_id(name):  # mujoco/hopper/medium-v0: the environment is the middle part
-        stem = minari_ids.environment_part(name).lower()
+    if is_minari_id(name):  # mujoco/hopper/medium-v0: the environment is the middle part
+        stem = environment_part(name).lower()
     if stem.endswith((".hdf5", ".h5", ".npz")):
         stem = stem.rsplit(".", 1)[0]
     if stem.startswith("antmaze"):
@@ -175,10 +198,8 @@ def env_id_for(dataset_name: str, override: str | None = None) -> str:
         return override
     domain = domain_of(dataset_name)
     if domain.name == "antmaze":
-        from misa_fast.data import minari_ids
-
         stem = Path(str(dataset_name)).name.lower()
-        if minari_ids.is_minari_id(dataset_name):  # D4RL/antmaze/medium-diverse-v1: the size leads the last part
+        if is_minari_id(dataset_name):  # D4RL/antmaze/medium-diverse-v1: the size leads the last part
             size = stem.split("-")[0]
         else:
             size = stem.split("-")[1] if "-" in stem else "umaze"

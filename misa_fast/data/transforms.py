@@ -68,3 +68,14 @@ def normalize_observations(observations: np.ndarray, mean, std) -> np.ndarray:
     if mean is None:
         return np.asarray(observations, dtype=np.float32)
     return ((observations - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).astype(np.float32)
+
+
+def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[-1, 1] policy actions -> the environment's [low, high] (clipped)."""
+    actions = np.clip(actions, -1.0, 1.0)
+    return (low + (actions + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+
+def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Environment actions -> the [-1, 1] units datasets and policies use."""
+    return (2.0 * (np.asarray(actions) - low) / (high - low) - 1.0).astype(np.float32)

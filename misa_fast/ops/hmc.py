@@ -1,7 +1,7 @@
-"""Fused HMC sampler for the MISA target: the whole chain in one Triton launch (``kernels/hmc.py``).
+"""Fused HMC sampler for the MISA target: the whole chain in one Triton launch (``kernels/hmc_kernels.py``).
 
-:func:`hmc_sample` has the signature and the return type (:class:`misa_fast.hmc.HMCResult`) of the
-torch reference :func:`misa_fast.hmc.hmc_sample`, plus ``precision`` and ``backend``. It runs the
+:func:`hmc_sample` has the signature and the return type (:class:`misa_fast.ops.hmc_reference.HMCResult`) of the
+torch reference :func:`misa_fast.ops.hmc_reference.hmc_sample`, plus ``precision`` and ``backend``. It runs the
 Triton kernel for CUDA tensors and the reference otherwise (``backend=``, :func:`use_backend` or
 ``MISA_FAST_OPS`` force either; see :mod:`misa_fast.ops.dispatch`).
 
@@ -45,11 +45,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from misa_fast import hmc as hmc_lib
-from misa_fast.hmc import HMCNoise, HMCResult, layout
 from misa_fast.nets import ACTIVATION_NAMES, Layers, layers_activation
+from misa_fast.ops import hmc_reference as hmc_lib
 from misa_fast.ops.critics import CriticArchitectureError
 from misa_fast.ops.dispatch import requested_backend, resolve_backend, resolve_precision
+from misa_fast.ops.hmc_reference import HMCNoise, HMCResult, layout
 
 __all__ = ["hmc_sample", "hmc_sample_reference"]
 
@@ -72,14 +72,14 @@ def _activation(critic_layers, activation):
 
 
 def hmc_sample_reference(policy_mean, policy_std, critic_layers, state_half, init_actions, *, activation=None, **kw):
-    """The torch reference :func:`misa_fast.hmc.hmc_sample` with the activation resolved as
+    """The torch reference :func:`misa_fast.ops.hmc_reference.hmc_sample` with the activation resolved as
     :func:`hmc_sample` resolves it (required for plain tensors)."""
     return hmc_lib.hmc_sample(policy_mean, policy_std, critic_layers, state_half, init_actions,
                               activation=_activation(critic_layers, activation), **kw)
 
 
 def _kernels():
-    from misa_fast.kernels import hmc as k
+    from misa_fast.kernels import hmc_kernels as k
 
     return k
 
@@ -147,13 +147,13 @@ def hmc_sample(
     backend: Optional[str] = None,
 ) -> HMCResult:
     """K samples per state of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) by HMC; see
-    :func:`misa_fast.hmc.hmc_sample` for the arguments and the modes ("faithful", "adaptive",
+    :func:`misa_fast.ops.hmc_reference.hmc_sample` for the arguments and the modes ("faithful", "adaptive",
     "parallel") and spaces ("post_tanh", "pre_tanh"). ``activation``: the critics' hidden activation
     (a name of ``misa_fast.nets.ACTIVATION_NAMES``, an activation module, or ``Activation``);
     required unless ``critic_layers`` carry it (``EnsembleCritic.stacked_layers()`` does).
     ``precision``: Triton dot precision ("tf32", "tf32x3", "ieee" or "bf16"; None follows
     ``torch.get_float32_matmul_precision()``: "highest" -> ieee, "high" -> tf32, "medium" -> bf16);
-    ``backend``: "triton", "torch" or "auto". Returns :class:`misa_fast.hmc.HMCResult`: samples
+    ``backend``: "triton", "torch" or "auto". Returns :class:`misa_fast.ops.hmc_reference.HMCResult`: samples
     (B, K, A), accept_rate and accept_prob (0-dim), step_size (C,) after adaptation, accepted (T, C)
     bool."""
     precision = resolve_precision(precision, ("tf32", "tf32x3", "bf16", "ieee", "fp32"))

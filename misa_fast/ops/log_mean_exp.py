@@ -1,7 +1,7 @@
 """``log_mean_exp(x, dim)``: ``logsumexp(x, dim) - log K`` (K = x.shape[dim]).
 
 - :func:`log_mean_exp_reference`: plain torch, differentiable by autograd (the spec).
-- :class:`LogMeanExpFunction`: autograd.Function over the Triton kernels (``kernels/log_mean_exp.py``).
+- :class:`LogMeanExpFunction`: autograd.Function over the Triton kernels (``kernels/log_mean_exp_kernels.py``).
 - :func:`log_mean_exp`: dispatcher (Triton for CUDA tensors, the reference elsewhere; see
   :mod:`misa_fast.ops.dispatch`).
 - :class:`LogMeanExp`: ``nn.Module`` wrapper.
@@ -26,7 +26,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
-    from misa_fast.kernels import log_mean_exp as k
+    from misa_fast.kernels import log_mean_exp_kernels as k
 
     return k
 

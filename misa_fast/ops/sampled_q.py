@@ -10,7 +10,7 @@ per-sample log-weights (``-log proposal density``), ``normalizer="none"`` and CQ
 
 - :func:`sampled_q_values_reference` / :func:`sampled_q_log_mean_exp_reference`: plain torch.
 - :class:`SampledQLogMeanExpFunction`: autograd.Function over the Triton kernels
-  (``kernels/sampled_q.py``); differentiable w.r.t. every weight and bias, obs, actions and the
+  (``kernels/sampled_q_kernels.py``); differentiable w.r.t. every weight and bias, obs, actions and the
   log-weights (each computed only when required).
 - :func:`sampled_q_log_mean_exp`: dispatcher (Triton for CUDA tensors, the reference elsewhere).
 - :class:`SampledQLogMeanExp`: ``nn.Module`` wrapper holding the options.
@@ -51,7 +51,7 @@ Normalizer = Union[str, float, int, None]
 
 
 def _kernels():
-    from misa_fast.kernels import sampled_q as k
+    from misa_fast.kernels import sampled_q_kernels as k
 
     return k
 

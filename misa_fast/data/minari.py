@@ -1,0 +1,180 @@
+"""Minari dataset ids (``mujoco/hopper/medium-v0``, ``D4RL/antmaze/umaze-v1``) as datasets.
+
+An id names a directory of Minari's local cache (``$MINARI_DATASETS_PATH``, default
+``~/.minari/datasets``); a missing one is downloaded with the ``minari`` package's own API when the
+machine is online. A Minari directory holds ``data/main_data.hdf5`` (episodes, read by
+``d4rl.read_minari``) and ``data/metadata.json``, from which this module takes what the episodes do
+not say: the observation and action spaces (only flat Boxes can be learned from), the environment
+to evaluate in (its env spec) and the reference returns of the normalized score.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from misa_fast.data import registry
+from misa_fast.data.registry import LOCOMOTION_NAMESPACES, environment_part, is_minari_id, namespace_part  # noqa: F401
+
+
+def minari_root() -> Path:
+    """Minari's local cache, computed as the minari package does (without importing it)."""
+    root = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    return Path(root).expanduser()
+
+
+def resolve_minari_id(dataset_id: str, download: bool = True) -> Path:
+    """The local directory of a Minari id, downloaded into Minari's cache when missing (and
+    ``download`` allows it). Raises FileNotFoundError naming the id, the directory looked in and
+    the command that downloads it."""
+    directory = minari_root() / dataset_id
+    if _is_local(directory):
+        return directory
+    if not download:
+        raise FileNotFoundError(_not_local(dataset_id, directory, "downloads are disabled"))
+    try:
+        download_from_minari(dataset_id)
+    except ImportError as err:  # minari itself, or the client of its remote (huggingface_hub)
+        raise FileNotFoundError(_not_local(
+            dataset_id, directory, f"a package the download needs is missing: {err}; "
+            f"pip install 'misa-fast[minari]' installs minari with its download client")) from err
+    except Exception as err:  # noqa: BLE001 - offline shows as requests/hub/OS errors alike
+        raise FileNotFoundError(_not_local(dataset_id, directory, f"download failed: {err}")) from err
+    if not _is_local(directory):
+        raise FileNotFoundError(_not_local(dataset_id, directory, "the download left no data/metadata.json"))
+    return directory
+
+
+def _is_local(directory: Path) -> bool:
+    return (directory / "data" / "metadata.json").is_file() or (directory / "data" / "main_data.hdf5").is_file()
+
+
+def download_from_minari(dataset_id: str) -> None:
+    """Minari's own download (its remote storage, its checks); tests replace this to stay offline."""
+    import minari
+
+    minari.download_dataset(dataset_id)
+
+
+def _not_local(dataset_id: str, directory: Path, why: str) -> str:
+    return (
+        f"Minari dataset {dataset_id!r} is not in the local Minari cache (looked in {directory}) and was not "
+        f"downloaded ({why}). Download it on a machine that is online with\n  minari download {dataset_id}\n"
+        f"(pip install 'minari[hf]') and copy that directory here; set MINARI_DATASETS_PATH to use another cache "
+        f"directory"
+    )
+
+
+def read_metadata(directory: str | os.PathLike) -> dict | None:
+    """``data/metadata.json`` of a Minari directory; None when the directory has none."""
+    path = Path(directory) / "data" / "metadata.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read this Minari metadata file ({err})") from err
+
+
+def check_storage_format(metadata: dict, dataset_id: str) -> None:
+    """Episodes are read from Minari's hdf5 layout (with h5py); other layouts are named in the error."""
+    data_format = metadata.get("data_format", "hdf5")
+    if data_format != "hdf5":
+        raise ValueError(f"{dataset_id}: stored in Minari's {data_format!r} format; misa-fast reads Minari "
+                         f"datasets stored as 'hdf5' (data/main_data.hdf5)")
+
+
+def space_of(metadata: dict, key: str) -> dict | None:
+    """A space recorded in the metadata (Minari stores each as a JSON string) as a dict."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def observation_keys(metadata: dict, dataset_id: str, dict_keys_by_domain: dict) -> tuple | None:
+    """None for a flat Box observation space; for a Dict space, the keys evaluation feeds the
+    policy in this dataset's domain (antmaze: position + the ant's state). Anything else is an
+    error that says which space and why."""
+    space = space_of(metadata, "observation_space")
+    if space is None or space.get("type") == "Box":
+        _check_flat_box(space, "observation", dataset_id)
+        return None
+    if space.get("type") == "Dict":
+        try:
+            domain = registry.domain_of(dataset_id).name
+        except KeyError:
+            domain = None
+        keys = dict_keys_by_domain.get(domain)
+        subspaces = space.get("subspaces", {})
+        if keys is not None and all(subspaces.get(k, {}).get("type") == "Box" for k in keys):
+            return tuple(keys)
+        raise ValueError(
+            f"{dataset_id}: the observation space is a Dict (keys {sorted(subspaces)}), not a flat Box: the "
+            f"networks take one vector per state, and misa-fast knows which keys make that vector only for "
+            f"{sorted(dict_keys_by_domain)} datasets. Flatten the observations into a Box dataset first."
+        )
+    raise ValueError(f"{dataset_id}: the observation space is {_describe(space)}, not a flat Box: the networks "
+                     f"take one float vector per state")
+
+
+def check_action_space(metadata: dict, dataset_id: str) -> dict | None:
+    """The action space (a flat Box), or an error saying which space it is and why it cannot be used."""
+    space = space_of(metadata, "action_space")
+    _check_flat_box(space, "action", dataset_id)
+    return space
+
+
+def _check_flat_box(space: dict | None, which: str, dataset_id: str) -> None:
+    if space is None:
+        return
+    if space.get("type") != "Box":
+        why = ("misa-fast learns continuous (Gaussian) policies, which need a Box of float actions"
+               if which == "action" else "the networks take one float vector per state")
+        raise ValueError(f"{dataset_id}: the {which} space is {_describe(space)}, not a flat Box: {why}")
+    shape = space.get("shape") or []
+    if len(shape) != 1:
+        raise ValueError(f"{dataset_id}: the {which} space is a Box of shape {tuple(shape)}, not a flat Box "
+                         f"(expected shape (width,))")
+
+
+def _describe(space: dict) -> str:
+    kind = space.get("type", "unknown")
+    if kind == "Discrete":
+        return f"Discrete({space.get('n')})"
+    return kind
+
+
+def action_bounds(space: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) of a Box action space with finite bounds that are not already [-1, 1]: the
+    dataset's actions are converted to the [-1, 1] units policies act in (misa_fast.envs.rollout)."""
+    if not space or "low" not in space or "high" not in space:
+        return None
+    low = np.asarray(space["low"], dtype=np.float64)
+    high = np.asarray(space["high"], dtype=np.float64)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()) or (np.allclose(low, -1) and np.allclose(high, 1)):
+        return None
+    return low, high
+
+
+def evaluation_env(metadata: dict) -> tuple[str | None, dict]:
+    """(gymnasium id, make kwargs) of the environment the dataset records for evaluation: its
+    ``eval_env_spec``, else the ``env_spec`` it was collected in; (None, {}) when it records none."""
+    spec = metadata.get("eval_env_spec") or metadata.get("env_spec")
+    if not spec:
+        return None, {}
+    spec = json.loads(spec) if isinstance(spec, str) else spec
+    kwargs = dict(spec.get("kwargs") or {})
+    if spec.get("max_episode_steps") is not None:
+        kwargs["max_episode_steps"] = int(spec["max_episode_steps"])
+    return spec.get("id"), kwargs
+
+
+def reference_scores(metadata: dict) -> tuple[float, float] | None:
+    """(ref_min_score, ref_max_score) when the dataset records both, else None."""
+    low, high = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if low is None or high is None:
+        return None
+    return float(low), float(high)

@@ -1,0 +1,1 @@
+"""Environments: evaluation rollouts and dataset recording."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its backends, checkpoints, evaluation, progress and plots, runtime settings."""
