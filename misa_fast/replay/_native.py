@@ -10,7 +10,7 @@ from pathlib import Path
 
 def missing_extension_message(error: BaseException | None = None) -> str:
     """Why ``misa_fast._C`` cannot be imported here, and the command that fixes it."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the misa_fast package, where _C is installed
     built = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_C{suffix}")]
     if built:
         return (f"misa_fast._C ({built[0]}) does not load: {error}. It was probably built for another "
