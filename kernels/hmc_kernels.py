@@ -72,13 +72,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .activations import ACTIVATIONS, act, dact
-
 __all__ = ["PRECISIONS", "ACTIVATIONS", "MAX_DEPTH", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MIN_STEP_SIZE",
            "MAX_STEP_SIZE", "unsupported_reason", "launch_config", "hmc_chains", "HMCKernelOutput"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 3}
 # the critics' hidden activation, constexpr ACT (with ALPHA: ELU's alpha / the leaky slope)
+ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32   # one (BLOCK_A, BLOCK_C) position tile
 MAX_HIDDEN = 256      # the (H0, BLOCK_C) layer-1 activation and its gradient live on chip
 MAX_HEAD = 256        # the (HC, BLOCK_C) last-hidden-layer pre-activation lives on chip
@@ -100,6 +99,56 @@ def _mm(a, b, PREC: tl.constexpr):
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3", out_dtype=tl.float32)
     else:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+    return out
+
+
+@triton.jit
+def _tanh(z):
+    # 1 - 2 / (exp(2z) + 1): +-1, not NaN, where exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """The critics' hidden activation (constexpr ACT, see ACTIVATIONS; ALPHA: ELU's alpha / the leaky
+    slope). Same formulas as kernels/sampled_q_kernels.py."""
+    if ACT == 0:
+        out = tl.where(z > 0, z, ALPHA * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, ALPHA * z)
+    elif ACT == 3:
+        out = z * tl.sigmoid(z)
+    elif ACT == 4:
+        out = _tanh(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:  # 0.5 z (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        out = z * tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
+    return out
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """d act / dz at the pre-activation z (0 at z = 0 for the ReLU family, as torch's backward)."""
+    if ACT == 0:
+        out = tl.where(z > 0, 1.0, ALPHA * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, 1.0, ALPHA)
+    elif ACT == 3:
+        sg = tl.sigmoid(z)
+        out = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 4:
+        t = _tanh(z)
+        out = 1.0 - t * t
+    elif ACT == 5:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:  # s = sigmoid(2u): d (z s) / dz = s (1 + z (1 - s) 2u'), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+        sg = tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
+        out = sg * (1.0 + z * (1.0 - sg) * (1.5957691216057308 * (1.0 + 0.134145 * z * z)))
     return out
 
 
@@ -211,7 +260,7 @@ def _critic_min(
                     z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
                                             s_shh, A, BLOCK_A, PREC0)
                     wm = tl.reshape(m1_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
-                    zm += _mm(wm, act(z0, ACT, ALPHA), PREC)
+                    zm += _mm(wm, _act(z0, ACT, ALPHA), PREC)
                 zm += tl.load(bm1_ptr + e * s_bm1e + offs_h, mask=offs_h < H1, other=0.0).to(tl.float32)[:, None]
                 tl.debug_barrier()  # earlier readers of this scratch are done
                 tl.store(mid_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], zm)
@@ -221,7 +270,7 @@ def _critic_min(
                 zm = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
                 for k0 in range(0, H1, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
-                    hk = act(tl.load(mid_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
+                    hk = _act(tl.load(mid_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
                     wm = tl.reshape(m2_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
                     zm += _mm(wm, hk, PREC)
                 zm += tl.load(bm2_ptr + e * s_bm2e + offs_h, mask=offs_h < H2, other=0.0).to(tl.float32)[:, None]
@@ -234,21 +283,21 @@ def _critic_min(
                     k_ok = offs_k < H0
                     z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
                                             s_shh, A, BLOCK_A, PREC0)
-                    h0 = act(z0, ACT, ALPHA)
+                    h0 = _act(z0, ACT, ALPHA)
                     wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
                     z1 += _mm(wc, h0, PREC)
             else:
                 top = mid_scratch + (NMID - 1) * BLOCK_H * BLOCK_C  # the last middle layer's z
                 for k0 in range(0, HI, BLOCK_K):  # F, the input read back in chunks
                     offs_k = k0 + tl.arange(0, BLOCK_K)
-                    hk = act(tl.load(top + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
+                    hk = _act(tl.load(top + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
                     wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])
                     z1 += _mm(wc, hk, PREC)
             bc = tl.load(bc_ptr + e * s_bce + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             wl = tl.load(wl_ptr + e * s_wle + offs_n * s_wli, mask=n_ok, other=0.0).to(tl.float32)
             z1 += bc[:, None]
-            slope1 = dact(z1, ACT, ALPHA)
-            q = tl.sum(act(z1, ACT, ALPHA) * wl[:, None], axis=0)
+            slope1 = _dact(z1, ACT, ALPHA)
+            q = tl.sum(_act(z1, ACT, ALPHA) * wl[:, None], axis=0)
             tl.store(scratch + offs_n[:, None] * BLOCK_C + offs_c[None, :], slope1 * wl[:, None])
             tl.debug_barrier()
             dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
@@ -259,7 +308,7 @@ def _critic_min(
                 dh0 += _mm(wct, dz1, PREC)
             if NMID >= 2:  # back through the second middle layer
                 zm = tl.load(mid_scratch + BLOCK_H * BLOCK_C + offs_h[:, None] * BLOCK_C + offs_c[None, :])
-                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * dact(zm, ACT, ALPHA))
+                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * _dact(zm, ACT, ALPHA))
                 tl.debug_barrier()
                 dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
                 for n0 in range(0, H2, BLOCK_K):
@@ -270,7 +319,7 @@ def _critic_min(
                 tl.debug_barrier()
             if NMID >= 1:  # back through the first middle layer
                 zm = tl.load(mid_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :])
-                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * dact(zm, ACT, ALPHA))
+                tl.store(dz_scratch + offs_h[:, None] * BLOCK_C + offs_c[None, :], dh0 * _dact(zm, ACT, ALPHA))
                 tl.debug_barrier()
                 dh0 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
                 for n0 in range(0, H1, BLOCK_K):
@@ -293,7 +342,7 @@ def _critic_min(
                 z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
                                         A, BLOCK_A, PREC0)
                 dh0k = tl.load(dh0_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :])
-                ga += _mm(tl.trans(w0a), dh0k * dact(z0, ACT, ALPHA), PREC0)
+                ga += _mm(tl.trans(w0a), dh0k * _dact(z0, ACT, ALPHA), PREC0)
         else:
             q = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, H0, BLOCK_K):
@@ -301,9 +350,9 @@ def _critic_min(
                 k_ok = offs_k < H0
                 z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb, s_shh,
                                         A, BLOCK_A, PREC0)
-                slope0 = dact(z0, ACT, ALPHA)
+                slope0 = _dact(z0, ACT, ALPHA)
                 wl = tl.load(wl_ptr + e * s_wle + offs_k * s_wli, mask=k_ok, other=0.0).to(tl.float32)
-                q += tl.sum(act(z0, ACT, ALPHA) * wl[:, None], axis=0)
+                q += tl.sum(_act(z0, ACT, ALPHA) * wl[:, None], axis=0)
                 ga += _mm(tl.trans(w0a), slope0 * wl[:, None], PREC0)
         q += tl.load(bl_ptr + e * s_ble).to(tl.float32)
         better = q < q_min  # strict: the first critic wins ties, like torch.min

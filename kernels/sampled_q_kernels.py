@@ -58,13 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS, act, dact
-
 __all__ = ["PRECISIONS", "ACTIVATIONS", "CriticSpec", "critic_spec", "unsupported_reason", "launch_config",
            "sampled_q_fwd", "sampled_q_bwd", "MAX_ACTION_DIM", "MAX_HIDDEN", "MAX_HEAD", "MAX_DEPTH"]
 
 PRECISIONS = {"ieee": 0, "fp32": 0, "tf32": 1, "bf16": 2}
 # the hidden activation, constexpr ACT (ELU's alpha / the leaky slope is the runtime ALPHA)
+ACTIVATIONS = {"elu": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "tanh": 4, "gelu": 5, "gelu_tanh": 6}
 MAX_ACTION_DIM = 32  # one (BLOCK_A, BLOCK_K) action tile per K block
 MAX_HIDDEN = 256     # the (H0, BLOCK_K) first-layer activation tile lives on chip
 MAX_HEAD = 4096      # the last hidden layer of a 2-hidden-layer critic is streamed in row chunks
@@ -85,6 +84,55 @@ def _mm(a, b, PREC: tl.constexpr):
         out = tl.dot(a, b, input_precision="tf32", out_dtype=tl.float32)
     else:
         out = tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+    return out
+
+
+@triton.jit
+def _tanh(z):
+    # 1 - 2 / (exp(2z) + 1): +-1, not NaN, where exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, ALPHA):
+    """The hidden activation (constexpr ACT, see ACTIVATIONS; ALPHA: ELU's alpha / the leaky slope)."""
+    if ACT == 0:
+        out = tl.where(z > 0, z, ALPHA * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, ALPHA * z)
+    elif ACT == 3:
+        out = z * tl.sigmoid(z)
+    elif ACT == 4:
+        out = _tanh(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:  # 0.5 z (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        out = z * tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
+    return out
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr, ALPHA):
+    """d act / dz at the pre-activation z (0 at z = 0 for the ReLU family, as torch's backward)."""
+    if ACT == 0:
+        out = tl.where(z > 0, 1.0, ALPHA * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, 1.0, ALPHA)
+    elif ACT == 3:
+        sg = tl.sigmoid(z)
+        out = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 4:
+        t = _tanh(z)
+        out = 1.0 - t * t
+    elif ACT == 5:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:  # s = sigmoid(2u): d (z s) / dz = s (1 + z (1 - s) 2u'), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+        sg = tl.sigmoid(1.5957691216057308 * z * (1.0 + 0.044715 * z * z))
+        out = sg * (1.0 + z * (1.0 - sg) * (1.5957691216057308 * (1.0 + 0.134145 * z * z)))
     return out
 
 
@@ -200,11 +248,11 @@ def _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, 
     pre-activations stay in scratch tiles 0 and 1 for a backward pass."""
     if NMID >= 1:
         z1 = _mid_forward(h_t, w1_ptr, b1_ptr, s_w1o, s_w1i, H1, H0, scr, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
-        h_t = act(z1, ACT, ALPHA)
+        h_t = _act(z1, ACT, ALPHA)
     if NMID >= 2:
         z2 = _mid_forward(h_t, w2_ptr, b2_ptr, s_w2o, s_w2i, H2, H1, scr + BLOCK_H * BLOCK_K,
                           BLOCK_H, BLOCK_R, BLOCK_K, PREC)
-        h_t = act(z2, ACT, ALPHA)
+        h_t = _act(z2, ACT, ALPHA)
     return h_t
 
 
@@ -222,7 +270,7 @@ def _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl,
         bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
         zc_t = _mm(wc, h_t, PREC) + bc[:, None]
-        dzc_t = (wl[:, None] * dq[None, :]) * dact(zc_t, ACT, ALPHA)
+        dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
         dh_t += _mm(tl.trans(wc), dzc_t, PREC)  # (BLOCK_H, BLOCK_C) @ (BLOCK_C, BLOCK_K)
     return dh_t
 
@@ -255,7 +303,7 @@ def _sq_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
-        h_t = act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
+        h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
         h_t = _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
                              ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
         if HAS_CHUNK:
@@ -266,7 +314,7 @@ def _sq_fwd_kernel(
                 wc = _load_w(wc_ptr, s_wco, s_wci, HC, HI, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
                 bc = tl.load(bc_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
                 wl = tl.load(wl_ptr + offs_c * s_wl, mask=c_ok, other=0.0).to(tl.float32)
-                hc_t = act(_mm(wc, h_t, PREC) + bc[:, None], ACT, ALPHA)  # (BLOCK_C, BLOCK_K)
+                hc_t = _act(_mm(wc, h_t, PREC) + bc[:, None], ACT, ALPHA)  # (BLOCK_C, BLOCK_K)
                 q += tl.sum(hc_t * wl[:, None], axis=0)
         else:
             wl = tl.load(wl_ptr + offs_h * s_wl, mask=offs_h < H0, other=0.0).to(tl.float32)
@@ -328,15 +376,15 @@ def _sq_bwd_head_kernel(
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
             # weight tiles are re-read per block (L1/L2 hits) rather than held live in registers
             w0a = _load_w(w0_ptr + S * s_w0i, s_w0o, s_w0i, H0, A, offs_h, offs_a)  # (BLOCK_H, BLOCK_A)
-            h_t = act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
             h_t = _trunk_forward(h_t, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
                                  ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
             dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
                                HAS_LOGW)
             wc = _load_w(wc_ptr, s_wco, s_wci, HC, HI, offs_c, offs_h)  # (BLOCK_C, BLOCK_H)
             zc_t = _mm(wc, h_t, PREC) + bc[:, None]  # (BLOCK_C, BLOCK_K)
-            acc_wl += tl.sum(act(zc_t, ACT, ALPHA) * dq[None, :], axis=1)
-            dzc_t = (wl[:, None] * dq[None, :]) * dact(zc_t, ACT, ALPHA)
+            acc_wl += tl.sum(_act(zc_t, ACT, ALPHA) * dq[None, :], axis=1)
+            dzc_t = (wl[:, None] * dq[None, :]) * _dact(zc_t, ACT, ALPHA)
             acc_b += tl.sum(dzc_t, axis=1)
             acc_w += _mm(dzc_t, tl.trans(h_t), PREC)  # (BLOCK_C, BLOCK_K) @ (BLOCK_K, BLOCK_H)
             acc_bl += dq
@@ -388,7 +436,7 @@ def _sq_bwd_mid_kernel(
             k_ok = offs_k < K
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
             w0a = _load_w(w0_ptr + S * s_w0i, s_w0o, s_w0i, H0, A, offs_h, offs_a)  # (BLOCK_H, BLOCK_A)
-            h0 = act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            h0 = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
             h_t = _trunk_forward(h0, scr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, H0, H1, H2, s_w1o, s_w1i, s_w2o, s_w2i,
                                  ACT, ALPHA, NMID, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
             dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
@@ -396,13 +444,13 @@ def _sq_bwd_mid_kernel(
             dh_t = _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl, ACT, ALPHA,
                                    BLOCK_H, BLOCK_C, BLOCK_K, PREC)
             if LAYER == 2:
-                dz = dh_t * dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
-                h_in = act(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                dz = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                h_in = _act(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
             else:
                 if NMID >= 2:
-                    dz2 = dh_t * dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dz2 = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
                     dh_t = _mid_backward(dz2, w2_ptr, s_w2o, s_w2i, H2, H1, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
-                dz = dh_t * dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                dz = dh_t * _dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
                 h_in = h0
             dz_r = _rows_of(dz, ds, offs_r, BLOCK_H, BLOCK_K)  # (BLOCK_R, BLOCK_K)
             acc_w += _mm(dz_r, tl.trans(h_in), PREC)  # (BLOCK_R, BLOCK_K) @ (BLOCK_K, BLOCK_H)
@@ -451,7 +499,7 @@ def _sq_bwd_trunk_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             a_t = _load_actions_t(act_ptr, b, offs_k, k_ok, A, s_ab, s_ak, s_aa, BLOCK_A)
-            h_t = act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
+            h_t = _act(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)
             dq = _softmax_grad(q_ptr, logw_ptr, lse_ptr, g_ptr, b, offs_k, k_ok, s_qb, s_lb, s_lk, s_g, inv_temp,
                                HAS_LOGW)
             if HAS_CHUNK:
@@ -460,10 +508,10 @@ def _sq_bwd_trunk_kernel(
                 dh_t = _last_hidden_dh(h_t, dq, wc_ptr, bc_ptr, wl_ptr, HC, HI, s_wco, s_wci, s_wl, ACT, ALPHA,
                                        BLOCK_H, BLOCK_C, BLOCK_K, PREC)
                 if NMID >= 2:
-                    dz2 = dh_t * dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dz2 = dh_t * _dact(_load_tile(scr + BLOCK_H * BLOCK_K, BLOCK_H, BLOCK_K), ACT, ALPHA)
                     dh_t = _mid_backward(dz2, w2_ptr, s_w2o, s_w2i, H2, H1, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
                 if NMID >= 1:
-                    dz1 = dh_t * dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
+                    dz1 = dh_t * _dact(_load_tile(scr, BLOCK_H, BLOCK_K), ACT, ALPHA)
                     dh_t = _mid_backward(dz1, w1_ptr, s_w1o, s_w1i, H1, H0, ds, BLOCK_H, BLOCK_R, BLOCK_K, PREC)
             else:
                 wl_h = tl.load(wl_ptr + offs_h * s_wl, mask=h_ok, other=0.0).to(tl.float32)
@@ -471,7 +519,7 @@ def _sq_bwd_trunk_kernel(
                 acc_bl += dq
                 dh_t = wl_h[:, None] * dq[None, :]
             # layer 0 (pre-activation recomputed rather than kept live across the chunk loop)
-            dz0_t = dh_t * dact(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
+            dz0_t = dh_t * _dact(_mm(w0a, a_t, PREC) + sh[:, None], ACT, ALPHA)  # (BLOCK_H, BLOCK_K)
             acc_w0a += _mm(dz0_t, tl.trans(a_t), PREC)  # (BLOCK_H, BLOCK_K) @ (BLOCK_K, BLOCK_A)
             dz0_sum += tl.sum(dz0_t, axis=1)
             if NEED_DACT:
