@@ -5,7 +5,8 @@
     python devtools/kernel_resources.py --list                  # the distinct configurations, no compile
 
 Every binary (470 for both architectures) takes ~25 minutes on two cores, ``--scope pairwise``
-(110) ~3 minutes; Triton's cache makes a rerun take about a minute. Other code can call
+(110) ~3 minutes; a rerun on unchanged kernel sources takes about a minute (a Triton cache of
+their own: :func:`source_keyed_cache_dir`). Other code can call
 :func:`compile_table` (rows as dicts) and :func:`problems`.
 
 For each distinct kernel it reports what ptxas made of it: registers per thread, spill bytes
@@ -706,7 +707,25 @@ def _pairwise_cover(triples):
     return chosen
 
 
+def source_keyed_cache_dir() -> str:
+    """A Triton cache folder of its own for the kernel package as it is now (its files' paths and
+    contents). Triton keys its cache by the kernels' source text alone, so a binary compiled before
+    an edit that moved lines (a helper taken out of the file, say) is found again afterwards,
+    and the locations in its TTGIR then point at the wrong lines: :func:`dot_sites` would read
+    them from the file as it is now."""
+    digest = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(hmck.__file__))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            digest.update(os.path.join(folder, name).encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return os.path.join(tempfile.gettempdir(), "misa-fast-kernel-resources", digest.hexdigest()[:16])
+
+
 def _pool_compile(jobs: Sequence[CompileJob], workers: int) -> List[dict]:
+    if "TRITON_CACHE_DIR" not in os.environ:  # set before the workers start: they inherit it
+        os.environ["TRITON_CACHE_DIR"] = source_keyed_cache_dir()
     if workers <= 1 or len(jobs) <= 1:
         return [compile_job(job) for job in jobs]
     # fork where there is one: the workers inherit the imported kernels whatever name this module
