@@ -288,6 +288,11 @@ class MISA:
         # Q(s, a~) through detached critic weights: only the policy gets this gradient.
         q_new = nets.ensemble_q(self.critic.stacked_layers(detach=True), state_half.detach(), new_actions)
         q_new = q_new.min(dim=0).values
+        if cfg.actor_q_scale is not None:
+            metrics["actor_lambda"] = losses.q_scale(q_new, cfg.actor_q_scale)
+            q_actor = metrics["actor_lambda"] * q_new
+        else:
+            q_actor = q_new
         log_pi_data = nets.tanh_gaussian_log_prob(mean, std, actions) if cfg.use_ba else None
         log_pi_mcmc = mcmc_weights = None
         if snis is not None:  # eq. 15 by SNIS: sum_k w_k log pi_theta(a_k|s) over the log-partition's samples
@@ -301,7 +306,7 @@ class MISA:
                 log_pi_mcmc = nets.tanh_gaussian_log_prob(mean.unsqueeze(1), std.unsqueeze(1), hmc_result.samples)
         alpha = self.log_alpha.exp()
         losses_out["actor_loss"], terms = losses.actor_loss(
-            alpha, log_pi_new, q_new, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight, mcmc_weights
+            alpha, log_pi_new, q_actor, cfg.bc_weight, log_pi_data, log_pi_mcmc, cfg.unbiased_weight, mcmc_weights
         )
         metrics.update(terms)
         metrics["q_pi"] = q_new.mean()

@@ -61,6 +61,9 @@ class MISAConfig(ConfigBase):
     num_samples: int = 50  # K: policy samples in the log-mean-exp, and HMC samples per state
     min_q_weight: float = 5.0  # w_q
     bc_weight: float = 0.5
+    # Scale of the actor's Q term. None: raw Q, as the official code. A number c: c * Q / mean|Q|
+    # (held fixed per batch), TD3+BC's scale-free actor (its c is 2.5), not part of the paper.
+    actor_q_scale: Optional[float] = None
     unbiased_weight: float = 0.1  # w_u, weight of the HMC correction term of the actor (eq. 15)
     # Critic regulariser: "misa" eq. 10 (per-state log-mean-exp), "dv" eq. 9 (log-mean-exp over the
     # whole batch), "f" eq. 8 (mean exp(Q-1)), "cql" (importance-sampled log-sum-exp over uniform and
@@ -189,7 +192,8 @@ def _validate(cfg: MISAConfig) -> None:
         raise ValueError(f"config key 'hmc_burn_in' must be >= 0, got {cfg.hmc_burn_in}")
     if not cfg.policy_hidden or not cfg.critic_hidden or min(cfg.policy_hidden + cfg.critic_hidden) < 1:
         raise ValueError("hidden sizes must be non-empty tuples of positive ints")
-    for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "energy_lr", "hmc_step_size"):
+    for name in ("policy_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "energy_lr", "hmc_step_size",
+                 "actor_q_scale"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.tau <= 1.0 or not 0.0 <= cfg.gamma <= 1.0:

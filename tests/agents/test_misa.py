@@ -70,7 +70,8 @@ def np_policy(agent, obs):
     for layer in linears[:-1]:
         x = np.maximum(x @ _np(layer.weight).T + _np(layer.bias), 0)
     out = x @ _np(linears[-1].weight).T + _np(linears[-1].bias)
-    mean, raw = out[:, :A], out[:, A:]
+    act_dim = out.shape[1] // 2
+    mean, raw = out[:, :act_dim], out[:, act_dim:]
     log_std = np.clip(agent.policy.log_std_multiplier.item() * raw + agent.policy.log_std_offset.item(), -5, 2)
     return np.clip(mean, -9, 9), np.exp(log_std)
 
@@ -101,6 +102,7 @@ def hand_losses(agent, batch, noise, hmc_samples):
     obs, act = _np(batch["observations"]), _np(batch["actions"])
     rew, nobs = _np(batch["rewards"]).reshape(-1), _np(batch["next_observations"])
     done = _np(batch["terminals"]).reshape(-1)
+    B, A, K = obs.shape[0], act.shape[1], cfg.num_samples  # noqa: N806 - the module's names
     mean, std = np_policy(agent, obs)
     u_new = mean + std * _np(noise.policy)
     a_new = np.tanh(u_new)
@@ -154,9 +156,12 @@ def hand_losses(agent, batch, noise, hmc_samples):
             out[f"q{i + 1}_lme_gap"] = gap[i]
     alpha = math.exp(agent.log_alpha.item())
     q_new = np_q(agent.critic, obs, a_new).min(0)
+    lam = 1.0 if cfg.actor_q_scale is None else cfg.actor_q_scale / np.abs(q_new).mean()
+    if cfg.actor_q_scale is not None:
+        out["actor_lambda"] = lam
     out.update(
         actor_entropy_term=cfg.bc_weight * alpha * log_pi_new.mean(),
-        actor_q_term=-q_new.mean(),
+        actor_q_term=-lam * q_new.mean(),
         log_pi=log_pi_new.mean(), q_pi=q_new.mean(), alpha=alpha,
         alpha_loss=-agent.log_alpha.item() * (log_pi_new.mean() + agent.target_entropy),
     )
@@ -174,13 +179,14 @@ MISA_FAMILY = [name for name, algo in ALGORITHMS.items() if algo.family == "misa
 
 
 @pytest.mark.parametrize("algo", MISA_FAMILY)
-@pytest.mark.parametrize("lagrange,lse_norm", [(False, "k"), (True, "batch")])
-def test_every_loss_term_matches_a_hand_computation(algo, lagrange, lse_norm):
-    """Every variant of the learner (misa_fast.agents.algorithms), with and without the Lagrange multiplier."""
+@pytest.mark.parametrize("lagrange,lse_norm,q_scale", [(False, "k", None), (True, "batch", None), (False, "k", 2.5)])
+def test_every_loss_term_matches_a_hand_computation(algo, lagrange, lse_norm, q_scale):
+    """Every variant of the learner (misa_fast.agents.algorithms), with and without the Lagrange
+    multiplier, with the raw and the scale-free actor Q term."""
     overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items() if k != "num_samples"}
     if lagrange and (overrides.get("energy_bound") == "none" or overrides.get("energy_network") == "separate"):
         pytest.skip("no Lagrange multiplier without a critic regulariser")
-    overrides.update(lagrange=lagrange, lagrange_tau=0.7, lse_norm=lse_norm)
+    overrides.update(lagrange=lagrange, lagrange_tau=0.7, lse_norm=lse_norm, actor_q_scale=q_scale)
     agent = spice(MISA(tiny_config(**overrides)))
     batch = make_batch()
     noise = agent.draw_noise(B)
@@ -577,3 +583,34 @@ def test_the_non_finite_error_survives_copy_and_pickle():
     error = NonFiniteLossError("critic_loss", 7)
     for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert (type(again), again.term, again.step, str(again)) == (type(error), "critic_loss", 7, str(error))
+
+
+def test_loss_terms_match_a_hand_computation_late_in_a_real_run(tmp_path):
+    """The hand computation on a trained agent and a batch of the data it learned from: at a late
+    step the critics' values are large (-90 on the demo data) and the policy narrow, which random
+    tiny networks do not show. ``MISA_FAST_AUDIT_RUN=<run directory>`` audits that run's
+    checkpoint (e.g. a long run of the demo); without it, a short run of the pendulum preset."""
+    import os
+
+    from misa_fast.agents.algorithms import agent_from_checkpoint
+    from misa_fast.data.prepare import prepare
+    from misa_fast.data.registry import DEFAULT_DATASET
+    from misa_fast.training import checkpoint as ckpt
+    from misa_fast.training.loop import RunConfig, train
+
+    run_dir = os.environ.get("MISA_FAST_AUDIT_RUN")
+    if not run_dir:
+        run_dir = tmp_path / "run"
+        train(RunConfig(steps=150, eval_every=150, eval_episodes=1, out=str(run_dir), progress=False,
+                        tensorboard=False, device="cpu", overrides=("batch_size=32",)))
+    state = ckpt.load(os.path.join(run_dir, "checkpoint.pt"))
+    agent = agent_from_checkpoint(state)
+    data, _ = prepare(state["run"]["dataset"] or DEFAULT_DATASET, obs_norm=state["run"]["obs_norm"])
+    rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(1))[:64]
+    batch = {k: torch.as_tensor(data[k][rows.numpy()]) for k in
+             ("observations", "actions", "rewards", "next_observations", "terminals")}
+    noise = agent.draw_noise(len(rows))
+    out = agent.compute_losses(batch, noise)
+    expected = hand_losses(agent, batch, noise, None if out.hmc is None else out.hmc.samples)
+    for name, value in expected.items():
+        assert out.metrics[name].item() == pytest.approx(value, rel=1e-4, abs=1e-4), name
