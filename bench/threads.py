@@ -28,7 +28,7 @@ from pathlib import Path
 
 # case -> (algo, preset, obs_dim, act_dim): each preset's network sizes and K at a dataset's shapes.
 CASES = {
-    "pendulum-misa": ("misa", "pendulum", 3, 1),  # 64x64, K=10: the embedded default
+    "pendulum-misa": ("misa", "pendulum", 3, 1),  # the embedded default (K=10; 64x64 until 2026-12-03)
     "locomotion-misa": ("misa", "locomotion", 11, 3),  # 256x256, K=50 (hopper)
     "antmaze-misa": ("misa", "antmaze", 29, 8),  # critics 3x256, K=50
     "adroit-misa": ("misa", "adroit", 45, 24),  # 256x256, K=50 (pen)

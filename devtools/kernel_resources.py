@@ -97,7 +97,9 @@ KNOWN_SPILLS = {
     ("sq_bwd_head_kernel", "ieee"): 12480,
     # sm_80: the launch configurations were chosen from sm_90 compiles; without wgmma (operands in
     # shared memory) the same tiles need more than 255 registers
-    ("hmc_kernel", 80): 2432,
+    # 2026-12-03: the pendulum preset's 256-wide networks (A = 1, supplied noise, no split) spill
+    # 2904 B on sm_80, a new configuration rather than a regression of the others (budget before: 2432)
+    ("hmc_kernel", 80): 3264,
     ("sq_bwd_head_kernel", 80): 1856,
     # 2026-12-03, critics beyond the presets' (subset compiles: CORL's 3x256 ReLU, every activation,
     # 4x256): on sm_80 the trunk spills 488 B at 4 hidden layers (320 before), the middle-layer kernel

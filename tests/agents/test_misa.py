@@ -472,6 +472,9 @@ def test_presets():
     for name in ("adroit", "kitchen"):
         cfg = preset(name)
         assert cfg.lagrange and cfg.lagrange_tau == 3.0 and cfg.lse_norm == "batch"
+    pendulum = preset("pendulum")  # the locomotion learner at K=10: small networks collapse on the demo data
+    assert pendulum.policy_hidden == pendulum.critic_hidden == (256, 256) and pendulum.num_samples == 10
+    assert pendulum.replace(num_samples=50) == loco
     assert preset("antmaze", seed=3).seed == 3
     with pytest.raises(ValueError, match="preset"):
         preset("atari")

@@ -32,7 +32,7 @@ def test_the_default_rule(monkeypatch):
         choice = default_threads(cfg, "cpu")
         assert (choice.threads, choice.source) == (min(available_cpus(), 2), "default")
     assert "256-wide networks, K=50 on" in default_threads(preset("locomotion"), "cpu").describe()
-    small = default_threads(preset("pendulum"), "cpu")
+    small = default_threads(preset("pendulum", policy_hidden=(64, 64), critic_hidden=(64, 64)), "cpu")
     assert small.threads == 1 and "64-wide networks, K=10: a second thread measured no faster" in small.reason
     assert default_threads(preset("locomotion"), torch.device("cuda")).threads == 1
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")

@@ -1,0 +1,44 @@
+"""The ablation table of the demo study: one row per sweep trial group (sweep folder x trial column),
+the mean over seeds of the normalized score at chosen steps, the lowest score from the third
+evaluation on, and the critics' log-mean-exp gap at the last logged step.
+
+    python bench/studies/demo_ablation_table.py SWEEPS_ROOT   # folders made by bench/studies/demo_ablation.sh
+
+Each sweep folder holds ``runs/<dataset>/<column>/seed<N>/progress.csv`` (``misa-fast sweep``)."""
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+
+def rows(root: Path):
+    groups: dict = {}
+    for path in sorted(root.glob("*/runs/*/*/seed*/progress.csv")):
+        sweep, column = path.relative_to(root).parts[0], path.parts[-3]
+        records = list(csv.DictReader(path.open()))
+        scores = {int(r["step"]): float(r["eval_normalized"]) for r in records if r.get("eval_normalized")}
+        gap = next((float(r["lme_gap"]) for r in reversed(records) if r.get("lme_gap")), float("nan"))
+        groups.setdefault((sweep, column), []).append((scores, gap))
+    for (sweep, column), runs in groups.items():
+        steps = sorted(set.intersection(*(set(s) for s, _ in runs)))
+        mean = {t: statistics.mean(s[t] for s, _ in runs) for t in steps}
+        lowest = statistics.mean(min(s[t] for t in steps[2:]) for s, _ in runs) if len(steps) > 2 else float("nan")
+        yield sweep, column, len(runs), mean, lowest, statistics.mean(g for _, g in runs)
+
+
+def main(argv=None) -> int:
+    root = Path((argv or sys.argv[1:] or ["."])[0])
+    shown = (2000, 3000, 5000, 8000)
+    columns = [f"{t // 1000}k" for t in shown] + ["lowest from 3k", "lme_gap at the end"]
+    print("| axis | trial | seeds | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * (len(shown) + 2))
+    for sweep, column, n, mean, lowest, gap in rows(root):
+        cells = [f"{mean[t]:.1f}" if t in mean else "—" for t in shown]
+        print(f"| {sweep} | {column} | {n} | " + " | ".join(cells) + f" | {lowest:.1f} | {gap:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
