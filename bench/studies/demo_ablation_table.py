@@ -19,12 +19,17 @@ import sys
 from pathlib import Path
 
 
+def eval_scores(records) -> dict:
+    """{step: normalized score} of a run's evaluation rows."""
+    return {int(r["step"]): float(r["eval_normalized"]) for r in records if r.get("eval_normalized")}
+
+
 def rows(root: Path):
     groups: dict = {}
     for path in sorted(root.glob("*/runs/*/*/seed*/progress.csv")):
         sweep, column = path.relative_to(root).parts[0], path.parts[-3]
         records = list(csv.DictReader(path.open()))
-        scores = {int(r["step"]): float(r["eval_normalized"]) for r in records if r.get("eval_normalized")}
+        scores = eval_scores(records)
         gap = next((float(r["lme_gap"]) for r in reversed(records) if r.get("lme_gap")), float("nan"))
         groups.setdefault((sweep, column), []).append((scores, gap))
     for (sweep, column), runs in groups.items():
@@ -40,8 +45,7 @@ DATA_SCORE = 66.7  # the embedded dataset's own normalized score
 def long_table(root: Path) -> None:
     groups: dict = {}
     for path in sorted(root.glob("*/runs/*/*/seed*/progress.csv")):
-        records = list(csv.DictReader(path.open()))
-        scores = {int(r["step"]): float(r["eval_normalized"]) for r in records if r.get("eval_normalized")}
+        scores = eval_scores(csv.DictReader(path.open()))
         if scores and (path.parent / "summary.json").exists():  # finished runs only
             groups.setdefault(path.parts[-3], []).append(scores)
     print("| trial | seeds | steps | 3k (default run) | seeds >= 66.7 at 3k | at the end | lowest after 3k "
