@@ -112,6 +112,9 @@ class PyPrefetcher {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "misa-fast native core: ring replay buffer and batch prefetcher (see misa_fast.buffer)";
 
+  m.def("seed_state", [](uint64_t seed) { return state_to_array(Xoshiro256(seed).state()); }, py::arg("seed"),
+        "The index RNG state of a buffer created with this seed (a stream of sample_streams_into).");
+
   py::class_<ReplayBuffer, std::shared_ptr<ReplayBuffer>>(m, "ReplayBuffer")
       .def(py::init<std::size_t, std::size_t, std::size_t, uint64_t>(), py::arg("capacity"), py::arg("obs_dim"),
            py::arg("act_dim"), py::arg("seed") = 0)
@@ -139,6 +142,34 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             b.sample_into(batch_size, view);
           })
+      .def(
+          "sample_streams_into",
+          [](ReplayBuffer& b, std::size_t batch_size, py::array_t<uint64_t, py::array::c_style> states,
+             const py::array& obs, const py::array& act, const py::array& rew, const py::array& next_obs,
+             const py::array& term) {
+            if (states.ndim() != 2 || states.shape(1) != 4 || states.shape(0) < 1) {
+              throw py::value_error("states: expected a (streams, 4) uint64 array, got shape " + shape_str(states));
+            }
+            if (!states.writeable()) throw py::value_error("states: array is read-only (it is advanced in place)");
+            const auto streams = static_cast<std::size_t>(states.shape(0));
+            std::vector<Xoshiro256::State> rng(streams);
+            for (std::size_t m = 0; m < streams; ++m) {
+              for (int i = 0; i < 4; ++i) rng[m][i] = states.at(m, i);
+              if ((rng[m][0] | rng[m][1] | rng[m][2] | rng[m][3]) == 0) {
+                throw py::value_error("states: the all-zero state is invalid (stream " + std::to_string(m) + ")");
+              }
+            }
+            BatchView view = batch_view(b, batch_size * streams, obs, act, rew, next_obs, term);
+            {
+              py::gil_scoped_release release;
+              b.sample_streams_into(batch_size, rng.data(), streams, view);
+            }
+            for (std::size_t m = 0; m < streams; ++m) {
+              for (int i = 0; i < 4; ++i) states.mutable_at(m, i) = rng[m][i];
+            }
+          },
+          py::arg("batch_size"), py::arg("states"), py::arg("observations"), py::arg("actions"), py::arg("rewards"),
+          py::arg("next_observations"), py::arg("terminals"))
       .def("gather",
            [](ReplayBuffer& b, const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& indices,
               const py::array& obs, const py::array& act, const py::array& rew, const py::array& next_obs,

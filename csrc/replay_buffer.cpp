@@ -91,6 +91,22 @@ void ReplayBuffer::sample_into(std::size_t batch_size, const BatchView& out, Xos
   gather_unlocked(indices, batch_size, out);
 }
 
+void ReplayBuffer::sample_streams_into(std::size_t batch_size, Xoshiro256::State* states, std::size_t streams,
+                                       const BatchView& out) {
+  if (batch_size == 0) throw std::invalid_argument("batch_size must be positive, got 0");
+  if (streams == 0) throw std::invalid_argument("streams must be positive, got 0");
+  std::shared_lock lock(data_mutex_);
+  if (size_ == 0) throw std::out_of_range("cannot sample from an empty replay buffer; add() transitions first");
+  std::vector<uint64_t> indices(batch_size * streams);
+  for (std::size_t m = 0; m < streams; ++m) {
+    Xoshiro256 rng;
+    rng.set_state(states[m]);
+    for (std::size_t i = 0; i < batch_size; ++i) indices[m * batch_size + i] = rng.below(size_);
+    states[m] = rng.state();
+  }
+  gather_unlocked(indices.data(), indices.size(), out);
+}
+
 void ReplayBuffer::gather(const uint64_t* indices, std::size_t batch_size, const BatchView& out) const {
   std::shared_lock lock(data_mutex_);
   for (std::size_t i = 0; i < batch_size; ++i) {

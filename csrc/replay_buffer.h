@@ -72,6 +72,13 @@ class ReplayBuffer {
   // If state_after is given it receives the RNG state right after these indices were drawn.
   void sample_into(std::size_t batch_size, const BatchView& out, Xoshiro256::State* state_after = nullptr);
 
+  // One batch for each of `streams` independent index streams in one call (several seeds trained
+  // together): stream m draws batch_size indices from its own RNG state states[m], exactly as a
+  // buffer whose RNG held that state would, and advances it; the rows go to out as streams blocks
+  // of batch_size rows, stream 0 first. The buffer's own RNG is not touched.
+  void sample_streams_into(std::size_t batch_size, Xoshiro256::State* states, std::size_t streams,
+                           const BatchView& out);
+
   // Gathers the given row indices (each < size()) into out; no RNG involved.
   void gather(const uint64_t* indices, std::size_t batch_size, const BatchView& out) const;
 

@@ -232,6 +232,33 @@ void test_prefetcher_close_while_blocked() {
   pf.reset();
 }
 
+void test_streams_match_buffers_of_their_seeds() {
+  const std::size_t bs = 16, streams = 3;
+  const uint64_t seeds[streams] = {0, 3, 7};
+  ReplayBuffer shared(64, kObs, kAct, 99);
+  Rows rows(64);
+  shared.add(rows.view(), 64);
+  std::vector<Xoshiro256::State> states;
+  for (uint64_t seed : seeds) states.push_back(Xoshiro256(seed).state());
+  std::vector<std::unique_ptr<ReplayBuffer>> singles;
+  for (uint64_t seed : seeds) {
+    singles.push_back(std::make_unique<ReplayBuffer>(64, kObs, kAct, seed));
+    singles.back()->add(rows.view(), 64);
+  }
+  const auto own_before = shared.rng_state();
+  for (int round = 0; round < 3; ++round) {
+    Batch together(bs * streams);
+    shared.sample_streams_into(bs, states.data(), streams, together.view());
+    for (std::size_t m = 0; m < streams; ++m) {
+      Batch alone(bs);
+      singles[m]->sample_into(bs, alone.view());
+      for (std::size_t i = 0; i < bs * kObs; ++i) CHECK(together.obs[m * bs * kObs + i] == alone.obs[i]);
+      CHECK(states[m] == singles[m]->rng_state());
+    }
+  }
+  CHECK(shared.rng_state() == own_before);  // the buffer's own stream is untouched
+}
+
 }  // namespace
 
 int main() {
@@ -243,6 +270,7 @@ int main() {
   test_prefetcher_order_matches_direct_sampling();
   test_concurrent_add_while_prefetching();
   test_prefetcher_close_while_blocked();
+  test_streams_match_buffers_of_their_seeds();
   std::puts("replay buffer: all C++ checks passed");
   return 0;
 }

@@ -121,7 +121,7 @@ def activation_and_slope(z: Tensor, act: Activation) -> Tuple[Tensor, Tensor]:
         return _elu_and_slope_(z)
     if name == "relu":
         slope = (z > 0).to(z.dtype)
-        return z.clamp_(min=0.0), slope
+        return z.clamp_min_(0.0), slope
     if name == "elu":
         e = z.clamp(max=0.0).exp_()
         return torch.where(z > 0, z, p * (e - 1.0)), torch.where(z > 0, torch.ones_like(z), p * e)
@@ -328,7 +328,7 @@ def _elu_and_slope_(z: Tensor) -> Tuple[Tensor, Tensor]:
     F.elu's expm1 (~6x dearer on CPU), the slope for free, one new tensor. Absolute error vs F.elu
     below 1e-7 (exp(z) - 1 for z <= 0; z + 1 - 1 for z > 0)."""
     slope = z.clamp(max=0.0).exp_()
-    return z.clamp_(min=0.0).add_(slope).sub_(1.0), slope
+    return z.clamp_min_(0.0).add_(slope).sub_(1.0), slope
 
 
 def ensemble_q_and_action_grad(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from misa_fast import nets, ops
 from misa_fast.agents import losses
+from misa_fast.agents import members as members_lib
 from misa_fast.agents.misa_config import MISAConfig
 from misa_fast.ops import hmc_reference as hmc_lib
 
@@ -56,12 +57,14 @@ class NonFiniteLossError(FloatingPointError):
     """A loss (or its gradient) was NaN/inf. Raised before any optimizer step: parameters,
     optimizer states, targets and the step counter are those of the last good step."""
 
-    def __init__(self, term: str, step: int):
+    def __init__(self, term: str, step: int, members: Optional[Dict[int, str]] = None):
         self.term, self.step = term, step
+        # A stacked agent (misa_fast.agents.members): member index -> its first non-finite term.
+        self.members = dict(members) if members else {}
         super().__init__(f"non-finite {term} at step {step}; no parameter was updated")
 
     def __reduce__(self):  # copies and pickles (a sweep's worker hands it to the driver) keep term and step
-        return type(self), (self.term, self.step)
+        return type(self), (self.term, self.step, self.members)
 
 
 class UpdateNoise(NamedTuple):
@@ -83,6 +86,11 @@ class LossOutput(NamedTuple):
 
 
 class MISA:
+    # ``map_members(fn, *args)``: fn(*args) here; once per member, vmapped, on a stacked agent
+    # (misa_fast.agents.members), whose update is this same code over member-stacked tensors.
+    map_members = staticmethod(members_lib.single_call)
+    member_seeds = None
+
     """``MISA(config)``; ``update(batch) -> metrics``.
 
     batch: mapping with observations (B, S), actions (B, A), rewards (B,) or (B, 1),
@@ -325,11 +333,15 @@ class MISA:
         and ``check_finite`` (default: the config's) is on. The CUDA-graph backend turns it off
         inside the graph (a host sync cannot be captured): the graph tests the losses and gradients
         on the device and misa_fast.training.backends reads that flag after the replay."""
-        out = self.compute_losses(batch, noise)
+        if noise is None:
+            noise = self.draw_noise(np.shape(batch["actions"])[-2])
+        out = self.map_members(self.compute_losses, batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        # One backward pass: each loss reaches only its own parameters (see module docstring).
-        sum(out.losses.values()).backward()
+        # One backward pass: each loss reaches only its own parameters (see module docstring); the
+        # members of a stacked agent share no operation, so each gets only its own gradient.
+        total = sum(out.losses.values())
+        (total if self.member_seeds is None else total.sum()).backward()
         if self.config.check_finite if check_finite is None else check_finite:
             self._check_finite(out.losses)
         for name in out.losses:
@@ -339,7 +351,11 @@ class MISA:
         nets.polyak_update(self.target_critic, self.critic, self.config.tau)
         if out.hmc is not None and self.config.adapt_hmc:
             # In place: a captured CUDA graph keeps reading this tensor's memory.
-            self.hmc_log_step_size.copy_(out.hmc.step_size.log().mean().detach())
+            log_step = out.hmc.step_size.log().detach()
+            if self.member_seeds is None:
+                self.hmc_log_step_size.copy_(log_step.mean())
+            else:
+                self.hmc_log_step_size.copy_(log_step.reshape(len(self.member_seeds), -1).mean(1))
         self.step += 1
         return out.metrics
 
@@ -426,15 +442,32 @@ class MISA:
     def _check_finite(self, losses_out: Dict[str, Tensor]) -> None:
         """One host sync: every loss, and the gradient of every group a loss drives."""
         groups = {name: self.optimizers[LOSS_OWNER[name]].param_groups[0]["params"] for name in losses_out}
-        grad_sums = [
-            torch.stack([p.grad.sum() for p in params if p.grad is not None]).sum() for params in groups.values()
-        ]
-        values = torch.stack([loss.detach() for loss in losses_out.values()] + grad_sums)
-        if bool(torch.isfinite(values).all()):
-            return
         names = list(losses_out) + [f"{LOSS_OWNER[name]}_grad" for name in losses_out]
-        bad = next(name for name, ok in zip(names, torch.isfinite(values).tolist()) if not ok)
-        raise NonFiniteLossError(bad, self.step)
+        raise_if_not_finite(losses_out, groups.values(), names, self.step, self.member_seeds)
+
+
+def raise_if_not_finite(losses_out: Dict[str, Tensor], param_groups, names, step: int, member_seeds=None) -> None:
+    """One host sync over every loss and the gradient sum of each parameter group; raises
+    NonFiniteLossError naming the first bad term (of each member, for a stacked agent)."""
+    if member_seeds is None:
+        grad_sums = [torch.stack([p.grad.sum() for p in params if p.grad is not None]).sum() for params in param_groups]
+    else:
+        count = len(member_seeds)
+        grad_sums = [torch.stack([p.grad.reshape(count, -1).sum(1) for p in params if p.grad is not None]).sum(0)
+                     for params in param_groups]
+    values = torch.stack([loss.detach() for loss in losses_out.values()] + grad_sums)
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    if member_seeds is None:
+        bad = next(name for name, ok in zip(names, finite.tolist()) if not ok)
+        raise NonFiniteLossError(bad, step)
+    bad_members = {}
+    for m, column in enumerate(finite.T.tolist()):
+        if not all(column):
+            bad_members[m] = next(name for name, ok in zip(names, column) if not ok)
+    first = min(bad_members)
+    raise NonFiniteLossError(bad_members[first], step, bad_members)
 
 
 def derive_seeds(seed: int):

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from misa_fast import nets
 from misa_fast.agents import losses
+from misa_fast.agents import members as members_lib
 from misa_fast.agents import vae as vae_lib
-from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io
+from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io, raise_if_not_finite
 from misa_fast.agents.td3_config import TD3Config
 
 # The actor metrics of each variant (returned by every update: the last actor step's values).
@@ -84,6 +85,10 @@ class TD3Noise(NamedTuple):
 class TD3:
     """``TD3(config)``; ``update(batch) -> metrics`` (detached 0-dim tensors, no host sync apart from
     the optional finite check). Batch as for :class:`misa_fast.agents.MISA`."""
+
+    # See MISA: fn(*args) here, once per member (vmapped) on a stacked agent.
+    map_members = staticmethod(members_lib.single_call)
+    member_seeds = None
 
     def __init__(self, config: TD3Config, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
         obs_dim = obs_dim if obs_dim is not None else config.obs_dim
@@ -201,22 +206,12 @@ class TD3:
         obs, actions, rewards, next_obs, dones = _unpack(batch, self.device)
         actor_step = self.is_actor_step()
         if noise is None:
-            noise = self.draw_noise(actions.shape[0], actor_step)
+            noise = self.draw_noise(actions.shape[-2], actor_step)
 
-        with torch.no_grad():
-            next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
-                                                         cfg.policy_noise, cfg.noise_clip)
-            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
-        q_data = self.critic(obs, actions)
-        td = losses.td_loss(q_data, target)
-        critic_loss = td.sum()  # the official sum of the critics' MSEs
+        critic_loss, metrics = self.map_members(self._critic_loss, obs, actions, rewards, next_obs, dones, noise)
         critic_opt = self.optimizers["critic"]
         critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
-        for i in range(cfg.num_critics):
-            metrics[f"q{i + 1}_data"] = q_data[i].mean()
-            metrics[f"q{i + 1}_td_loss"] = td[i]
+        (critic_loss if self.member_seeds is None else critic_loss.sum()).backward()
         checked = {"critic_loss": critic_loss}
         params = {"critic_loss": list(self.critic.parameters())}
 
@@ -227,9 +222,9 @@ class TD3:
         else:
             undo = _snapshot(critic_opt) if cfg.check_finite else None
             critic_opt.step()
-            actor_loss, actor_metrics = self._actor_loss(obs, actions, noise)
+            actor_loss, actor_metrics = self.map_members(self._actor_loss, obs, actions, noise)
             self.optimizers["policy"].zero_grad(set_to_none=True)
-            actor_loss.backward()
+            (actor_loss if self.member_seeds is None else actor_loss.sum()).backward()
             if cfg.check_finite:
                 checked["actor_loss"] = actor_loss
                 params["actor_loss"] = list(self.policy.parameters())
@@ -244,6 +239,23 @@ class TD3:
             self._actor_metrics = {k: v.detach() for k, v in actor_metrics.items()}
         self.step += 1
         return {**{k: v.detach() for k, v in metrics.items()}, **self._actor_metrics}
+
+    def _critic_loss(self, obs, actions, rewards, next_obs, dones, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The critics' loss (the sum of their TD errors to the clipped double-Q target of the
+        smoothed target action) and its metrics."""
+        cfg = self.config
+        with torch.no_grad():
+            next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
+                                                         cfg.policy_noise, cfg.noise_clip)
+            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+        q_data = self.critic(obs, actions)
+        td = losses.td_loss(q_data, target)
+        critic_loss = td.sum()  # the official sum of the critics' MSEs
+        metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
+        for i in range(cfg.num_critics):
+            metrics[f"q{i + 1}_data"] = q_data[i].mean()
+            metrics[f"q{i + 1}_td_loss"] = td[i]
+        return critic_loss, metrics
 
     def _actor_loss(self, obs, actions, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
         """The actor's loss at pi(s) under Q1 (official: the first critic only), through detached
@@ -320,14 +332,9 @@ class TD3:
     # ----------------------------------------------------------------------------------------------
     def _check_finite(self, losses_out: Dict[str, Tensor], params: Dict[str, list], step: Optional[int] = None) -> None:
         """One host sync: every loss and the gradient sum of the parameters it drives."""
-        grad_sums = [torch.stack([p.grad.sum() for p in ps if p.grad is not None]).sum() for ps in params.values()]
-        values = torch.stack([loss.detach() for loss in losses_out.values()] + grad_sums)
-        finite = torch.isfinite(values)
-        if bool(finite.all()):
-            return
         names = list(losses_out) + [f"{name.removesuffix('_loss')}_grad" for name in params]
-        bad = next(name for name, ok in zip(names, finite.tolist()) if not ok)
-        raise NonFiniteLossError(bad, self.step if step is None else step)
+        raise_if_not_finite(losses_out, params.values(), names, self.step if step is None else step,
+                            self.member_seeds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +379,10 @@ def _as_tensor(x, device) -> Tensor:
 
 
 def _unpack(batch: Mapping, device):
-    return (_as_tensor(batch["observations"], device), _as_tensor(batch["actions"], device),
-            _as_tensor(batch["rewards"], device).reshape(-1), _as_tensor(batch["next_observations"], device),
-            _as_tensor(batch["terminals"], device).reshape(-1))
+    """(obs, actions, rewards, next_obs, dones); rewards and dones (B,), or (M, B) for the (M, B, ...)
+    batch of stacked members."""
+    actions = _as_tensor(batch["actions"], device)
+    rows = actions.shape[:-1]
+    return (_as_tensor(batch["observations"], device), actions,
+            _as_tensor(batch["rewards"], device).reshape(rows), _as_tensor(batch["next_observations"], device),
+            _as_tensor(batch["terminals"], device).reshape(rows))

@@ -127,10 +127,36 @@ def evaluate(
     ``dataset_name`` (default: the env id's domain), ``normalized`` and ``mean_normalized``.
     ``reference_returns``: "by-name" (the domain's, found from ``dataset_name`` or ``env_id``), a
     (ref_min, ref_max) pair (a Minari dataset's own), or None (no normalized score)."""
+    return evaluate_many([policy], env_id, episodes, [seed], obs_mean, obs_std, n_envs, dataset_name, vectorization,
+                         env_kwargs, reference_returns)[0]
+
+
+def evaluate_many(
+    policies: list,
+    env_id: str,
+    episodes: int = 10,
+    seeds: list | None = None,
+    obs_mean=None,
+    obs_std=None,
+    n_envs: int | None = None,
+    dataset_name: str | None = None,
+    vectorization: str = "sync",
+    env_kwargs: dict | None = None,
+    reference_returns="by-name",
+) -> list:
+    """:func:`evaluate` of several policies side by side (the seeds of ``misa-fast train --seeds``):
+    one vector environment of ``n_envs`` environments per policy steps them all together, and each
+    policy's episodes use its own ``seeds[i] + episode`` resets, so each result equals
+    ``evaluate(policies[i], ..., seed=seeds[i])``. Returns one result dict per policy."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    groups = len(policies)
+    seeds = [0] * groups if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != groups:
+        raise ValueError(f"evaluate_many: {groups} policies but {len(seeds)} seeds")
     n_envs = max(1, min(episodes, n_envs or 10))
-    env_fns = [lambda: make_env(env_id, **(env_kwargs or {}))] * n_envs
+    slots = groups * n_envs
+    env_fns = [lambda: make_env(env_id, **(env_kwargs or {}))] * slots
     if vectorization not in ("sync", "async"):
         raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
     vector_cls = SyncVectorEnv if vectorization == "sync" else AsyncVectorEnv
@@ -140,39 +166,48 @@ def evaluate(
     mean = None if obs_mean is None else np.asarray(obs_mean, dtype=np.float32)
     std = None if obs_std is None else np.asarray(obs_std, dtype=np.float32)
 
-    returns = np.zeros(episodes)
-    lengths = np.zeros(episodes, dtype=np.int64)
-    episode_of_slot = np.arange(n_envs)  # which episode each environment is playing; -1 = idle
-    next_episode = n_envs
-    ep_return = np.zeros(n_envs)
-    ep_length = np.zeros(n_envs, dtype=np.int64)
+    # Slot j plays for policy j // n_envs; which of its episodes: episode_of_slot (-1 = idle).
+    group_of_slot = np.repeat(np.arange(groups), n_envs)
+    returns = np.zeros((groups, episodes))
+    lengths = np.zeros((groups, episodes), dtype=np.int64)
+    episode_of_slot = np.tile(np.arange(n_envs), groups)
+    next_episode = np.full(groups, n_envs)
+    ep_return = np.zeros(slots)
+    ep_length = np.zeros(slots, dtype=np.int64)
     try:
-        obs, _ = envs.reset(seed=[int(seed + i) for i in range(n_envs)])
+        obs, _ = envs.reset(seed=[seeds[g] + int(i) for g, i in zip(group_of_slot, episode_of_slot)])
         while (episode_of_slot >= 0).any():
             inputs = obs.astype(np.float32) if mean is None else ((obs - mean) / std).astype(np.float32)
-            actions = np.asarray(policy(inputs), dtype=np.float32).reshape(n_envs, -1)
+            actions = np.concatenate([
+                np.asarray(policy(inputs[g * n_envs:(g + 1) * n_envs]), dtype=np.float32).reshape(n_envs, -1)
+                for g, policy in enumerate(policies)])
             obs, reward, terminated, truncated, _ = envs.step(scale_actions(actions, low, high))
             ep_return += reward
             ep_length += 1
             done = terminated | truncated
             if not done.any():
                 continue
-            reset_seeds: list[int | None] = [None] * n_envs
+            reset_seeds: list[int | None] = [None] * slots
             for i in np.flatnonzero(done):
+                g = group_of_slot[i]
                 if episode_of_slot[i] >= 0:
-                    returns[episode_of_slot[i]] = ep_return[i]
-                    lengths[episode_of_slot[i]] = ep_length[i]
+                    returns[g, episode_of_slot[i]] = ep_return[i]
+                    lengths[g, episode_of_slot[i]] = ep_length[i]
                 ep_return[i], ep_length[i] = 0.0, 0
-                if next_episode < episodes:
-                    episode_of_slot[i], reset_seeds[i] = next_episode, int(seed + next_episode)
-                    next_episode += 1
+                if next_episode[g] < episodes:
+                    episode_of_slot[i], reset_seeds[i] = next_episode[g], int(seeds[g] + next_episode[g])
+                    next_episode[g] += 1
                 else:  # nothing left to play: keep it stepping (vector envs step all) but ignore it
-                    episode_of_slot[i], reset_seeds[i] = -1, int(seed + episodes + i)
+                    episode_of_slot[i], reset_seeds[i] = -1, int(seeds[g] + episodes + i % n_envs)
             if (episode_of_slot >= 0).any():
                 obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": done})
     finally:
         envs.close()
+    return [_episode_result(env_id, episodes, seed, returns[g], lengths[g], dataset_name, reference_returns)
+            for g, seed in enumerate(seeds)]
 
+
+def _episode_result(env_id, episodes, seed, returns, lengths, dataset_name, reference_returns) -> dict:
     result = {
         "env_id": env_id,
         "episodes": episodes,

@@ -7,7 +7,10 @@ Precedence, first match wins:
 3. the environment variable ``MISA_FAST_OPS`` (read at every call, default ``"auto"``).
 
 ``"auto"`` picks Triton when every tensor argument lives on a CUDA device and Triton (plus the
-kernel package) imports, the torch reference otherwise. ``"triton"`` forces the kernels: on CPU
+kernel package) imports, the torch reference otherwise. Inside ``torch.func.vmap`` (the stacked
+seeds of ``misa-fast train --seeds``, :func:`member_batched`) every backend request gives the torch
+reference, which vmap batches: a raw kernel launch cannot read a member's view of a stacked
+tensor. ``"triton"`` forces the kernels: on CPU
 tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
 are imported), which is how the tests exercise them without a GPU. ``"torch"`` forces the reference.
 """
@@ -74,12 +77,20 @@ def triton_available() -> bool:
     return True
 
 
+def member_batched(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when a tensor is one member's view inside ``torch.func.vmap`` (a raw kernel launch
+    cannot read it: it holds every member's data behind one logical tensor)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
     """Return ``"triton"`` or ``"torch"`` for a call on ``tensors`` (``None`` entries ignored)."""
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
     ts = [t for t in tensors if t is not None]
+    if member_batched(*ts):
+        return "torch"
     on_cuda = bool(ts) and all(t.is_cuda for t in ts)
     if name == "auto":
         return "triton" if on_cuda and triton_available() else "torch"

@@ -162,6 +162,31 @@ class ReplayBuffer:
         self._check_sampleable(batch_size)
         self._core.sample_into(batch_size, *arrays)
 
+    @staticmethod
+    def seed_state(seed: int) -> np.ndarray:
+        """The index RNG state (4 uint64 words) of a buffer created with ``seed``: the start of the
+        stream that seed's runs sample from (see :meth:`sample_streams_into`)."""
+        return np.asarray(_C.seed_state(int(seed)), dtype=np.uint64)
+
+    def sample_streams_into(self, states: np.ndarray, out: Mapping[str, object]) -> None:
+        """One batch per index stream in one call: ``states`` (M, 4) uint64, one RNG state per
+        stream, advanced in place; stream m draws the indices a buffer whose RNG held ``states[m]``
+        would draw. ``out`` maps each field to a C-contiguous float32 array or CPU tensor of M * B
+        rows (stream 0's B rows first, e.g. an (M, B, width) array). The buffer's own RNG is not
+        used. This is how the seeds of ``misa-fast train --seeds`` share one copy of the data."""
+        if not isinstance(states, np.ndarray) or states.dtype != np.uint64 or states.ndim != 2 or states.shape[1] != 4:
+            raise ValueError(f"states: expected an (M, 4) uint64 array, got {getattr(states, 'shape', type(states))}")
+        arrays = [out[f] if isinstance(out[f], np.ndarray) else out[f].numpy() for f in FIELDS]
+        rows = arrays[0].size // self.obs_dim
+        if rows % len(states):
+            raise ValueError(f"out: {rows} rows do not split into {len(states)} streams")
+        batch_size = rows // len(states)
+        self._check_sampleable(batch_size)
+        # Views of the caller's memory (reshape of a C-contiguous array copies nothing).
+        flat = [a.reshape(rows) if _field_width(f, self.obs_dim, self.act_dim) is None else a.reshape(rows, -1)
+                for f, a in zip(FIELDS, arrays)]
+        self._core.sample_streams_into(batch_size, states, *flat)
+
     def gather(self, indices) -> Batch:
         """The transitions at the given row indices (each < len(self))."""
         idx = np.asarray(indices)

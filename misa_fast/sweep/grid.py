@@ -176,10 +176,16 @@ class Plan:
 
 
 def plan_trials(datasets, algos, seeds, grid: dict, sets: dict, run_options: dict, out: Path,
-                cpus_per_trial: float) -> Plan:
+                cpus_per_trial: float, seeds_per_trial: int = 1) -> Plan:
     """Checks every entry (datasets, algorithms, config keys and values of every grid point) and
     returns the trials. A config key applies to the algorithms whose config has it; a key no
-    algorithm of the sweep knows is an error naming it and the closest keys."""
+    algorithm of the sweep knows is an error naming it and the closest keys.
+
+    ``seeds_per_trial`` > 1 packs the seeds of one (dataset, algorithm, grid point) into trials of
+    that many seeds, trained together (``misa-fast train --seeds``); such a trial has ``seeds`` and
+    ``members`` (its seeds' run directories, the ones single-seed trials would have)."""
+    if seeds_per_trial < 1:
+        raise SweepError(f"--seeds-per-trial: expected a positive number of seeds, got {seeds_per_trial}")
     from misa_fast.agents import algorithms as algos_lib
     from misa_fast.agents.config_base import apply_overrides, unknown_key_message
 
@@ -226,12 +232,22 @@ def plan_trials(datasets, algos, seeds, grid: dict, sets: dict, run_options: dic
                     point = ", ".join(overrides) or "no overrides"
                     raise SweepError(f"{algo.name} on {dataset_label(dataset)} with {point}: {err}") from None
                 name = algo.name + "".join(f"-{k}={_fmt_value(v)}" for k, v in combo.items())
-                for seed in seeds:
-                    label = f"{dataset_label(dataset)}/{name}/seed{seed}"
-                    run = {**run_options, "dataset": dataset, "algo": algo.name, "seed": int(seed),
+                point = out / RUNS_DIR / dataset_label(dataset) / name
+                for first in range(0, len(seeds), seeds_per_trial):
+                    pack = [int(s) for s in seeds[first:first + seeds_per_trial]]
+                    run = {**run_options, "dataset": dataset, "algo": algo.name, "seed": pack[0],
                            "overrides": list(overrides), "threads": threads, "progress": False}
-                    trials.append({"label": label, "dataset": dataset, "algo": algo.name, "seed": int(seed),
-                                   "grid": combo, "out": str(out / RUNS_DIR / label), "run": run})
+                    if len(pack) == 1:
+                        label = f"{dataset_label(dataset)}/{name}/seed{pack[0]}"
+                        trials.append({"label": label, "dataset": dataset, "algo": algo.name, "seed": pack[0],
+                                       "grid": combo, "out": str(out / RUNS_DIR / label), "run": run})
+                        continue
+                    seeds_text = ",".join(map(str, pack))
+                    run["seeds"] = seeds_text
+                    trials.append({"label": f"{dataset_label(dataset)}/{name}/seeds{seeds_text}", "dataset": dataset,
+                                   "algo": algo.name, "seed": pack[0], "seeds": pack, "grid": combo,
+                                   "out": str(point), "members": [str(point / f"seed{s}") for s in pack],
+                                   "run": run})
     return Plan(trials, notes)
 
 
@@ -262,6 +278,10 @@ class SweepConfig:
     algos: tuple = option((), cli_default=None, nargs="+", metavar="NAME", help="algorithms (default: misa)")
     seeds: tuple = option(("0",), cli_default=["0"], nargs="+", metavar="SEEDS",
                           help="seeds: a list (0,1,2 or 0 1 2) or a range (0-4); default: 0")
+    seeds_per_trial: int = option(1, metavar="N",
+                                  help="seeds trained together in one trial (one process, one update for all of "
+                                       "them, as misa-fast train --seeds); each still writes its own seed<N> run "
+                                       "directory (default 1)")
     grid: tuple = option((), repeatable=True, metavar="KEY=V1,V2",
                          help="a config key's values, one trial each (repeatable; tuples as 64-64)")
     overrides: tuple = option((), flag="--set", repeatable=True, metavar="KEY=VALUE",
@@ -290,7 +310,7 @@ class SweepConfig:
     progress_every: float = option(10.0, metavar="S", help="seconds between progress tables (default 10)")
 
 
-GRID_OPTIONS = ("datasets", "algos", "seeds", "grid", "overrides")
+GRID_OPTIONS = ("datasets", "algos", "seeds", "seeds_per_trial", "grid", "overrides")
 RESOURCE_OPTIONS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "num_cpus", "num_gpus")
 WHERE_OPTIONS = ("out", "resume", "address", "storage", "progress", "progress_every")
 # A trial's settings, as misa-fast train takes them (the run directory, seed and algorithm come from the grid).
@@ -344,7 +364,7 @@ def build_sweep(args) -> dict:
     sets = {**flag_sets, **parse_set(args.overrides)}
     datasets = args.datasets or [DEFAULT_DATASET]
     plan = plan_trials(datasets, args.algos or ["misa"], parse_seeds(args.seeds), parse_grid(args.grid), sets,
-                       run_options, out, args.cpus_per_trial)
+                       run_options, out, args.cpus_per_trial, args.seeds_per_trial)
     storage = args.storage or str(out)
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())

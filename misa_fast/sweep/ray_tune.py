@@ -58,6 +58,24 @@ def restore_from_tune(checkpoint, run_dir: Path, local_step: Optional[int]) -> O
     return step
 
 
+def member_dirs(spec: dict) -> list:
+    """The run directories a trial writes: its seeds' (a trial of ``--seeds-per-trial`` > 1), else its own."""
+    return [Path(p) for p in spec.get("members") or [spec["out"]]]
+
+
+def _record_all(spec: dict, update) -> None:
+    """``update`` of every run directory's trial.json (each seed's records its own seed)."""
+    seeds = spec.get("seeds") or [spec.get("seed")]
+    for run_dir, seed in zip(member_dirs(spec), seeds):
+        def member_update(state, seed=seed):
+            update(state)
+            if state.get("seed") is not None:
+                state["seed"] = seed
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _record(run_dir, member_update)
+
+
 def _record(run_dir: Path, update) -> None:
     path = run_dir / TRIAL_FILE
     try:
@@ -96,6 +114,15 @@ def _finished_metrics(run_dir: Path, steps: int) -> Optional[dict]:
                                             for k, v in last.items() if k != "step"})
 
 
+def _mean_metrics(metrics: list) -> dict:
+    """Several seeds' metrics as one: the mean of each."""
+    if len(metrics) == 1:
+        return metrics[0]
+    out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+    out["step"] = int(min(m["step"] for m in metrics))
+    return out
+
+
 def run_trial(config: dict) -> None:
     """One trial: ``misa_fast.training.loop.train`` on the trial's run directory, resumed from its last
     checkpoint when there is one (a retry, or a restored sweep). Reports to Tune at each evaluation."""
@@ -110,14 +137,26 @@ def run_trial(config: dict) -> None:
 
     spec = config["trial"]
     run_dir = Path(spec["out"])
-    done = _finished_metrics(run_dir, spec["run"]["steps"])
-    if done is not None:  # finished before the driver recorded it (a restored sweep): nothing to redo
-        tune.report(done)
+    runs = member_dirs(spec)
+    done = [_finished_metrics(d, spec["run"]["steps"]) for d in runs]
+    if all(d is not None for d in done):  # finished before the driver recorded it (a restored sweep): nothing to redo
+        tune.report(_mean_metrics(done))
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    local = _local_step(run_dir)
-    restored = restore_from_tune(tune.get_checkpoint(), run_dir, local)
-    resumed_from = restored if restored is not None else local
+    restored_steps, local_steps = [], []
+    checkpoint = tune.get_checkpoint()
+    for d in runs:
+        d.mkdir(parents=True, exist_ok=True)
+        local = _local_step(d)
+        if "members" in spec and checkpoint is not None:
+            with checkpoint.as_directory() as stored:
+                restored = restore_from_tune(tune.Checkpoint.from_directory(Path(stored) / d.name), d, local) \
+                    if (Path(stored) / d.name).is_dir() else None
+        else:
+            restored = restore_from_tune(checkpoint, d, local)
+        restored_steps.append(restored)
+        local_steps.append(restored if restored is not None else local)
+    restored = next((r for r in restored_steps if r is not None), None)
+    resumed_from = local_steps[0]
     context = tune.get_context()
     attempt = {"pid": os.getpid(), "node": socket.gethostname(), "started": started,
                "resumed_from": resumed_from, "restored_from_tune": restored is not None,
@@ -130,7 +169,7 @@ def run_trial(config: dict) -> None:
         state.pop("tune_error", None)
         state["attempts"].append(attempt)
 
-    _record(run_dir, start)
+    _record_all(spec, start)
 
     def on_evaluation(step: int, row: dict, checkpoint_path) -> None:
         metrics = _metrics(step, row)
@@ -138,10 +177,13 @@ def run_trial(config: dict) -> None:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="misa-fast-ckpt-") as tmp:
-            for name, stored in CHECKPOINT_FILES.items():
-                if (run_dir / name).exists():
-                    shutil.copyfile(run_dir / name, Path(tmp) / stored)
-            (Path(tmp) / STEP_FILE).write_text(json.dumps({"step": int(step)}))
+            for d in runs:  # a packed trial keeps each seed's files under its directory name
+                target = Path(tmp) / d.name if "members" in spec else Path(tmp)
+                target.mkdir(exist_ok=True)
+                for name, stored in CHECKPOINT_FILES.items():
+                    if (d / name).exists():
+                        shutil.copyfile(d / name, target / stored)
+                (target / STEP_FILE).write_text(json.dumps({"step": int(step)}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     fields = {k: (tuple(v) if k == "overrides" else v) for k, v in spec["run"].items()}
@@ -151,10 +193,10 @@ def run_trial(config: dict) -> None:
         message = f"{type(err).__name__}: {err}"
         attempt.update(ended=time.time(), status="error", error=message,
                        traceback=traceback.format_exc(limit=20))
-        _record(run_dir, lambda state: state["attempts"].__setitem__(-1, attempt))
+        _record_all(spec, lambda state: state["attempts"].__setitem__(-1, attempt))
         raise
     attempt.update(ended=time.time(), status="finished", steps=summary["steps"])
-    _record(run_dir, lambda state: state["attempts"].__setitem__(-1, attempt))
+    _record_all(spec, lambda state: state["attempts"].__setitem__(-1, attempt))
 
 
 # --------------------------------------------------------------------------------------- progress
@@ -243,7 +285,7 @@ def progress_table(trials, elapsed: float, total_trials: Optional[int] = None) -
 def trial_error_text(trial) -> Optional[str]:
     """The trial's own record of its error (trial.json), else Tune's error text."""
     spec = trial.config.get("trial", {})
-    own = _last_attempt_error(Path(spec["out"])) if spec.get("out") else None
+    own = _last_attempt_error(member_dirs(spec)[0]) if spec.get("out") else None
     if own:
         return own
     try:
@@ -347,14 +389,13 @@ def summarize(results, sweep: dict, wall_s: float) -> dict:
         entry = {"label": spec.get("label"), "out": spec.get("out"), "step": metrics.get("step"),
                  "score": metrics.get("score"), "state": "ERROR" if result.error else "TERMINATED"}
         if result.error is not None:
-            run_dir = Path(spec["out"]) if spec.get("out") else None
+            run_dir = member_dirs(spec)[0] if spec.get("out") else None
             own = _last_attempt_error(run_dir) if run_dir else None
             text = own or str(result.error)
             entry["error"] = error_line(text)
             if run_dir is not None:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                _record(run_dir, lambda state: state.update(failed=entry["error"],
-                                                            tune_error=str(result.error)[-4000:]))
+                _record_all(spec, lambda state: state.update(failed=entry["error"],
+                                                             tune_error=str(result.error)[-4000:]))
         by_label[entry["label"]] = entry
     trials = [by_label.get(t["label"], {"label": t["label"], "out": t["out"], "state": "NOT RUN"})
               for t in sweep["trials"]]

@@ -364,7 +364,7 @@ def _params(optimizer: torch.optim.Optimizer):
 
 
 def _batch_size(batch: Mapping) -> int:
-    return int(torch.as_tensor(batch["actions"]).shape[0])
+    return int(torch.as_tensor(batch["actions"]).shape[-2])  # (B, A), or (M, B, A) for stacked members
 
 
 def _load_source(source, state: Mapping) -> None:

@@ -24,17 +24,29 @@ from misa_fast.training import checkpoint as ckpt
 
 
 def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
-    from misa_fast.envs.rollout import evaluate
+    """``episodes`` deterministic episodes of the agent's policy in the dataset's environment, the
+    i-th reset with ``seed + i``."""
+    return evaluate_policies([agent], info, episodes, [seed])[0]
 
-    device = next(agent.policy.parameters()).device
 
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        return agent.policy.act(torch.as_tensor(obs, device=device)).cpu().numpy()
+def evaluate_policies(agents: list, info, episodes: int, seeds: list) -> list:
+    """:func:`evaluate_policy` of several agents (the seeds of one group) side by side: their
+    environments step together in one vector environment, each agent's episodes keep their own
+    seeds, so each result is the one its own call would give."""
+    from misa_fast.envs.rollout import evaluate_many
 
-    return evaluate(act, info.env_id, episodes=episodes, seed=seed, obs_mean=info.obs_mean,
-                    obs_std=info.obs_std, dataset_name=info.name, env_kwargs=info.env_kwargs,
-                    reference_returns=info.reference_returns())
+    def actor(agent):
+        device = next(agent.policy.parameters()).device
+
+        @torch.no_grad()
+        def act(obs: np.ndarray) -> np.ndarray:
+            return agent.policy.act(torch.as_tensor(obs, device=device)).cpu().numpy()
+
+        return act
+
+    return evaluate_many([actor(a) for a in agents], info.env_id, episodes=episodes, seeds=seeds,
+                         obs_mean=info.obs_mean, obs_std=info.obs_std, dataset_name=info.name,
+                         env_kwargs=info.env_kwargs, reference_returns=info.reference_returns())
 
 
 def load_policy(path: Path):

@@ -5,6 +5,7 @@
     misa-fast train --dataset mujoco/hopper/medium-v0  # a Minari id: Minari's cache, its env spec and scores
     misa-fast train --dataset data/hopper-medium.hdf5 --set hmc_mode=parallel   # any D4RL-format file
     misa-fast train --out runs/x --resume             # continue after a kill, bit-identical on CPU
+    misa-fast train --seeds 0-4                       # five seeds in one process: runs/<...>-seed0 ... seed4
 
 A run directory holds ``config.json``, ``progress.csv`` (every metric; TensorBoard events under
 ``tb/`` when tensorboard is installed), ``checkpoint.pt`` (written atomically every
@@ -25,9 +26,9 @@ from typing import Optional
 import torch
 
 from misa_fast.options import add_options, from_args, option
-from misa_fast.replay.sources import SOURCES, make_source
+from misa_fast.replay.sources import SOURCES, make_member_streams, make_source
 from misa_fast.training import checkpoint as ckpt
-from misa_fast.training.evaluation import evaluate_policy
+from misa_fast.training.evaluation import evaluate_policies
 from misa_fast.training.progress import ProgressLog, metrics_to_floats
 from misa_fast.training.runtime import apply_threads, choose_threads, resolve_device
 
@@ -64,6 +65,11 @@ class RunConfig:
     steps: int = option(1_000_000, cli_default=None,
                         help="total training steps (default: 1000000; 3000 for the embedded dataset)")
     seed: int = option(0, help="the run's seed (networks, batches, noise, evaluation episodes)")
+    seeds: Optional[str] = option(
+        None, metavar="SEEDS",
+        help="train several seeds in one process, one update for all of them: 0-4 or 0,3,7. Each seed writes "
+             "the run directory a run with --seed would (runs/<dataset>-<algo>-seed<N>, or --out DIR gives "
+             "DIR/seed<N>); overrides --seed")
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     out: Optional[str] = option(None, help="run directory (default: runs/<dataset>-<algo>-seed<seed>)")
     eval_every: int = option(10_000, cli_default=None,
@@ -121,6 +127,25 @@ def default_out_dir(run: RunConfig, dataset: str) -> Path:
     return Path("runs") / f"{label}-{run.algo}-seed{run.seed}"
 
 
+def run_seeds(run: RunConfig) -> list:
+    """The seeds a run trains: ``--seeds`` parsed, else ``[--seed]``."""
+    if run.seeds is None:
+        return [run.seed]
+    from misa_fast.agents.members import parse_seeds
+
+    return parse_seeds(run.seeds)
+
+
+def member_out_dirs(run: RunConfig, dataset: str, seeds: list) -> list:
+    """Each seed's run directory: ``--out`` (one seed without ``--seeds``), ``--out DIR/seed<N>``, or
+    the default ``runs/<dataset>-<algo>-seed<N>``."""
+    if run.seeds is None:
+        return [Path(run.out) if run.out else default_out_dir(run, dataset)]
+    if run.out:
+        return [Path(run.out) / f"seed{seed}" for seed in seeds]
+    return [default_out_dir(dataclasses.replace(run, seed=seed), dataset) for seed in seeds]
+
+
 # ------------------------------------------------------------------------------------------- logging
 def snis_collapse_warning(row: dict, step: int) -> Optional[str]:
     """The warning for a logged row whose SNIS weights have collapsed (mean Kish ESS per state below
@@ -154,13 +179,53 @@ def check_same_data(state: dict, info, data_fingerprint: str, saved_dataset, dat
                          f"trained on ({saved_dataset or DEFAULT_DATASET}); resume with those data, or start a new run")
 
 
+class Member:
+    """One seed of a run: its directory, configuration, single-run agent, batch source, log and
+    state. The agent holds the member's current parameters only when the trainer syncs them (a
+    stacked update keeps them in the stacked agent)."""
+
+    def __init__(self, seed: int, out: Path, run: "RunConfig", state: Optional[dict]):
+        self.seed, self.out, self.run, self.state = seed, out, run, state
+        self.cfg = self.agent = self.source = self.log = None
+        self.last_eval: Optional[dict] = state.get("last_eval") if state else None
+        self.stopped: Optional[dict] = None  # {"term", "step", "message"} once a non-finite loss stopped it
+
+
+def _load_member_state(out: Path, resume: bool, grouped: bool) -> Optional[dict]:
+    if (out / ckpt.CHECKPOINT_NAME).exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                                  "or choose another --out")
+        return ckpt.load(out / ckpt.CHECKPOINT_NAME)
+    if resume:
+        print(f"misa-fast train: no checkpoint in {out}; starting a new " + ("member" if grouped else "run"),
+              file=sys.stderr)
+    return None
+
+
+def _stopped_record(out: Path) -> Optional[dict]:
+    """The record of a member that a non-finite loss stopped in an earlier session, else None."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("stopped")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def train(run: RunConfig, on_evaluation=None) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
     goes non-finite (the last good checkpoint is left untouched).
 
+    With ``run.seeds`` (``--seeds 0-4``) it trains those seeds in one process, every update one
+    computation for all of them (misa_fast.agents.members), each seed writing the run directory a
+    single run would; a seed whose loss goes non-finite stops alone (its summary.json records the
+    term and step, its last good checkpoint stays) and the others go on. The summary then has one
+    entry per seed under ``"members"``.
+
     ``on_evaluation(step, row, checkpoint_path)``, when given, is called after each evaluation once
     its progress.csv row is written and, if one is due at that step, its checkpoint saved
-    (``checkpoint_path`` is None otherwise): ``misa-fast sweep`` reports to Ray Tune from it."""
+    (``checkpoint_path`` is None otherwise): ``misa-fast sweep`` reports to Ray Tune from it. With
+    several seeds it is called once per evaluation with ``row`` the members' mean and
+    ``checkpoint_path`` the first member's checkpoint."""
     from misa_fast.agents import NonFiniteLossError
     from misa_fast.agents import algorithms as algos
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
@@ -169,20 +234,38 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
 
     tune_host_allocator()  # here, not only in the CLI: Python callers and sweep trials need it as much
     algos.get(run.algo)  # a clear error for an unknown name before any data is read
+    seeds = run_seeds(run)
+    grouped = run.seeds is not None
     device = resolve_device(run.device)
     dataset = run.dataset or DEFAULT_DATASET
-    out = Path(run.out) if run.out else default_out_dir(run, dataset)
-    state = None
-    if (out / ckpt.CHECKPOINT_NAME).exists():
-        if not run.resume:
-            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                                  "or choose another --out")
-        state = ckpt.load(out / ckpt.CHECKPOINT_NAME)
-    elif run.resume:
-        print(f"misa-fast train: no checkpoint in {out}; starting a new run", file=sys.stderr)
+    members = [Member(seed, out, run, _load_member_state(out, run.resume, grouped))
+               for seed, out in zip(seeds, member_out_dirs(run, dataset, seeds))]
+    for member in members:
+        if run.resume and grouped and (record := _stopped_record(member.out)) is not None:
+            member.stopped = record
+    if any(m.stopped for m in members):
+        for m in members:
+            if m.stopped:
+                print(f"misa-fast train: seed {m.seed} stopped at step {m.stopped['step']} (non-finite "
+                      f"{m.stopped['term']}) and is not resumed", file=sys.stderr)
+        members = [m for m in members if not m.stopped]
+        if not members:
+            raise NonFiniteTraining("every seed of the group was stopped by a non-finite loss; nothing to resume")
 
-    if state is not None:
-        saved = RunConfig(**{**state["run"], "overrides": tuple(state["run"]["overrides"])})
+    first_state = next((m.state for m in members if m.state is not None), None)
+    dataset_given = False
+    if first_state is not None:
+        fresh = [str(m.out) for m in members if m.state is None]
+        if fresh:
+            raise ValueError(f"--resume: {', '.join(fresh)} holds no checkpoint while the other seeds' directories "
+                             "do; resume the seeds that have checkpoints, or start the others as a new run")
+        steps = sorted({int(m.state["step"]) for m in members})
+        if len(steps) > 1:
+            behind = [f"seed {m.seed} ({int(m.state['step'])})" for m in members if int(m.state["step"]) < steps[-1]]
+            raise ValueError(f"--resume: the seeds' checkpoints are at different steps ({', '.join(behind)} behind "
+                             f"step {steps[-1]}); resume those seeds on their own to step {steps[-1]} with "
+                             "--seed N --out <its directory> --resume --steps " + str(steps[-1]))
+        saved = RunConfig(**{"seeds": None, **first_state["run"], "overrides": tuple(first_state["run"]["overrides"])})
         # What the run computes comes from the checkpoint; only its length and reporting may change.
         # The data may have moved (another node, another cache path): a new --dataset is taken when
         # its transitions are the ones the checkpoint was trained on (checked once they are loaded).
@@ -190,131 +273,279 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
         run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
                                   eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
                                   log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
-                                  device=run.device, backend=run.backend, threads=run.threads, out=str(out),
-                                  resume=True, dataset=run.dataset if dataset_given else saved.dataset)
+                                  device=run.device, backend=run.backend, threads=run.threads, out=run.out,
+                                  resume=True, dataset=run.dataset if dataset_given else saved.dataset,
+                                  seeds=run.seeds, seed=members[0].seed)
         dataset = run.dataset or DEFAULT_DATASET
+    if not grouped:
+        run = dataclasses.replace(run, out=str(members[0].out))
 
     if run.obs_norm is None:
         run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
     try:
         data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env)
     except FileNotFoundError as err:
-        if state is None or dataset_given:
+        if first_state is None or dataset_given:
             raise
         raise FileNotFoundError(f"{err}; if the data moved, pass its new location with --dataset") from err
     data_fingerprint = fingerprint(data)
-    if state is not None:
-        check_same_data(state, info, data_fingerprint, saved.dataset, run.dataset, out)
-        info = DataInfo.from_dict(state["data_info"])
-        config_cls = algos.config_class(algos.get(run.algo).family)
-        cfg = config_cls.from_dict({**state["agent_config"], "device": str(device)})
-    else:
-        cfg = build_agent_config(run, info.name, info.obs_dim, info.act_dim, device)
+    for member in members:
+        # Each member's record of its run is the single run it equals: its seed, its directory.
+        member.run = dataclasses.replace(run, seed=member.seed, seeds=None, out=str(member.out))
+        if member.state is not None:
+            check_same_data(member.state, info, data_fingerprint, saved.dataset, run.dataset, member.out)
+            info = DataInfo.from_dict(member.state["data_info"])
+            config_cls = algos.config_class(algos.get(run.algo).family)
+            member.cfg = config_cls.from_dict({**member.state["agent_config"], "device": str(device)})
+        else:
+            member.cfg = build_agent_config(member.run, info.name, info.obs_dim, info.act_dim, device)
+    cfg = members[0].cfg
     note = info.no_reference_scores_note()
     if note:
         print(f"misa-fast train: {note}", file=sys.stderr)
     threads = apply_threads(choose_threads(run.threads, cfg, device))
     print(f"misa-fast train: {threads.describe()}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
 
-    agent = algos.make_agent(cfg)
-    start_step = 0
-    if state is not None:
-        agent.load_state_dict(state["agent"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = int(state["step"])
-    source = make_source(run.data_source, data, cfg.batch_size, run.seed, device,
-                         state=None if state is None else state["sampler"])
-    (out / "config.json").write_text(json.dumps(
-        {"run": dataclasses.asdict(run), "agent": cfg.to_dict(), "data": info.to_dict(),
-         "data_source": source.kind, "device": str(device), "threads": threads.threads}, indent=2, default=str))
-
-    log = ProgressLog(out, start_step if state is not None else None, run.tensorboard)
+    start_step = int(first_state["step"]) if first_state is not None else 0
+    streams = None
+    if len(members) > 1:  # one copy of the data, every member's own index stream
+        streams = make_member_streams(run.data_source, data, cfg.batch_size, [m.seed for m in members], device,
+                                      [None if m.state is None else m.state["sampler"] for m in members])
+    for i, member in enumerate(members):
+        member.out.mkdir(parents=True, exist_ok=True)
+        member.agent = algos.make_agent(member.cfg)
+        if member.state is not None:
+            member.agent.load_state_dict(member.state["agent"])
+        member.source = streams.member(i) if streams is not None else make_source(
+            run.data_source, data, member.cfg.batch_size, member.seed, device,
+            state=None if member.state is None else member.state["sampler"])
+        (member.out / "config.json").write_text(json.dumps(
+            {"run": dataclasses.asdict(member.run), "agent": member.cfg.to_dict(), "data": info.to_dict(),
+             "data_source": member.source.kind, "device": str(device), "threads": threads.threads,
+             **({"seeds": seeds} if grouped else {})}, indent=2, default=str))
+        member.log = ProgressLog(member.out, start_step if member.state is not None else None, run.tensorboard)
+    if first_state is not None:
+        ckpt.set_rng_state(first_state["rng"])
     checkpoint_every = run.checkpoint_every or run.eval_every
-    last_eval: Optional[dict] = state.get("last_eval") if state else None
 
-    def save(step: int) -> None:
-        ckpt.save_atomic({"step": step, "run": dataclasses.asdict(run), "agent_config": cfg.to_dict(),
+    def save(member: Member, step: int, agent_state: dict) -> None:
+        ckpt.save_atomic({"step": step, "run": dataclasses.asdict(member.run), "agent_config": member.cfg.to_dict(),
                           "data_info": info.to_dict(), "data_fingerprint": data_fingerprint,
-                          "agent": agent.state_dict(), "sampler": source.state_dict(), "rng": ckpt.rng_state(),
-                          "last_eval": last_eval},
-                         out / ckpt.CHECKPOINT_NAME)
+                          "agent": agent_state, "sampler": member.source.state_dict(), "rng": ckpt.rng_state(),
+                          "last_eval": member.last_eval},
+                         member.out / ckpt.CHECKPOINT_NAME)
 
-    if getattr(agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
-        print(f"misa-fast train: phase 1 of 2: SPOT pretrains its VAE for {agent.pretrain_steps:,} steps before "
-              f"the {run.steps:,} training steps of --steps (done once per run; `--set vae_steps=N` shortens it)",
-              file=sys.stderr)
-        agent.pretrain_vae(source, agent.pretrain_steps, progress=run.progress)
-        save(start_step)
+    if getattr(members[0].agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
+        print(f"misa-fast train: phase 1 of 2: SPOT pretrains its VAE for {members[0].agent.pretrain_steps:,} steps "
+              f"before the {run.steps:,} training steps of --steps (done once per run; `--set vae_steps=N` shortens "
+              "it)" + (f"; one seed after another ({len(members)})" if len(members) > 1 else ""), file=sys.stderr)
+        for member in members:
+            member.agent.pretrain_vae(member.source, member.agent.pretrain_steps, progress=run.progress)
+            save(member, start_step, member.agent.state_dict())
 
     from tqdm.auto import tqdm
 
-    from misa_fast.training.backends import make_step
-
-    train_step = make_step(agent, source, run.backend)
+    group = _MemberGroup(members, run.backend, streams)
     if run.backend == "compiled" and run.progress:
         print("misa-fast train: --backend compiled: the first step compiles (10-60 s on a 2-core CPU; "
               "inductor caches it for later runs)", file=sys.stderr)
+    label = f"{run.algo} {info.name}" + (f" seeds {run.seeds}" if grouped else "")
     bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=not run.progress, desc=f"{run.algo} {info.name}")
+               disable=not run.progress, desc=label)
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
     snis_warned = False
     try:
         for step in range(start_step + 1, run.steps + 1):
             try:
-                metrics = train_step()
-                if step % checkpoint_every == 0 or step == run.steps:
-                    train_step.check()  # graph backend: a deferred finite check before a checkpoint
+                metrics = group.step(checked=step % checkpoint_every == 0 or step == run.steps)
             except NonFiniteLossError as err:
                 applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
                            if getattr(err, "applied", False) else "no parameter was updated")
                 raise NonFiniteTraining(
                     f"stopped at step {step}: non-finite {err.term}; {applied}. The last good checkpoint "
-                    f"({out / ckpt.CHECKPOINT_NAME}) was left untouched.") from err
+                    f"({members[0].out / ckpt.CHECKPOINT_NAME}) was left untouched.") from err
+            for member, term in group.take_stopped():
+                member.stopped = {"term": term, "step": step,
+                                  "message": f"stopped at step {step}: non-finite {term}; the last good checkpoint "
+                                             f"({member.out / ckpt.CHECKPOINT_NAME}) was left untouched"}
+                _write_summary(member, step - 1, device, stopped=member.stopped)
+                bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds go on",
+                          file=sys.stderr)
+            if metrics is None:  # every member stopped
+                break
             window_steps += 1
             bar.update(1)
-            row = {}
             evaluate_now = step % run.eval_every == 0 or step == run.steps
+            rows = [{} for _ in group.members]
             # Every row carries the training metrics, so the CSV header (fixed by the first row) has them.
             if evaluate_now or step % run.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
+                for row, values in zip(rows, group.member_metrics(metrics)):
+                    row.update(values, steps_per_s=window_steps / max(elapsed, 1e-9))
+            saved_now = step % checkpoint_every == 0 or step == run.steps
+            if evaluate_now or saved_now:
+                agent_states = group.member_states()
             if evaluate_now:
-                result = evaluate_policy(agent, info, run.eval_episodes, seed=run.seed + 1_000_000)
-                last_eval = {"step": step, "mean_return": result["mean_return"], "std_return": result["std_return"],
-                             "mean_normalized": result["mean_normalized"]}
-                row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
-                           eval_normalized=result["mean_normalized"])
-                score = result["mean_normalized"]
-                bar.set_postfix(score=f"{score:.1f}" if score is not None else "n/a",
-                                ret=f"{result['mean_return']:.1f}")
-            if row:
-                log.write(step, row)
-                warning = snis_collapse_warning(row, step)
-                if warning is not None and not snis_warned:  # once per run: the column keeps the record
-                    snis_warned = True
-                    bar.write(f"misa-fast train: {warning}", file=sys.stderr)
-            saved = step % checkpoint_every == 0 or step == run.steps
-            if saved:
-                save(step)
+                if group.stacked:
+                    for member, agent_state in zip(group.members, agent_states):
+                        member.agent.policy.load_state_dict(agent_state["policy"])
+                results = evaluate_policies([m.agent for m in group.members], info, run.eval_episodes,
+                                            [m.seed + 1_000_000 for m in group.members])
+                for member, row, result in zip(group.members, rows, results):
+                    member.last_eval = {"step": step, "mean_return": result["mean_return"],
+                                        "std_return": result["std_return"],
+                                        "mean_normalized": result["mean_normalized"]}
+                    row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
+                               eval_normalized=result["mean_normalized"])
+                bar.set_postfix_str(_scores_postfix(group.members, grouped))
+            for member, row in zip(group.members, rows):
+                if row:
+                    member.log.write(step, row)
+                    warning = snis_collapse_warning(row, step)
+                    if warning is not None and not snis_warned:  # once per run: the column keeps the record
+                        snis_warned = True
+                        bar.write(f"misa-fast train: {warning}", file=sys.stderr)
+            if saved_now:
+                for member, agent_state in zip(group.members, agent_states):
+                    save(member, step, agent_state)
             if evaluate_now and on_evaluation is not None:
-                on_evaluation(step, dict(row), out / ckpt.CHECKPOINT_NAME if saved else None)
-            if row:  # evaluation and checkpoint time is not training time
+                on_evaluation(step, _mean_row(rows), group.members[0].out / ckpt.CHECKPOINT_NAME if saved_now else None)
+            if any(rows):  # evaluation and checkpoint time is not training time
                 window_start, window_steps = time.perf_counter(), 0
     finally:
         bar.close()
-        source.close()
-        log.close()
+        for member in members:
+            member.source.close()
+            member.log.close()
+        if streams is not None:
+            streams.close()
 
-    ckpt.export_policy(agent.policy, info.obs_dim, out / ckpt.POLICY_NAME, info.obs_mean, info.obs_std)
     from misa_fast.training.plots import plot_progress
 
-    plot_progress(out / "progress.csv", out / "learning_curve.png", title=f"{run.algo} on {info.name}")
-    summary = {"out": str(out), "steps": step, "last_eval": last_eval, "device": str(device),
-               "data_source": source.kind}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summaries = []
+    for member in members:
+        if member.stopped:
+            summaries.append({"out": str(member.out), "seed": member.seed, "stopped": member.stopped,
+                              "last_eval": member.last_eval})
+            continue
+        ckpt.export_policy(member.agent.policy, info.obs_dim, member.out / ckpt.POLICY_NAME, info.obs_mean,
+                           info.obs_std)
+        plot_progress(member.out / "progress.csv", member.out / "learning_curve.png",
+                      title=f"{run.algo} on {info.name}" + (f", seed {member.seed}" if grouped else ""))
+        summaries.append(_write_summary(member, step, device))
+    if not grouped:
+        return summaries[0]
+    return {"out": run.out, "seeds": seeds, "steps": step, "members": summaries}
+
+
+def _write_summary(member: Member, step: int, device, stopped: Optional[dict] = None) -> dict:
+    summary = {"out": str(member.out), "steps": step, "last_eval": member.last_eval, "device": str(device),
+               "data_source": member.source.kind}
+    if stopped is not None:
+        summary["stopped"] = stopped
+    (member.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _scores_postfix(members, grouped: bool) -> str:
+    parts = []
+    for member in members:
+        last = member.last_eval or {}
+        score = last.get("mean_normalized")
+        if not grouped:
+            return (f"score={score:.1f}" if score is not None else "score=n/a") + \
+                f", ret={last.get('mean_return', float('nan')):.1f}"
+        parts.append(f"{member.seed}:{score:.1f}" if score is not None else
+                     f"{member.seed}:{last.get('mean_return', float('nan')):.0f}")
+    return "scores " + " ".join(parts)
+
+
+def _mean_row(rows: list) -> dict:
+    """The members' rows as one: the mean of each value they all have."""
+    if len(rows) == 1:
+        return dict(rows[0])
+    keys = [k for k in rows[0] if all(k in r and r[k] is not None for r in rows)]
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys}
+
+
+class _MemberGroup:
+    """The members still training and the one agent that updates them: a member's own agent when
+    there is one, else the members' agents stacked (misa_fast.agents.members). A stacked member
+    whose loss goes non-finite is dropped before any parameter moved, and the update is redone for
+    the others with the same batches and noise."""
+
+    def __init__(self, members: list, backend: str, streams=None):
+        self.members, self.backend, self.streams = list(members), backend, streams
+        self._stopped: list = []
+        self._build()
+
+    def _build(self) -> None:
+        from misa_fast.agents.members import stack_agents
+        from misa_fast.training.backends import make_step
+
+        self.stacked = self.streams is not None  # a group stays stacked, down to its last member
+        if self.stacked:
+            self.agent = stack_agents([m.agent for m in self.members])
+            self.source = self.streams
+        else:
+            self.agent, self.source = self.members[0].agent, self.members[0].source
+        self.train_step = make_step(self.agent, self.source, self.backend)
+
+    def step(self, checked: bool):
+        if not self.stacked:
+            metrics = self.train_step()
+            if checked:
+                self.train_step.check()  # graph backend: a deferred finite check before a checkpoint
+            return metrics
+        from misa_fast.agents import NonFiniteLossError
+
+        generators = [g.get_state() for g in self.agent.member_generators]
+        try:
+            metrics = self.train_step()
+            if checked:
+                self.train_step.check()
+            return metrics
+        except NonFiniteLossError as err:
+            if not err.members or getattr(err, "applied", False):
+                raise
+            for generator, state in zip(self.agent.member_generators, generators):
+                generator.set_state(state)  # the same noise again for the members that go on
+            return self._drop(err.members, checked)
+
+    def _drop(self, bad: dict, checked: bool):
+        states = self.member_states()
+        keep = [i for i in range(len(self.members)) if i not in bad]
+        self._stopped += [(self.members[i], term) for i, term in sorted(bad.items())]
+        self.train_step.close()
+        for i in keep:
+            self.members[i].agent.load_state_dict(states[i])
+        self.members = [self.members[i] for i in keep]
+        if not self.members:
+            return None
+        self.streams = self.streams.keep(keep)  # the step is redone on the batches it had
+        self._build()
+        return self.step(checked)
+
+    def take_stopped(self) -> list:
+        stopped, self._stopped = self._stopped, []
+        return stopped
+
+    def member_states(self) -> list:
+        """Each member's single-run agent state (references for a lone agent, copies when stacked)."""
+        if not self.stacked:
+            return [self.agent.state_dict()]
+        from misa_fast.agents.members import member_state_dicts
+
+        return member_state_dicts(self.agent)
+
+    def member_metrics(self, metrics: dict) -> list:
+        """The metrics as one dict of floats per member (one host transfer)."""
+        if not self.stacked:
+            return [metrics_to_floats(metrics)]
+        names = list(metrics)
+        table = torch.stack([metrics[n].detach().float().reshape(-1) for n in names]).cpu().tolist()
+        return [{n: table[j][i] for j, n in enumerate(names)} for i in range(len(self.members))]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -355,9 +586,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"misa-fast train: {err}", file=sys.stderr)
         return 2
-    last = summary["last_eval"] or {}
-    score = last.get("mean_normalized")
-    print(f"done: {summary['steps']} steps in {summary['out']}; last evaluation: return "
-          f"{last.get('mean_return', float('nan')):.1f}"
-          + (f", normalized score {score:.1f}" if score is not None else ""))
+    for member in summary.get("members", [summary]):
+        last = member.get("last_eval") or {}
+        score = last.get("mean_normalized")
+        if member.get("stopped"):
+            print(f"seed {member['seed']}: {member['stopped']['message']}")
+            continue
+        print(f"done: {member['steps']} steps in {member['out']}; last evaluation: return "
+              f"{last.get('mean_return', float('nan')):.1f}"
+              + (f", normalized score {score:.1f}" if score is not None else ""))
+    if all(member.get("stopped") for member in summary.get("members", [])) and summary.get("members"):
+        return 3
     return 0

@@ -147,3 +147,18 @@ def test_mujoco_warnings_are_python_warnings_not_a_log_file(tmp_path, monkeypatc
     with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value"):
         env.step(np.zeros(3))
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+def test_policies_evaluated_side_by_side_match_their_own_evaluations():
+    from misa_fast.envs.rollout import evaluate_many
+
+    def linear(seed):
+        weights = np.random.default_rng(seed).normal(size=(3, 1)).astype(np.float32)
+        return lambda obs: np.tanh(obs @ weights)
+
+    policies, seeds = [linear(0), linear(1), linear(2)], [5, 100, 7]
+    together = evaluate_many(policies, "Pendulum-v1", episodes=3, seeds=seeds, n_envs=2)
+    for policy, seed, result in zip(policies, seeds, together):
+        alone = evaluate(policy, "Pendulum-v1", episodes=3, seed=seed, n_envs=2)
+        assert result == alone
+    assert together[0]["returns"] != together[1]["returns"]

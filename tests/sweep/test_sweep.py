@@ -312,3 +312,48 @@ def test_failed_trial_is_reported_with_its_error(tmp_path):
     text, rep = report.make_report([out], out)
     listed = [ln for ln in text.splitlines() if "broken/td3bc/seed0: td3bc seed 0 on" in ln]
     assert "## Not in the tables" in text and len(listed) == 1 and "failed: " in listed[0], text
+
+
+def test_seeds_per_trial_packs_one_grid_points_seeds(tmp_path):
+    plan = sweep.plan_trials(["pendulum-default"], ["td3bc"], [0, 1, 2], {}, {}, {"steps": 10}, tmp_path, 1.0, 2)
+    assert [t["label"] for t in plan.trials] == ["pendulum-default/td3bc/seeds0,1", "pendulum-default/td3bc/seed2"]
+    packed = plan.trials[0]
+    assert packed["run"]["seeds"] == "0,1" and packed["out"] == str(tmp_path / RUN_DIR)
+    # The seeds' run directories are the ones single-seed trials get.
+    assert packed["members"] == [str(tmp_path / RUN_DIR / "seed0"), str(tmp_path / RUN_DIR / "seed1")]
+    with pytest.raises(sweep.SweepError, match="--seeds-per-trial"):
+        sweep.plan_trials(["pendulum-default"], ["td3bc"], [0], {}, {}, {}, tmp_path, 1.0, 0)
+
+
+def test_a_packed_trial_resumes_after_its_worker_is_killed_and_reports_per_seed(tmp_path):
+    pytest.importorskip("ray.tune")
+    out = tmp_path / "sweep"
+    runs = [out / RUN_DIR / f"seed{s}" for s in range(3)]
+    proc = subprocess.Popen(_sweep_cmd(*TINY, "--seeds", "0-2", "--seeds-per-trial", 3, "--steps", 1200,
+                                       "--eval-every", 200, "--log-every", 100, "--cpus-per-trial", 1,
+                                       "--num-cpus", 2, "--no-progress", "--out", out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        def checkpointed():
+            if not all((r / "checkpoint.pt").exists() and (r / "trial.json").exists() for r in runs):
+                return None
+            evals = _eval_steps(runs[0]) if (runs[0] / "progress.csv").exists() else []
+            return evals[-1] if evals else None
+
+        _wait_for(checkpointed, 180, proc, "the first checkpoint")
+        os.kill(_trial(runs[0])["attempts"][-1]["pid"], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert "1 of 1 trials finished" in stdout
+    for seed, run_dir in enumerate(runs):
+        attempts = _trial(run_dir)["attempts"]
+        assert len(attempts) == 2 and attempts[1]["resumed_from"] is not None, attempts
+        assert _trial(run_dir)["seed"] == seed
+        assert _steps(run_dir) == list(range(100, 1201, 100))
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["run"]["seed"] == seed
+    records = [report.read_run(p) for p in report.find_run_dirs([out])]
+    assert sorted(r.seed for r in records) == [0, 1, 2] and all(r.finished for r in records)

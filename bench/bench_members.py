@@ -1,0 +1,79 @@
+"""Member-steps/s of several seeds trained in one process (``misa-fast train --seeds``) beside the
+same seeds trained one after another as single runs.
+
+    OMP_NUM_THREADS=2 pytest bench/bench_members.py --benchmark-json bench/results/members-<device>-<date>.json
+    python -m bench.members_table bench/results/members-<device>-<date>.json      # the README table
+
+Each case is one full update of M members (batch sampling included) through the trainer's step
+(``misa_fast.training.backends.make_step``): ``group`` updates the M seeds as one stacked agent;
+``separate`` updates M single agents one after another, which is the work of M separate
+processes run one after another (without their start-up). ``extra_info`` records
+``member_steps_per_s`` = M / median seconds.
+
+Workloads: the ``pendulum`` preset (256x256 networks, K=10, the embedded dataset's shapes), the
+same with 64x64 networks (``pendulum-64``), and the locomotion preset (hopper's shapes) at K=10
+and K=50, faithful and parallel HMC. Under ``--benchmark-disable`` (CI) only the pendulum-64 cases
+up to M=4 run, once each, as a check that every path runs.
+"""
+import pytest
+import torch
+
+from bench.bench_step import random_dataset
+from misa_fast.agents import MISA, members
+from misa_fast.agents.misa_config import preset
+from misa_fast.replay.sources import MemberStreams, make_source
+from misa_fast.training.backends import make_step
+from misa_fast.training.runtime import tune_host_allocator
+
+tune_host_allocator()  # as the trainer does
+
+WORKLOADS = {
+    "pendulum": ("pendulum", (3, 1), {}),
+    "pendulum-64": ("pendulum", (3, 1), {"policy_hidden": (64, 64), "critic_hidden": (64, 64)}),
+    "loco-K10-faithful": ("locomotion", (11, 3), {"num_samples": 10, "hmc_mode": "faithful"}),
+    "loco-K10-parallel": ("locomotion", (11, 3), {"num_samples": 10, "hmc_mode": "parallel"}),
+    "loco-K50-faithful": ("locomotion", (11, 3), {"num_samples": 50, "hmc_mode": "faithful"}),
+    "loco-K50-parallel": ("locomotion", (11, 3), {"num_samples": 50, "hmc_mode": "parallel"}),
+}
+MEMBERS = (1, 2, 4, 8)
+CASES = [(w, m, how, backend) for w in WORKLOADS for m in MEMBERS for how in ("group", "separate")
+         for backend in ("eager", "compiled") if backend == "eager" or w.startswith("pendulum")]
+
+
+def build(workload: str, count: int, how: str, backend: str):
+    """A function doing one update of ``count`` members."""
+    name, (obs_dim, act_dim), overrides = WORKLOADS[workload]
+    data = random_dataset(obs_dim, act_dim, rows=20_000)
+    agents = [MISA(preset(name).replace(obs_dim=obs_dim, act_dim=act_dim, device="cpu", seed=seed, **overrides))
+              for seed in range(count)]
+    batch_size = agents[0].config.batch_size
+    if backend == "compiled":
+        torch._dynamo.reset()
+    if how == "group" and count > 1:  # as misa-fast train --seeds: the C++ sampler's streams, one data copy
+        streams = MemberStreams("prefetch", data, batch_size, list(range(count)), "cpu")
+        return make_step(members.stack_agents(agents), streams, backend)
+    sources = [make_source("prefetch", data, batch_size, seed, "cpu") for seed in range(count)]
+    steps = [make_step(agent, source, backend) for agent, source in zip(agents, sources)]
+
+    def one_after_another():
+        for step in steps:
+            step()
+
+    return one_after_another
+
+
+@pytest.mark.parametrize("workload, count, how, backend", CASES,
+                         ids=[f"{w}-M{m}-{h}-{b}" for w, m, h, b in CASES])
+def test_member_steps(benchmark, workload, count, how, backend):
+    disabled = benchmark.disabled
+    if disabled and (workload != "pendulum-64" or count > 4 or backend != "eager"):
+        pytest.skip("timing case: runs with the benchmark enabled")
+    if how == "separate" and count == 1:
+        pytest.skip("M=1: group and separate are the same single run")
+    step = build(workload, count, how, backend)
+    step()  # warm-up (allocator; compiled: the compile)
+    rounds = 3 if workload.startswith("loco-K50") else 5
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if not disabled else 0, iterations=1)
+    if not disabled:
+        benchmark.extra_info.update(members=count, how=how, workload=workload, backend=backend,
+                                    member_steps_per_s=count / benchmark.stats.stats.median)
