@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from misa_fast.ops.dispatch import member_map
+
 __all__ = ["parse_seeds", "stack_agents", "member_state_dicts", "member_count", "stack_tree", "select_members"]
 
 MAX_MEMBERS = 256
@@ -296,7 +298,8 @@ class _MemberMap:
             values, out_layout["layout"] = _tensor_leaves(result)
             return values
 
-        values = torch.func.vmap(one_member, randomness="error")(tensors, arg_tensors)
+        with member_map():
+            values = torch.func.vmap(one_member, randomness="error")(tensors, arg_tensors)
         return _rebuild(values, out_layout["layout"])
 
 

@@ -335,7 +335,7 @@ class MISA:
         on the device and misa_fast.training.backends reads that flag after the replay."""
         if noise is None:
             noise = self.draw_noise(np.shape(batch["actions"])[-2])
-        out = self.map_members(self.compute_losses, batch, noise)
+        out = self.member_losses(batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         # One backward pass: each loss reaches only its own parameters (see module docstring); the
@@ -358,6 +358,11 @@ class MISA:
                 self.hmc_log_step_size.copy_(log_step.reshape(len(self.member_seeds), -1).mean(1))
         self.step += 1
         return out.metrics
+
+    def member_losses(self, batch: Mapping, noise: UpdateNoise) -> LossOutput:
+        """``compute_losses`` of every member (a stacked agent: one vmapped computation, losses and
+        metrics with a leading member dimension); of the agent itself otherwise."""
+        return self.map_members(self.compute_losses, batch, noise)
 
     @property
     def hmc_step_size(self) -> Tensor:

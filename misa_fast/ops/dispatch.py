@@ -77,9 +77,28 @@ def triton_available() -> bool:
     return True
 
 
+_member_maps = 0  # depth of misa_fast.agents.members' vmapped calls (a plain global: dynamo traces it)
+
+
+@contextlib.contextmanager
+def member_map() -> Iterator[None]:
+    """Marks the ops called inside as running under the member vmap of a stacked agent."""
+    global _member_maps
+    _member_maps += 1
+    try:
+        yield
+    finally:
+        _member_maps -= 1
+
+
 def member_batched(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when a tensor is one member's view inside ``torch.func.vmap`` (a raw kernel launch
-    cannot read it: it holds every member's data behind one logical tensor)."""
+    """True inside a stacked agent's member vmap (:func:`member_map`) or when a tensor is one
+    member's view inside any ``torch.func.vmap``: a raw kernel launch cannot read such a tensor (it
+    holds every member's data behind one logical tensor)."""
+    if _member_maps:
+        return True
+    if torch.compiler.is_compiling():
+        return False
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 

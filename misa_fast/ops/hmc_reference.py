@@ -46,7 +46,6 @@ mean/std and the critics' state halves (computed once per training step, not per
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 from typing import Callable, Iterator, NamedTuple, Optional, Tuple, Union
@@ -213,10 +212,11 @@ def hmc_transitions(
 
 
 # What run_chains runs, and in pieces of how many transitions: hmc_transitions eagerly in one piece
-# per adaptation phase, or compiled (``compiled_transitions``) in short pieces. A context variable,
-# so that the switch needs no new argument through the agent and the ops.
-_runner: contextvars.ContextVar[Tuple[Callable[..., Transitions], Optional[int]]] = contextvars.ContextVar(
-    "misa_fast_hmc_runner", default=(hmc_transitions, None))
+# per adaptation phase, or compiled (``compiled_transitions``) in short pieces; the innermost block
+# wins. A module-level stack, so that the switch needs no new argument through the agent and the
+# ops, and dynamo can trace the read (it cannot trace a ContextVar's), so that a whole chain also
+# traces inside a stacked agent's member vmap.
+_runner: list = [(hmc_transitions, None)]
 
 # Transitions per compiled piece. At the reference case on a 2-core CPU (full training step, one run of
 # `pytest bench/bench_step.py -k "faithful-K50-BI5-hopper-cpu and not adaptive"`): pieces of 5 take
@@ -237,11 +237,11 @@ def compiled_transitions(piece: int = COMPILED_PIECE, **compile_options) -> Iter
         compiled = _compiled_transitions(tuple(sorted(compile_options.items())))
     except TypeError:  # an unhashable option (a dict of inductor options): compiled for this block only
         compiled = torch.compile(hmc_transitions, **{"dynamic": False, **compile_options})
-    token = _runner.set((compiled, int(piece)))
+    _runner.append((compiled, int(piece)))
     try:
         yield
     finally:
-        _runner.reset(token)
+        _runner.pop()
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,7 +269,7 @@ def run_chains(
     ``adapt_steps`` transitions they adapt towards ``target_accept`` (see module docstring).
     ``split``: the target is N(x; 0, I) times exp(log_density) (see :func:`hmc_transitions`)."""
     transitions, chains, _ = noise.momentum.shape
-    run, piece = _runner.get()
+    run, piece = _runner[-1]
     x = init
     log_p, grad = log_density(x)
     step = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).expand(chains).clone()

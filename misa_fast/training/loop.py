@@ -347,8 +347,9 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
 
     group = _MemberGroup(members, run.backend, streams)
     if run.backend == "compiled" and run.progress:
-        print("misa-fast train: --backend compiled: the first step compiles (10-60 s on a 2-core CPU; "
-              "inductor caches it for later runs)", file=sys.stderr)
+        print("misa-fast train: --backend compiled: the first step compiles (10-60 s on a 2-core CPU"
+              + (", minutes for several seeds: their whole HMC chain is one graph" if grouped else "")
+              + "; inductor caches it for later runs)", file=sys.stderr)
     label = f"{run.algo} {info.name}" + (f" seeds {run.seeds}" if grouped else "")
     bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not run.progress, desc=label)
