@@ -215,8 +215,12 @@ def record_launches() -> Iterator[LaunchLog]:
         saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
-    def resolve_as_if_cuda(backend=None, *tensors):
-        return "torch" if dispatch.requested_backend(backend) == "torch" else "triton"
+    def resolve_as_if_cuda(backend=None, *tensors, members=False):
+        if dispatch.requested_backend(backend) == "torch":
+            return "torch"
+        if not members and dispatch.member_batched(*tensors):  # as on CUDA: the torch reference under vmap
+            return "torch"
+        return "triton"
 
     for module in KERNEL_MODULES:
         if not _jit_kernels(module):
@@ -290,6 +294,23 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
         ops.hmc_sample = real_hmc_sample
 
 
+def _members_step(log: LaunchLog, env: str, count: int = 2) -> None:
+    """What the loss computation of ``count`` seeds trained together launches (misa-fast train
+    --seeds): the HMC chains of every member in one launch (the other ops run the torch reference
+    under the member vmap)."""
+    from misa_fast.agents.members import stack_agents, stack_tree
+    from misa_fast.agents.misa import MISA
+    from misa_fast.agents.misa_config import preset
+
+    preset_name, obs_dim, act_dim = ENVIRONMENTS[env]
+    agents = [MISA(preset(preset_name, device="cpu", seed=seed), obs_dim, act_dim) for seed in range(count)]
+    stacked = stack_agents(agents)
+    gen = torch.Generator().manual_seed(0)
+    batch = stack_tree([_random_batch(obs_dim, act_dim, gen) for _ in range(count)])
+    with log.labelled(f"{_describe_agent(env, {})}, {count} seeds in one launch", True):
+        stacked.member_losses(batch, stacked.draw_noise(BATCH))
+
+
 def _describe_agent(env: str, overrides: dict) -> str:
     from misa_fast.agents.misa_config import preset
 
@@ -315,6 +336,8 @@ def enumerate_launches(envs: Sequence[str] = tuple(ENVIRONMENTS)) -> List[Launch
         for env in envs:
             # the preset as shipped (what `misa-fast train` runs), HMC variants through the agent's call
             _agent_step(log, env, {}, _describe_agent(env, {}), True, hmc_variants=True)
+            # several seeds trained together (misa-fast train --seeds): one HMC launch for every member
+            _members_step(log, env)
             # the sampled-Q log-partition at every precision
             for precision in SAMPLED_Q_PRECISIONS:
                 if has_sq_precision_key:

@@ -169,7 +169,7 @@ def _layer1_chunk(x, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_
 def _log_density(
     x, mean, inv_std, log_norm, st, c_ok, scratch,
     sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC, H1, H2, HI,
+    E, E0, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
@@ -196,7 +196,7 @@ def _log_density(
     grad_pi = (2.0 * xa - z * inv_std) / den
     q_min, g_min = _critic_min(
         xa, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr,
-        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, E0, S, A, H0, HC, H1, H2, HI,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     log_p = tl.where(inside, log_pi + q_min, float("-inf"))
@@ -208,7 +208,7 @@ def _log_density(
 def _tilt_density(
     z, mean, std, st, c_ok, scratch,
     sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC, H1, H2, HI,
+    E, E0, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
@@ -221,7 +221,7 @@ def _tilt_density(
     a = 1.0 - 2.0 / (e2u + 1.0)  # tanh; +-1 (not NaN) where exp overflows or underflows
     q_min, g_min = _critic_min(
         a, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr,
-        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI,
+        bm2_ptr, bc_ptr, wl_ptr, bl_ptr, E, E0, S, A, H0, HC, H1, H2, HI,
         s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return q_min, g_min * ((1.0 - a) * (1.0 + a) * std)
@@ -231,7 +231,7 @@ def _tilt_density(
 def _critic_min(
     xa, st, c_ok, scratch,
     sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC, H1, H2, HI,
+    E, E0, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
@@ -259,7 +259,7 @@ def _critic_min(
                     k_ok = offs_k < H0
                     z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
                                             s_shh, A, BLOCK_A, PREC0)
-                    wm = tl.reshape(m1_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
+                    wm = tl.reshape(m1_desc.load([E0 + e, 0, k0]), [BLOCK_H, BLOCK_K])
                     zm += _mm(wm, _act(z0, ACT, ALPHA), PREC)
                 zm += tl.load(bm1_ptr + e * s_bm1e + offs_h, mask=offs_h < H1, other=0.0).to(tl.float32)[:, None]
                 tl.debug_barrier()  # earlier readers of this scratch are done
@@ -271,7 +271,7 @@ def _critic_min(
                 for k0 in range(0, H1, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     hk = _act(tl.load(mid_scratch + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
-                    wm = tl.reshape(m2_desc.load([e, 0, k0]), [BLOCK_H, BLOCK_K])
+                    wm = tl.reshape(m2_desc.load([E0 + e, 0, k0]), [BLOCK_H, BLOCK_K])
                     zm += _mm(wm, hk, PREC)
                 zm += tl.load(bm2_ptr + e * s_bm2e + offs_h, mask=offs_h < H2, other=0.0).to(tl.float32)[:, None]
                 tl.store(mid_scratch + BLOCK_H * BLOCK_C + offs_h[:, None] * BLOCK_C + offs_c[None, :], zm)
@@ -284,14 +284,14 @@ def _critic_min(
                     z0, w0a = _layer1_chunk(xa, st, c_ok, offs_k, k_ok, w0a_ptr, sh_e_ptr, s_w0o, s_w0i, s_shb,
                                             s_shh, A, BLOCK_A, PREC0)
                     h0 = _act(z0, ACT, ALPHA)
-                    wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
+                    wc = tl.reshape(wc_desc.load([E0 + e, 0, k0]), [BLOCK_HC, BLOCK_K])  # TMA, zero-filled outside
                     z1 += _mm(wc, h0, PREC)
             else:
                 top = mid_scratch + (NMID - 1) * BLOCK_H * BLOCK_C  # the last middle layer's z
                 for k0 in range(0, HI, BLOCK_K):  # F, the input read back in chunks
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     hk = _act(tl.load(top + offs_k[:, None] * BLOCK_C + offs_c[None, :]), ACT, ALPHA)
-                    wc = tl.reshape(wc_desc.load([e, 0, k0]), [BLOCK_HC, BLOCK_K])
+                    wc = tl.reshape(wc_desc.load([E0 + e, 0, k0]), [BLOCK_HC, BLOCK_K])
                     z1 += _mm(wc, hk, PREC)
             bc = tl.load(bc_ptr + e * s_bce + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             wl = tl.load(wl_ptr + e * s_wle + offs_n * s_wli, mask=n_ok, other=0.0).to(tl.float32)
@@ -304,7 +304,7 @@ def _critic_min(
             for n0 in range(0, HC, BLOCK_K):  # B
                 offs_j = n0 + tl.arange(0, BLOCK_K)  # < BLOCK_HC: every scratch row was written
                 dz1 = tl.load(scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
-                wct = tl.reshape(wct_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
+                wct = tl.reshape(wct_desc.load([E0 + e, 0, n0]), [BLOCK_H, BLOCK_K])
                 dh0 += _mm(wct, dz1, PREC)
             if NMID >= 2:  # back through the second middle layer
                 zm = tl.load(mid_scratch + BLOCK_H * BLOCK_C + offs_h[:, None] * BLOCK_C + offs_c[None, :])
@@ -314,7 +314,7 @@ def _critic_min(
                 for n0 in range(0, H2, BLOCK_K):
                     offs_j = n0 + tl.arange(0, BLOCK_K)
                     dzm = tl.load(dz_scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
-                    wmt = tl.reshape(m2t_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
+                    wmt = tl.reshape(m2t_desc.load([E0 + e, 0, n0]), [BLOCK_H, BLOCK_K])
                     dh0 += _mm(wmt, dzm, PREC)
                 tl.debug_barrier()
             if NMID >= 1:  # back through the first middle layer
@@ -325,7 +325,7 @@ def _critic_min(
                 for n0 in range(0, H1, BLOCK_K):
                     offs_j = n0 + tl.arange(0, BLOCK_K)
                     dzm = tl.load(dz_scratch + offs_j[:, None] * BLOCK_C + offs_c[None, :])
-                    wmt = tl.reshape(m1t_desc.load([e, 0, n0]), [BLOCK_H, BLOCK_K])
+                    wmt = tl.reshape(m1t_desc.load([E0 + e, 0, n0]), [BLOCK_H, BLOCK_K])
                     dh0 += _mm(wmt, dzm, PREC)
             dh0_scratch = scratch + BLOCK_HC * BLOCK_C
             q_scratch = dh0_scratch + BLOCK_H * BLOCK_C
@@ -368,7 +368,7 @@ def _critic_min(
 def _chain_density(
     x, mean, std, inv_std, log_norm, st, c_ok, scratch,
     sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-    E, S, A, H0, HC, H1, H2, HI,
+    E, E0, S, A, H0, HC, H1, H2, HI,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
@@ -380,14 +380,14 @@ def _chain_density(
         log_p, grad = _tilt_density(
             x, mean, std, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc,
             m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr, bl_ptr,
-            E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle,
+            E, E0, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle,
             s_wli, s_ble,
             BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     else:
         log_p, grad = _log_density(
             x, mean, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc,
             m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
-            bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
+            bl_ptr, E, E0, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
             s_wle, s_wli, s_ble,
             BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA)
     return log_p, grad
@@ -404,15 +404,39 @@ def _hmc_kernel(
     s_mt, s_mc, s_mk, s_ut, s_uc,
     s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e, s_wle, s_wli, s_ble,
     s_oc, s_or, s_oa,
+    s_m_mean, s_m_std, s_m_init, s_m_mom, s_m_unif, s_m_sh, s_m_w0, s_m_bc, s_m_bm1, s_m_bm2, s_m_wl, s_m_bl, s_m_out,
     BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, PREC0: tl.constexpr,
     ACT: tl.constexpr, ALPHA: tl.constexpr, RNG: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # Member stacking (several seeds in one launch): grid axis 1 is the member; every member-stacked
+    # tensor moves to its member's block (s_m_*: member strides, 0 for one member), and the TMA
+    # descriptors of the (M * E, ...) weights read rows E0 + e.
+    member = tl.program_id(1).to(tl.int64)
+    E0 = tl.program_id(1) * E
+    mean_ptr += member * s_m_mean
+    std_ptr += member * s_m_std
+    init_ptr += member * s_m_init
+    mom_ptr += member * s_m_mom
+    unif_ptr += member * s_m_unif
+    sh_ptr += member * s_m_sh
+    w0_ptr += member * s_m_w0
+    bc_ptr += member * s_m_bc
+    bm1_ptr += member * s_m_bm1
+    bm2_ptr += member * s_m_bm2
+    wl_ptr += member * s_m_wl
+    bl_ptr += member * s_m_bl
+    out_ptr += member * s_m_out
+    step_ptr += member * C
+    step_out_ptr += member * C
+    acc_ptr += member * T * C
+    prob_ptr += member * T * C
     # this program's scratch: dz1 (BLOCK_HC, BLOCK_C), dh0 (BLOCK_H, BLOCK_C), q (BLOCK_C,), then with
     # middle layers their pre-activations and one dz tile (each (BLOCK_H, BLOCK_C)), fp32
-    scratch = scratch_ptr + pid.to(tl.int64) * ((BLOCK_HC + BLOCK_H + 1 + (NMID + 1) * BLOCK_H) * BLOCK_C)
+    program = member * tl.num_programs(0) + pid
+    scratch = scratch_ptr + program * ((BLOCK_HC + BLOCK_H + 1 + (NMID + 1) * BLOCK_H) * BLOCK_C)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     offs_c64 = offs_c.to(tl.int64)
@@ -436,14 +460,14 @@ def _hmc_kernel(
     log_p, grad = _chain_density(
         x, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc, m1t_desc,
         m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr, wl_ptr,
-        bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
+        bl_ptr, E, E0, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce, s_bm1e, s_bm2e,
         s_wle, s_wli, s_ble,
         BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
     if RNG:
         seed = tl.load(seed_ptr)
 
     for t in range(T):
-        tc = offs_c64 + (t * C).to(tl.int64)  # (BLOCK_C,) counter of (t, c)
+        tc = offs_c64 + (t * C).to(tl.int64) + member * T * C  # (BLOCK_C,) counter of (member, t, c)
         if RNG:
             p0 = tl.where(m2, tl.randn(seed, tc[None, :] * A + offs_a[:, None]), 0.0)
             unif = tl.rand(seed, tc + 281474976710656)  # 2**48: the uniform stream
@@ -471,7 +495,7 @@ def _hmc_kernel(
             lp_new, g_new = _chain_density(
                 x_new, mean, std, inv_std, log_norm, st, c_ok, scratch, sh_ptr, w0_ptr, wc_desc, wct_desc, m1_desc,
                 m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc_ptr,
-                wl_ptr, bl_ptr, E, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce,
+                wl_ptr, bl_ptr, E, E0, S, A, H0, HC, H1, H2, HI, s_she, s_shb, s_shh, s_w0e, s_w0o, s_w0i, s_bce,
                 s_bm1e, s_bm2e, s_wle, s_wli,
                 s_ble, BLOCK_C, BLOCK_A, BLOCK_H, BLOCK_HC, BLOCK_K, HAS_CHUNK, NMID, PREC, PREC0, ACT, ALPHA, SPLIT)
             ok = ok & (tl.abs(lp_new) < float("inf"))  # finite (NaN compares false too)
@@ -644,41 +668,63 @@ def hmc_chains(
     momentum (T, C, A) and uniform (T, C), or seed (a 1-element int64 tensor on the device) for the
     in-kernel Philox stream. ``split``: pre-tanh chains (whitened positions, exact Gaussian rotation,
     the recorded states are the pre-tanh actions u); adapted step sizes stay in [1e-4, max_step].
-    ``activation``: (ACTIVATIONS code, ELU alpha / leaky slope) of the critics' hidden layers."""
-    B, A = init.shape
+    ``activation``: (ACTIVATIONS code, ELU alpha / leaky slope) of the critics' hidden layers.
+
+    With a leading member dimension M on every argument (``mean`` (M, B, A), ...) it runs the M x C
+    chains of M independent members (seeds) in one launch, each reading its own member's critics
+    and policy statistics; the outputs then have that dimension too."""
+    # Several members (seeds) in one launch: every argument then has a leading member dimension M
+    # (layers (M, E, out, in), state_half (M, E, B, H0), step_size (M, C), noise (M, T, C, ...)),
+    # and so has every output. Member 0's views give the shapes and the per-member strides; the
+    # pointers are those of member 0, which the kernel moves by the member strides.
+    members = mean.dim() == 3
+    M = mean.shape[0] if members else 1
+
+    def first(t):
+        return t[0] if members else t
+
+    def mstride(t):
+        return t.stride(0) if members else 0
+
+    B, A = first(init).shape
     C = B * repeats
     T = transitions
     dev = init.device
-    E, H0, SA = layers[0][0].shape
+    E, H0, SA = first(layers[0][0]).shape
     S = SA - A
     has_chunk = len(layers) >= 3
     w0 = layers[0][0]
+    lead = (M,) if members else ()
 
     def bias(b, n):
         if b is None:
-            return torch.zeros((E, n), device=dev, dtype=torch.float32)
+            return torch.zeros(lead + (E, n), device=dev, dtype=torch.float32)
         return b if b.stride(-1) == 1 else b.contiguous()
+
+    def flat(w):  # (M, E, R, K) -> (M * E, R, K) for the TMA descriptors
+        return w.reshape(M * E, *w.shape[-2:]) if members else w
 
     if has_chunk:
         wc, bc = layers[-2]
-        HC, HI = wc.shape[1], wc.shape[2]
+        HC, HI = wc.shape[-2], wc.shape[-1]
         bc = bias(bc, HC)
     else:
-        wc, bc, HC, HI = None, w0.new_zeros((E, 1)), H0, H0
-    mids = [(w, bias(b, w.shape[1])) for w, b in layers[1:-2]]  # middle hidden layers (3 or 4 hidden)
+        wc, bc, HC, HI = None, w0.new_zeros(lead + (E, 1)), H0, H0
+    mids = [(w, bias(b, w.shape[-2])) for w, b in layers[1:-2]]  # middle hidden layers (3 or 4 hidden)
     n_mid = len(mids)
-    H1 = mids[0][0].shape[1] if n_mid >= 1 else H0
-    H2 = mids[1][0].shape[1] if n_mid >= 2 else H0
+    H1 = mids[0][0].shape[-2] if n_mid >= 1 else H0
+    H2 = mids[1][0].shape[-2] if n_mid >= 2 else H0
     bm1_ptr = mids[0][1] if n_mid >= 1 else bc
     bm2_ptr = mids[1][1] if n_mid >= 2 else bc
     wl, bl = layers[-1]
     if bl is None:
-        bl = torch.zeros((E, 1), device=dev, dtype=torch.float32)
+        bl = torch.zeros(lead + (E, 1), device=dev, dtype=torch.float32)
     R = max(0, T - record_from)
-    states = torch.empty((C, R, A), device=dev, dtype=torch.float32)
-    accepted = torch.empty((T, C), device=dev, dtype=torch.uint8)
-    prob = torch.empty((T, C), device=dev, dtype=torch.float32)
-    step_out = torch.empty((C,), device=dev, dtype=torch.float32)
+    states = torch.empty(lead + (C, R, A), device=dev, dtype=torch.float32)
+    accepted = torch.empty(lead + (T, C), device=dev, dtype=torch.uint8)
+    prob = torch.empty(lead + (T, C), device=dev, dtype=torch.float32)
+    step_out = torch.empty(lead + (C,), device=dev, dtype=torch.float32)
+    step_size = step_size.contiguous()
     rng = momentum is None
     if rng:
         if seed is None:
@@ -687,7 +733,7 @@ def hmc_chains(
         s_mom, s_unif = (0, 0, 0), (0, 0)
     else:
         mom, unif = momentum, uniform
-        s_mom, s_unif = tuple(momentum.stride()), tuple(uniform.stride())
+        s_mom, s_unif = tuple(first(momentum).stride()), tuple(first(uniform).stride())
         seed = accepted  # unused pointer
     if C == 0 or T == 0:
         step_out.copy_(step_size)
@@ -695,27 +741,34 @@ def hmc_chains(
     blocks, nw, ns = launch_config(C, A, max(H0, H1, H2), HC, has_chunk, precision, dev, block_c)
     if num_warps is not None:
         nw = num_warps
-    wc_desc, wct_desc = _weight_descriptors(wc, E, blocks, precision, dev)
-    m1_desc, m1t_desc = _weight_descriptors(mids[0][0] if n_mid >= 1 else None, E, blocks, precision, dev,
+    wc_desc, wct_desc = _weight_descriptors(None if wc is None else flat(wc), M * E, blocks, precision, dev)
+    m1_desc, m1t_desc = _weight_descriptors(flat(mids[0][0]) if n_mid >= 1 else None, M * E, blocks, precision, dev,
                                             blocks["BLOCK_H"])
-    m2_desc, m2t_desc = _weight_descriptors(mids[1][0] if n_mid >= 2 else None, E, blocks, precision, dev,
+    m2_desc, m2t_desc = _weight_descriptors(flat(mids[1][0]) if n_mid >= 2 else None, M * E, blocks, precision, dev,
                                             blocks["BLOCK_H"])
-    grid = (triton.cdiv(C, blocks["BLOCK_C"]),)
+    grid = (triton.cdiv(C, blocks["BLOCK_C"]), M)
     per_program = ((blocks["BLOCK_HC"] + blocks["BLOCK_H"] + 1 + (n_mid + 1) * blocks["BLOCK_H"]) * blocks["BLOCK_C"]
                    if has_chunk else 1)
-    scratch = torch.empty((grid[0] * per_program,), device=dev, dtype=torch.float32)
+    scratch = torch.empty((grid[0] * M * per_program,), device=dev, dtype=torch.float32)
+    mean1, std1, init1, sh1, w01 = first(mean), first(std), first(init), first(state_half), first(w0)
+    bc1, bm11, bm21, wl1, bl1 = first(bc), first(bm1_ptr), first(bm2_ptr), first(wl), first(bl)
+    states1 = first(states)
+    mom_m = 0 if rng else mstride(momentum)
+    unif_m = 0 if rng else mstride(uniform)
     _hmc_kernel[grid](
         mean, std, init, step_size, mom, unif, seed,
         state_half, w0, wc_desc, wct_desc, m1_desc, m1t_desc, m2_desc, m2t_desc, bm1_ptr, bm2_ptr, bc, wl, bl,
         states, accepted, prob, step_out, scratch,
         C, T, A, S, E, H0, HC, H1, H2, HI, repeats, leapfrog_steps, record_from, adapt_steps,
         float(target_accept), float(adapt_rate), float(init_clip), float(max_step),
-        mean.stride(0), mean.stride(1), std.stride(0), std.stride(1), init.stride(0), init.stride(1),
+        mean1.stride(0), mean1.stride(1), std1.stride(0), std1.stride(1), init1.stride(0), init1.stride(1),
         *s_mom, *s_unif,
-        state_half.stride(0), state_half.stride(1), state_half.stride(2),
-        w0.stride(0), w0.stride(1), w0.stride(2), bc.stride(0), bm1_ptr.stride(0), bm2_ptr.stride(0),
-        wl.stride(0), wl.stride(2), bl.stride(0),
-        states.stride(0), states.stride(1), states.stride(2),
+        sh1.stride(0), sh1.stride(1), sh1.stride(2),
+        w01.stride(0), w01.stride(1), w01.stride(2), bc1.stride(0), bm11.stride(0), bm21.stride(0),
+        wl1.stride(0), wl1.stride(2), bl1.stride(0),
+        states1.stride(0), states1.stride(1), states1.stride(2),
+        mstride(mean), mstride(std), mstride(init), mom_m, unif_m, mstride(state_half), mstride(w0), mstride(bc),
+        mstride(bm1_ptr), mstride(bm2_ptr), mstride(wl), mstride(bl), mstride(states),
         **blocks, HAS_CHUNK=has_chunk, NMID=n_mid, PREC=precision, PREC0=action_precision, RNG=rng, SPLIT=bool(split),
         ACT=int(activation[0]), ALPHA=float(activation[1]),
         num_warps=nw, num_stages=ns,

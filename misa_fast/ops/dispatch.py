@@ -8,9 +8,9 @@ Precedence, first match wins:
 
 ``"auto"`` picks Triton when every tensor argument lives on a CUDA device and Triton (plus the
 kernel package) imports, the torch reference otherwise. Inside ``torch.func.vmap`` (the stacked
-seeds of ``misa-fast train --seeds``, :func:`member_batched`) every backend request gives the torch
-reference, which vmap batches: a raw kernel launch cannot read a member's view of a stacked
-tensor. ``"triton"`` forces the kernels: on CPU
+seeds of ``misa-fast train --seeds``, :func:`member_batched`) the HMC sampler launches its kernel
+once for every member (a vmap rule); the other ops take the torch reference, which vmap batches (a
+raw kernel launch cannot read a member's view of a stacked tensor). ``"triton"`` forces the kernels: on CPU
 tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
 are imported), which is how the tests exercise them without a GPU. ``"torch"`` forces the reference.
 """
@@ -102,13 +102,15 @@ def member_batched(*tensors: Optional[torch.Tensor]) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
-    """Return ``"triton"`` or ``"torch"`` for a call on ``tensors`` (``None`` entries ignored)."""
+def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor], members: bool = False) -> str:
+    """Return ``"triton"`` or ``"torch"`` for a call on ``tensors`` (``None`` entries ignored).
+    ``members``: the op launches its kernel for every member at once under vmap (the HMC sampler);
+    the others take the torch reference there."""
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
     ts = [t for t in tensors if t is not None]
-    if member_batched(*ts):
+    if not members and member_batched(*ts):
         return "torch"
     on_cuda = bool(ts) and all(t.is_cuda for t in ts)
     if name == "auto":

@@ -48,7 +48,7 @@ from torch import Tensor
 from misa_fast.nets import ACTIVATION_NAMES, Layers, layers_activation
 from misa_fast.ops import hmc_reference as hmc_lib
 from misa_fast.ops.critics import CriticArchitectureError
-from misa_fast.ops.dispatch import requested_backend, resolve_backend, resolve_precision
+from misa_fast.ops.dispatch import member_batched, requested_backend, resolve_backend, resolve_precision
 from misa_fast.ops.hmc_reference import HMCNoise, HMCResult, layout
 
 __all__ = ["hmc_sample", "hmc_sample_reference"]
@@ -170,7 +170,8 @@ def hmc_sample(
               step_size=step_size, adapt=adapt, target_accept=target_accept, adapt_rate=adapt_rate, noise=noise,
               generator=generator, init_clip=init_clip, activation=act)
     layers = [(w, b) for w, b in critic_layers]
-    use_triton = resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0]) == "triton"
+    use_triton = resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0],
+                                 members=True) == "triton"
     if use_triton:
         why = _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains)
         if why is None and act.name not in k_activations():
@@ -199,15 +200,20 @@ def hmc_sample(
     if adapt is None:
         adapt = mode == "adaptive"
     repeats = num_samples if mode == "parallel" else 1
-    out = k.hmc_chains(
-        policy_mean.detach(), policy_std.detach(), init_actions.detach(),
-        [(w.detach(), None if b is None else b.detach()) for w, b in layers], state_half.detach(), step,
+    options = dict(
         transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=burn_in,
         adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
-        init_clip=init_clip, momentum=momentum, uniform=uniform, seed=seed, precision=k.PRECISIONS[precision],
+        init_clip=init_clip, precision=k.PRECISIONS[precision],
         split=space == "pre_tanh", max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"),
         activation=(k.ACTIVATIONS[act.name], float(act.param)),
     )
+    tensors = (policy_mean.detach(), policy_std.detach(), init_actions.detach(), state_half.detach(), step,
+               momentum, uniform, seed)
+    flat_layers = [t for w, b in layers for t in (w.detach(), None if b is None else b.detach())]
+    if member_batched(*tensors, *flat_layers):  # inside a stacked agent's vmap: one launch for every member
+        out = k.HMCKernelOutput(*_MemberChains.apply(options, len(tensors), *tensors, *flat_layers))
+    else:
+        out = _launch(options, *tensors, *flat_layers)
     if mode == "parallel":
         states = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
     else:
@@ -224,3 +230,41 @@ def hmc_sample(
         accepted=out.accepted,
         pre_tanh=pre_tanh,
     )
+
+
+def _launch(options: dict, mean, std, init, state_half, step, momentum, uniform, seed, *flat_layers):
+    """One ``hmc_chains`` launch; every tensor may carry a leading member dimension."""
+    layers = list(zip(flat_layers[0::2], flat_layers[1::2]))
+    return _kernels().hmc_chains(mean, std, init, layers, state_half, step, momentum=momentum, uniform=uniform,
+                                 seed=seed, **options)
+
+
+class _MemberChains(torch.autograd.Function):
+    """The kernel launch of one member's chains; under ``torch.func.vmap`` over members (a stacked
+    agent, misa_fast.agents.members) its vmap rule launches the chains of every member at once,
+    each member's reading its own critics and policy statistics. The samples carry no gradient."""
+
+    @staticmethod
+    def forward(options, count, *args):
+        return tuple(_launch(options, *args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    @staticmethod
+    def vmap(info, in_dims, options, count, *args):
+        def stacked(t, dim):
+            if t is None:
+                return None
+            if dim is None:  # shared by every member (a seed): the same tensor for each
+                return t if t.dim() == 1 and t.dtype == torch.int64 else t.expand(info.batch_size, *t.shape)
+            return t.movedim(dim, 0)
+
+        dims = in_dims[2:]
+        args = [stacked(t, d) for t, d in zip(args, dims)]
+        seed_index = count - 1
+        if args[seed_index] is not None and dims[seed_index] is not None:
+            args[seed_index] = args[seed_index][0]  # one in-kernel stream; members differ by their counters
+        out = tuple(_launch(options, *args))
+        return out, tuple(0 for _ in out)

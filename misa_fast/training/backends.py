@@ -8,7 +8,8 @@
 - ``compiled``: the MISA learner's loss computation (critics, HMC sampler, actor, temperatures)
   through ``torch.compile`` (inductor, ``dynamic=False``). For several seeds trained together
   (``--seeds``) the compiled graph is the whole member vmap with the HMC chain unrolled in it: a
-  longer first compile (about 2 minutes at K=10 on a 2-core CPU, cached by inductor for later runs). The noise of the update is drawn eagerly
+  longer first compile (about 2 minutes at K=10 on a 2-core CPU, cached by inductor for later runs).
+  The noise of the update is drawn eagerly
   before it (dynamo and explicit ``torch.Generator`` arguments do not mix); backward runs the
   compiled backward graph; the optimizer steps and the Polyak update stay eager (on CPU they are
   ~1% of a step: compiling them does not pay for its compile time). The HMC chain is not unrolled

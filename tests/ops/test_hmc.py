@@ -494,3 +494,78 @@ def test_cuda_misa_sizes_pre_tanh(mode):
     rnd = prob.fused(precision="tf32x3", **{**kw, "noise": None},
                      generator=torch.Generator(device="cuda").manual_seed(0))
     assert abs(rnd.accept_rate.item() - ref.accept_rate.item()) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# several members (seeds) in one launch
+# ----------------------------------------------------------------------------------------------
+def _member_problems(count, **kw):
+    return [Problem(seed=10 + m, **kw) for m in range(count)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode, space, hidden", [("faithful", "post_tanh", (32, 32)), ("parallel", "pre_tanh", (32,)),
+                                                 ("adaptive", "post_tanh", (16, 32, 16))])
+def test_member_stacked_launch_equals_one_launch_per_member(mode, space, hidden):
+    from misa_fast.kernels import hmc_kernels as hk
+
+    problems = _member_problems(3, hidden=hidden, batch=3)
+    K, burn_in = 2, 2
+    noises = [p.noise(mode, K, burn_in, seed=m) for m, p in enumerate(problems)]
+    singles = [p.fused(mode=mode, space=space, num_samples=K, burn_in=burn_in, noise=n, adapt=mode == "adaptive")
+               for p, n in zip(problems, noises)]
+
+    def stack(get):
+        return torch.stack([get(p) for p in problems])
+
+    layers = [(torch.stack([p.layers[i][0] for p in problems]), torch.stack([p.layers[i][1] for p in problems]))
+              for i in range(len(problems[0].layers))]
+    chains, transitions = hmc.layout(mode, 3, K, burn_in)
+    step = torch.full((3, chains), hmc.default_step_size(space, 2), device=DEV)
+    out = hk.hmc_chains(stack(lambda p: p.mean), stack(lambda p: p.std), stack(lambda p: p.init), layers,
+                        stack(lambda p: p.state_half), step, transitions=transitions, leapfrog_steps=2,
+                        repeats=K if mode == "parallel" else 1, record_from=burn_in,
+                        adapt_steps=burn_in if mode == "adaptive" else 0,
+                        momentum=torch.stack([n.momentum for n in noises]),
+                        uniform=torch.stack([n.uniform for n in noises]), precision=0, split=space == "pre_tanh",
+                        max_step=hmc.max_step_size(2, space == "pre_tanh"), activation=(hk.ACTIVATIONS["elu"], 1.0))
+    for m, single in enumerate(singles):
+        assert torch.equal(out.accepted[m], single.accepted)
+        recorded = out.states[m].view(single.samples.shape)
+        expected = single.pre_tanh if space == "pre_tanh" else single.samples
+        torch.testing.assert_close(recorded, expected, atol=0, rtol=0)
+        torch.testing.assert_close(out.step_size[m], single.step_size, atol=0, rtol=0)
+
+
+@needs_kernels
+def test_hmc_sample_under_member_vmap_is_one_launch_equal_to_each_members_call(monkeypatch):
+    from misa_fast.kernels import hmc_kernels as hk
+    from misa_fast.ops.dispatch import member_map
+
+    problems = _member_problems(2)
+    noises = [p.noise("faithful", 3, 2, seed=m) for m, p in enumerate(problems)]
+    singles = [p.fused(mode="faithful", num_samples=3, burn_in=2, noise=n) for p, n in zip(problems, noises)]
+    launches = []
+    real = hk.hmc_chains
+    monkeypatch.setattr(hk, "hmc_chains", lambda *a, **k: launches.append(a[0].shape) or real(*a, **k))
+
+    def one(mean, std, w0, b0, w1, b1, w2, b2, state_half, init, momentum, uniform):
+        layers = nets.StackedLayers([(w0, b0), (w1, b1), (w2, b2)], "elu")
+        res = hmc_sample(mean, std, layers, state_half, init, mode="faithful", num_samples=3, burn_in=2,
+                         noise=hmc.HMCNoise(momentum, uniform), precision="ieee", backend="triton")
+        return res.samples, res.accepted
+
+    def stack(values):
+        return torch.stack(list(values))
+
+    args = [stack(p.mean for p in problems), stack(p.std for p in problems)]
+    for i in range(3):
+        args += [stack(p.layers[i][0] for p in problems), stack(p.layers[i][1] for p in problems)]
+    args += [stack(p.state_half for p in problems), stack(p.init for p in problems),
+             stack(n.momentum for n in noises), stack(n.uniform for n in noises)]
+    with member_map():
+        samples, accepted = torch.func.vmap(one)(*args)
+    assert launches == [(2, problems[0].batch, problems[0].act_dim)]  # one launch, both members
+    for m, single in enumerate(singles):
+        assert torch.equal(accepted[m], single.accepted)
+        torch.testing.assert_close(samples[m], single.samples, atol=0, rtol=0)

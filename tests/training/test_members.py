@@ -160,8 +160,8 @@ def test_members_write_ordinary_run_directories_that_every_command_reads(tmp_pat
     assert ckpt.load(out / "seed3" / ckpt.CHECKPOINT_NAME)["step"] == 30
     cli("finetune", "--checkpoint", out / "seed0", "--out", tmp_path / "ft", "--steps", "20", "--eval-every", "20",
         "--eval-episodes", "1", "--no-progress", "--no-tensorboard", "--start-updates-after", "10")
-    report = cli("report", out, "--out", tmp_path / "report")
-    assert "2" in report
+    cli("report", out, "--out", tmp_path / "report")
+    assert "(n=2)" in (tmp_path / "report" / "report.md").read_text()  # one cell over the two seeds
 
 
 def test_kill_9_then_resume_is_bit_identical_for_the_group(tmp_path):
