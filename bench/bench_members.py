@@ -1,14 +1,15 @@
-"""Member-steps/s of several seeds trained in one process (``misa-fast train --seeds``) beside the
-same seeds trained one after another as single runs.
+"""Member-steps/s of several seeds trained in one process (``misa-fast train --seeds``) beside one
+run.
 
     OMP_NUM_THREADS=2 pytest bench/bench_members.py --benchmark-json bench/results/members-<device>-<date>.json
     python -m bench.members_table bench/results/members-<device>-<date>.json      # the README table
 
 Each case is one full update of M members (batch sampling included) through the trainer's step
-(``misa_fast.training.backends.make_step``): ``group`` updates the M seeds as one stacked agent;
-``separate`` updates M single agents one after another, which is the work of M separate
-processes run one after another (without their start-up). ``extra_info`` records
-``member_steps_per_s`` = M / median seconds.
+(``misa_fast.training.backends.make_step``): M = 1 is a single run (its own agent and C++
+prefetcher, as ``misa-fast train --seed N``), M > 1 the M seeds as one stacked agent with the C++
+sampler's M index streams (as ``misa-fast train --seeds``). M separate processes run one after
+another give M = 1's member-steps/s, so the ratio of a row's M-member figure to its M = 1 figure
+is the gain over separate runs. ``extra_info`` records ``member_steps_per_s`` = M / median seconds.
 
 Workloads: the ``pendulum`` preset (256x256 networks, K=10, the embedded dataset's shapes), the
 same with 64x64 networks (``pendulum-64``), and the locomotion preset (hopper's shapes) at K=10
@@ -39,11 +40,11 @@ WORKLOADS = {
 MEMBERS = (1, 2, 4, 8)
 # compiled: the pendulum workloads at M = 1 and 4 (a group's first compile unrolls its whole HMC chain:
 # minutes per case on a 2-core CPU)
-CASES = [(w, m, how, backend) for w in WORKLOADS for m in MEMBERS for how in ("group", "separate")
-         for backend in ("eager", "compiled") if backend == "eager" or (w.startswith("pendulum") and m in (1, 4))]
+CASES = [(w, m, backend) for w in WORKLOADS for m in MEMBERS for backend in ("eager", "compiled")
+         if backend == "eager" or (w.startswith("pendulum") and m in (1, 4))]
 
 
-def build(workload: str, count: int, how: str, backend: str):
+def build(workload: str, count: int, backend: str):
     """A function doing one update of ``count`` members."""
     name, (obs_dim, act_dim), overrides = WORKLOADS[workload]
     data = random_dataset(obs_dim, act_dim, rows=20_000)
@@ -52,31 +53,21 @@ def build(workload: str, count: int, how: str, backend: str):
     batch_size = agents[0].config.batch_size
     if backend == "compiled":
         torch._dynamo.reset()
-    if how == "group" and count > 1:  # as misa-fast train --seeds: the C++ sampler's streams, one data copy
+    if count > 1:  # as misa-fast train --seeds: the C++ sampler's streams, one data copy
         streams = MemberStreams("prefetch", data, batch_size, list(range(count)), "cpu")
         return make_step(members.stack_agents(agents), streams, backend)
-    sources = [make_source("prefetch", data, batch_size, seed, "cpu") for seed in range(count)]
-    steps = [make_step(agent, source, backend) for agent, source in zip(agents, sources)]
-
-    def one_after_another():
-        for step in steps:
-            step()
-
-    return one_after_another
+    return make_step(agents[0], make_source("prefetch", data, batch_size, 0, "cpu"), backend)
 
 
-@pytest.mark.parametrize("workload, count, how, backend", CASES,
-                         ids=[f"{w}-M{m}-{h}-{b}" for w, m, h, b in CASES])
-def test_member_steps(benchmark, workload, count, how, backend):
+@pytest.mark.parametrize("workload, count, backend", CASES, ids=[f"{w}-M{m}-{b}" for w, m, b in CASES])
+def test_member_steps(benchmark, workload, count, backend):
     disabled = benchmark.disabled
     if disabled and (workload != "pendulum-64" or count > 4 or backend != "eager"):
         pytest.skip("timing case: runs with the benchmark enabled")
-    if how == "separate" and count == 1:
-        pytest.skip("M=1: group and separate are the same single run")
-    step = build(workload, count, how, backend)
+    step = build(workload, count, backend)
     step()  # warm-up (allocator; compiled: the compile)
     rounds = 3 if workload.startswith("loco-K50") else 5
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if not disabled else 0, iterations=1)
     if not disabled:
-        benchmark.extra_info.update(members=count, how=how, workload=workload, backend=backend,
+        benchmark.extra_info.update(members=count, workload=workload, backend=backend,
                                     member_steps_per_s=count / benchmark.stats.stats.median)

@@ -1,5 +1,5 @@
-"""The README's table of ``bench/bench_members.py``: member-steps/s of M seeds trained as one group
-beside the same M seeds updated one after another, per workload and backend.
+"""The README's table of ``bench/bench_members.py``: member-steps/s of M seeds trained as one group,
+and the gain over one run (M separate runs one after another give the one run's member-steps/s).
 
     python -m bench.members_table bench/results/members-<device>-<date>.json
 """
@@ -9,26 +9,24 @@ from collections import defaultdict
 
 
 def table(path: str) -> str:
-    rows = defaultdict(dict)  # (workload, backend) -> {(M, how): member-steps/s}
+    rows = defaultdict(dict)  # (workload, backend) -> {M: member-steps/s}
     for case in json.load(open(path))["benchmarks"]:
         info = case.get("extra_info") or {}
         if "member_steps_per_s" not in info:
             continue
-        rows[(info["workload"], info["backend"])][(info["members"], info["how"])] = info["member_steps_per_s"]
-    counts = sorted({m for row in rows.values() for m, _ in row})
-    head = ["workload", "backend", "1 run"] + [f"M={m}: group / separate (x)" for m in counts if m > 1]
+        rows[(info["workload"], info["backend"])][info["members"]] = info["member_steps_per_s"]
+    counts = sorted({m for row in rows.values() for m in row if m > 1})
+    head = ["workload", "backend", "1 run"] + [f"M={m} (x 1 run)" for m in counts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (workload, backend), row in rows.items():
-        single = row.get((1, "group"))
+        single = row.get(1)
         cells = [workload, backend, f"{single:.1f}" if single else "-"]
         for m in counts:
-            if m == 1:
-                continue
-            group, separate = row.get((m, "group")), row.get((m, "separate"))
-            if group is None or separate is None:
+            value = row.get(m)
+            if value is None:
                 cells.append("-")
-                continue
-            cells.append(f"{group:.1f} / {separate:.1f} ({group / separate:.2f}x)")
+            else:
+                cells.append(f"{value:.1f} ({value / single:.2f}x)" if single else f"{value:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -277,11 +277,12 @@ class _MemberMap:
 
     def __init__(self, agent):
         self.agent = agent
+        # Found once: read at every call, the agent's attributes would make torch.compile guard on
+        # (and recompile for) every one of them, its step counter included.
+        self.owners = [_owner(agent, path) for path in _state_tensors(agent)]
 
     def __call__(self, fn: Callable, *args):
-        agent = self.agent
-        paths = list(_state_tensors(agent))
-        owners = [_owner(agent, p) for p in paths]
+        owners = self.owners
         tensors = [_get(obj, leaf) for obj, leaf in owners]
         arg_tensors, arg_layout = _tensor_leaves(args)
         out_layout = {}
