@@ -66,7 +66,8 @@ def test_member_steps(benchmark, workload, count, backend):
         pytest.skip("timing case: runs with the benchmark enabled")
     step = build(workload, count, backend)
     step()  # warm-up (allocator; compiled: the compile)
-    rounds = 3 if workload.startswith("loco-K50") else 5
+    # This VM's step times vary by up to 1.5x from run to run: many rounds where they are cheap.
+    rounds = {"pendulum-64": 20, "pendulum": 10, "loco-K10-faithful": 5, "loco-K10-parallel": 5}.get(workload, 3)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if not disabled else 0, iterations=1)
     if not disabled:
         benchmark.extra_info.update(members=count, workload=workload, backend=backend,
