@@ -17,10 +17,10 @@ and K=50, faithful and parallel HMC, eager; the pendulum workloads also compiled
 Under ``--benchmark-disable`` (CI) only the eager pendulum-64 cases up to M=4 run, once each, as a
 check that every path runs.
 """
+import numpy as np
 import pytest
 import torch
 
-from bench.bench_step import random_dataset
 from misa_fast.agents import MISA, members
 from misa_fast.agents.misa_config import preset
 from misa_fast.replay.sources import MemberStreams, make_source
@@ -44,10 +44,21 @@ CASES = [(w, m, backend) for w in WORKLOADS for m in MEMBERS for backend in ("ea
          if backend == "eager" or (w.startswith("pendulum") and m in (1, 4))]
 
 
+def transitions(obs_dim: int, act_dim: int, rows: int = 20_000) -> dict:
+    """Random transitions of the workload's shapes (the timing does not depend on their values)."""
+    rng = np.random.default_rng(0)
+    columns = {"observations": obs_dim, "actions": act_dim, "rewards": 0, "next_observations": obs_dim,
+               "terminals": 0}
+    data = {k: rng.normal(size=(rows, w) if w else rows).astype(np.float32) for k, w in columns.items()}
+    data["actions"] = np.tanh(data["actions"])
+    data["terminals"] = (data["terminals"] > 2.3).astype(np.float32)
+    return data
+
+
 def build(workload: str, count: int, backend: str):
     """A function doing one update of ``count`` members."""
     name, (obs_dim, act_dim), overrides = WORKLOADS[workload]
-    data = random_dataset(obs_dim, act_dim, rows=20_000)
+    data = transitions(obs_dim, act_dim)
     agents = [MISA(preset(name).replace(obs_dim=obs_dim, act_dim=act_dim, device="cpu", seed=seed, **overrides))
               for seed in range(count)]
     batch_size = agents[0].config.batch_size

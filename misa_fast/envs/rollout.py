@@ -145,7 +145,7 @@ def evaluate_many(
     reference_returns="by-name",
 ) -> list:
     """:func:`evaluate` of several policies side by side (the seeds of ``misa-fast train --seeds``):
-    one vector environment of ``n_envs`` environments per policy steps them all together, and each
+    one vector environment, ``n_envs`` environments per policy, steps them all together, and each
     policy's episodes use its own ``seeds[i] + episode`` resets, so each result equals
     ``evaluate(policies[i], ..., seed=seeds[i])``. Returns one result dict per policy."""
     if episodes < 1:

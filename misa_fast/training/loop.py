@@ -28,7 +28,7 @@ import torch
 from misa_fast.options import add_options, from_args, option
 from misa_fast.replay.sources import SOURCES, make_member_streams, make_source
 from misa_fast.training import checkpoint as ckpt
-from misa_fast.training.evaluation import evaluate_policies
+from misa_fast.training.evaluation import evaluate_policies, evaluate_policy  # noqa: F401 (also imported from here)
 from misa_fast.training.progress import ProgressLog, metrics_to_floats
 from misa_fast.training.runtime import apply_threads, choose_threads, resolve_device
 

@@ -9,7 +9,8 @@ import pytest
 from misa_fast.agents.algorithms import make_agent
 from misa_fast.agents.misa_config import preset
 from misa_fast.data import DEFAULT_DATASET, prepare
-from misa_fast.training.loop import RunConfig, evaluate_policy, train
+from misa_fast.training.evaluation import evaluate_policy
+from misa_fast.training.loop import RunConfig, train
 
 STEPS = 2000
 
