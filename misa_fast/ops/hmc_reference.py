@@ -237,7 +237,15 @@ def compiled_transitions(piece: int = COMPILED_PIECE, **compile_options) -> Iter
         compiled = _compiled_transitions(tuple(sorted(compile_options.items())))
     except TypeError:  # an unhashable option (a dict of inductor options): compiled for this block only
         compiled = torch.compile(hmc_transitions, **{"dynamic": False, **compile_options})
-    _runner.append((compiled, int(piece)))
+    with chain_runner(compiled, int(piece)):
+        yield
+
+
+@contextlib.contextmanager
+def chain_runner(run: Callable[..., Transitions], piece: Optional[int]) -> Iterator[None]:
+    """Within the block, ``run_chains`` runs ``run`` (:func:`hmc_transitions` or a compiled copy)
+    ``piece`` transitions at a time (None: each adaptation phase in one piece)."""
+    _runner.append((run, piece))
     try:
         yield
     finally:

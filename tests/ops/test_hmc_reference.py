@@ -328,11 +328,8 @@ def test_running_the_chain_in_pieces_changes_nothing(mode, burn_in, piece):
     prob = Problem()
     kw = dict(mode=mode, num_samples=4, burn_in=burn_in, step_size=0.8, generator=torch.Generator().manual_seed(3))
     whole = prob.sample(**kw)
-    token = hmc._runner.set((hmc.hmc_transitions, piece))
-    try:
+    with hmc.chain_runner(hmc.hmc_transitions, piece):
         pieces = prob.sample(**{**kw, "generator": torch.Generator().manual_seed(3)})
-    finally:
-        hmc._runner.reset(token)
     for name in ("samples", "step_size", "accepted", "accept_rate", "accept_prob"):
         assert torch.equal(getattr(whole, name), getattr(pieces, name)), name
 
