@@ -86,17 +86,17 @@ class LossOutput(NamedTuple):
 
 
 class MISA:
-    # ``map_members(fn, *args)``: fn(*args) here; once per member, vmapped, on a stacked agent
-    # (misa_fast.agents.members), whose update is this same code over member-stacked tensors.
-    map_members = staticmethod(members_lib.single_call)
-    member_seeds = None
-
     """``MISA(config)``; ``update(batch) -> metrics``.
 
     batch: mapping with observations (B, S), actions (B, A), rewards (B,) or (B, 1),
     next_observations (B, S), terminals (B,) or (B, 1); tensors or numpy arrays.
     Metrics are detached 0-dim tensors on the agent's device (no host sync per step): convert them
     with ``float()`` when logging."""
+
+    # ``map_members(fn, *args)``: fn(*args) here; once per member, vmapped, on a stacked agent
+    # (misa_fast.agents.members), whose update is this same code over member-stacked tensors.
+    map_members = staticmethod(members_lib.single_call)
+    member_seeds = None
 
     def __init__(self, config: MISAConfig, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
         obs_dim = obs_dim if obs_dim is not None else config.obs_dim
