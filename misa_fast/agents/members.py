@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from misa_fast.ops.dispatch import member_map
 
-__all__ = ["parse_seeds", "stack_agents", "member_state_dicts", "member_count", "stack_tree", "select_members"]
+__all__ = ["parse_seeds", "stack_agents", "member_state_dicts", "stack_tree"]
 
 MAX_MEMBERS = 256
 
@@ -60,12 +60,6 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-def member_count(agent) -> Optional[int]:
-    """M for a stacked agent, None for a single one."""
-    seeds = getattr(agent, "member_seeds", None)
-    return None if seeds is None else len(seeds)
-
-
 # --------------------------------------------------------------------------------------------------
 # pytrees of per-member values
 def stack_tree(trees: Sequence):
@@ -77,11 +71,6 @@ def stack_tree(trees: Sequence):
     for values in zip(*(f[0] for f in flat)):
         leaves.append(torch.stack(values) if isinstance(values[0], Tensor) else values[0])
     return pytree.tree_unflatten(leaves, spec)
-
-
-def select_members(tree, index: Tensor):
-    """The pytree with every tensor leaf indexed by ``index`` on its leading (member) dimension."""
-    return pytree.tree_map(lambda x: x.index_select(0, index.to(x.device)) if isinstance(x, Tensor) else x, tree)
 
 
 def _tensor_leaves(tree):

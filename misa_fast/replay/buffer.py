@@ -24,7 +24,7 @@ FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals"
 Batch = Dict[str, np.ndarray]
 
 
-def _field_width(field: str, obs_dim: int, act_dim: int) -> Optional[int]:
+def field_width(field: str, obs_dim: int, act_dim: int) -> Optional[int]:
     """Row width of a field; None for the per-transition scalars (rewards, terminals)."""
     return {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}.get(field)
 
@@ -141,7 +141,7 @@ class ReplayBuffer:
 
     def empty_batch(self, batch_size: int) -> Batch:
         """Freshly allocated float32 arrays shaped for a batch (e.g. for ``sample_into``)."""
-        return {f: np.empty((batch_size, w) if (w := _field_width(f, self.obs_dim, self.act_dim)) else (batch_size,),
+        return {f: np.empty((batch_size, w) if (w := field_width(f, self.obs_dim, self.act_dim)) else (batch_size,),
                             dtype=np.float32) for f in FIELDS}
 
     def sample(self, batch_size: int) -> Batch:
@@ -183,7 +183,7 @@ class ReplayBuffer:
         batch_size = rows // len(states)
         self._check_sampleable(batch_size)
         # Views of the caller's memory (reshape of a C-contiguous array copies nothing).
-        flat = [a.reshape(rows) if _field_width(f, self.obs_dim, self.act_dim) is None else a.reshape(rows, -1)
+        flat = [a.reshape(rows) if field_width(f, self.obs_dim, self.act_dim) is None else a.reshape(rows, -1)
                 for f, a in zip(FIELDS, arrays)]
         self._core.sample_streams_into(batch_size, states, *flat)
 
@@ -259,7 +259,7 @@ class Prefetcher:
         self.buffer, self.batch_size = buffer, int(batch_size)
         self.device = torch.device(device if device is not None else "cpu")
         on_cuda = self.device.type == "cuda"
-        widths = [_field_width(f, buffer.obs_dim, buffer.act_dim) for f in FIELDS]
+        widths = [field_width(f, buffer.obs_dim, buffer.act_dim) for f in FIELDS]
         row = sum(w or 1 for w in widths)
 
         def split(flat):

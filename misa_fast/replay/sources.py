@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from misa_fast.replay.buffer import FIELDS, ReplayBuffer
+from misa_fast.replay.buffer import FIELDS, ReplayBuffer, field_width
 
 Batch = Dict[str, torch.Tensor]
 SOURCES = ("auto", "prefetch", "device")
@@ -156,14 +156,11 @@ class MemberStreams:
         self.last: Optional[Batch] = None
         self._out = None
 
-    @property
-    def seeds(self) -> list:
-        return [s.seed for s in self._streams]
-
     def _empty(self) -> Batch:
         buffer, m, b = self._shared, len(self._streams), self.batch_size
         pin = self.device.type == "cuda"
-        return {f: torch.empty((m, b) + ((w,) if (w := _width(buffer, f)) else ()), pin_memory=pin) for f in FIELDS}
+        return {f: torch.empty((m, b) + ((w,) if (w := field_width(f, buffer.obs_dim, buffer.act_dim)) else ()),
+                               pin_memory=pin) for f in FIELDS}
 
     def __next__(self) -> Batch:
         if self._repeat is not None:
@@ -235,13 +232,6 @@ class _MemberView:
 
     def close(self) -> None:
         pass
-
-
-def _width(buffer, field: str):
-    if isinstance(buffer, ReplayBuffer):
-        return {"observations": buffer.obs_dim, "next_observations": buffer.obs_dim,
-                "actions": buffer.act_dim}.get(field)
-    return None
 
 
 def _check_same_rows(buffer: ReplayBuffer, state: Mapping) -> None:
