@@ -8,7 +8,7 @@ from misa_fast.nets import Activation, StackedLayers
 from misa_fast.ops.critics import CriticArchitectureError
 from misa_fast.ops.dispatch import ENV_VAR, resolve_backend, resolve_precision, triton_available, use_backend
 from misa_fast.ops.hmc import hmc_sample, hmc_sample_reference
-from misa_fast.ops.log_mean_exp import LogMeanExp, LogMeanExpFunction, log_mean_exp, log_mean_exp_reference
+from misa_fast.ops.log_mean_exp import LogMeanExp, log_mean_exp, log_mean_exp_op, log_mean_exp_reference
 from misa_fast.ops.sampled_q import (
     SampledQLogMeanExp,
     SampledQLogMeanExpFunction,
@@ -23,13 +23,13 @@ __all__ = [
     "CriticArchitectureError",
     "ENV_VAR",
     "LogMeanExp",
-    "LogMeanExpFunction",
     "SampledQLogMeanExp",
     "SampledQLogMeanExpFunction",
     "critic_layers",
     "hmc_sample",
     "hmc_sample_reference",
     "log_mean_exp",
+    "log_mean_exp_op",
     "log_mean_exp_reference",
     "resolve_backend",
     "resolve_precision",

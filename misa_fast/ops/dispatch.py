@@ -126,6 +126,17 @@ def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor], me
     return "triton"
 
 
+def kernel_runs_on(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when a Triton kernel can run on ``tensors`` (``None`` entries ignored): Triton imports and
+    they all live on a CUDA device, or the interpreter runs kernels on the CPU. The registered
+    operators (``torch.ops.misa_fast``) launch their kernels where this holds and compute the
+    torch reference elsewhere, so that an exported or compiled graph runs on any device."""
+    ts = [t for t in tensors if t is not None]
+    if not triton_available():
+        return False
+    return (bool(ts) and all(t.is_cuda for t in ts)) or interpreter_enabled()
+
+
 # torch.get_float32_matmul_precision() -> the Triton dot precision that keeps a drop-in's numerics
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
