@@ -11,10 +11,10 @@ from misa_fast.ops.hmc import hmc_sample, hmc_sample_reference
 from misa_fast.ops.log_mean_exp import LogMeanExp, log_mean_exp, log_mean_exp_op, log_mean_exp_reference
 from misa_fast.ops.sampled_q import (
     SampledQLogMeanExp,
-    SampledQLogMeanExpFunction,
     critic_layers,
     sampled_q_log_mean_exp,
     sampled_q_log_mean_exp_reference,
+    sampled_q_op,
     sampled_q_values_reference,
 )
 
@@ -24,7 +24,6 @@ __all__ = [
     "ENV_VAR",
     "LogMeanExp",
     "SampledQLogMeanExp",
-    "SampledQLogMeanExpFunction",
     "critic_layers",
     "hmc_sample",
     "hmc_sample_reference",
@@ -35,6 +34,7 @@ __all__ = [
     "resolve_precision",
     "sampled_q_log_mean_exp",
     "sampled_q_log_mean_exp_reference",
+    "sampled_q_op",
     "sampled_q_values_reference",
     "StackedLayers",
     "triton_available",

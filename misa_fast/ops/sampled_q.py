@@ -9,10 +9,12 @@ per-sample log-weights (``-log proposal density``), ``normalizer="none"`` and CQ
 ``T = cql_temp`` it is CQL(H)'s importance-sampled log-sum-exp.
 
 - :func:`sampled_q_values_reference` / :func:`sampled_q_log_mean_exp_reference`: plain torch.
-- :class:`SampledQLogMeanExpFunction`: autograd.Function over the Triton kernels
-  (``kernels/sampled_q_kernels.py``); differentiable w.r.t. every weight and bias, obs, actions and the
-  log-weights (each computed only when required).
-- :func:`sampled_q_log_mean_exp`: dispatcher (Triton for CUDA tensors, the reference elsewhere).
+- :func:`sampled_q_op`: the operator ``torch.ops.misa_fast.sampled_q_log_mean_exp`` over the Triton
+  kernels (``kernels/sampled_q_kernels.py``) on flat member-stacked tensors: fake implementation
+  (compile, export), autograd through ``torch.ops.misa_fast.sampled_q_log_mean_exp_backward``
+  (every weight and bias, obs, actions and the log-weights, each computed only when required) and a
+  vmap rule (the members of a stacked agent in the launches of one call).
+- :func:`sampled_q_log_mean_exp`: dispatcher (the operator for CUDA tensors, the reference elsewhere).
 - :class:`SampledQLogMeanExp`: ``nn.Module`` wrapper holding the options.
 
 Critics: a sequence with one entry per critic (an ``nn.Module``, or ``(weight, bias)`` pairs /
@@ -31,16 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misa_fast.nets import apply_activation
+from misa_fast.nets import Activation, apply_activation
 from misa_fast.ops.critics import Critic, CriticArchitectureError, CriticSet, module_q, resolve_critics
-from misa_fast.ops.dispatch import requested_backend, resolve_backend, resolve_precision
+from misa_fast.ops.dispatch import kernel_runs_on, requested_backend, resolve_backend, resolve_precision
 from misa_fast.ops.log_mean_exp import logsumexp_safe
 
 __all__ = [
     "sampled_q_log_mean_exp",
     "sampled_q_log_mean_exp_reference",
     "sampled_q_values_reference",
-    "SampledQLogMeanExpFunction",
+    "sampled_q_op",
     "SampledQLogMeanExp",
     "critic_layers",
 ]
@@ -193,89 +195,252 @@ def sampled_q_log_mean_exp_reference(
     return _reference(obs, actions, cset, log_weights, normalizer, return_q, temperature)
 
 
-# ----------------------------------------------------------------------------------------------
-# Triton autograd function
-# ----------------------------------------------------------------------------------------------
-class SampledQLogMeanExpFunction(torch.autograd.Function):
-    """Triton forward (fused MLP + online log-sum-exp per state) and recomputing Triton backward.
-
-    ``forward(obs, actions, log_weights_bk_or_None, cfg, layout, *flat)``: ``cfg = (norm,
-    precision_code, groups, activation_code, activation_param, temperature)``; ``layout = (stacked,
-    n_critics, n_layers)``; with ``stacked`` False, ``flat`` holds for each critic, for each layer,
-    weight then bias (a bias may be None); with ``stacked`` True, for each layer the (E, out, in)
-    weight then the (E, out) bias. Returns ``(out (E, B), q (E, B, K))``; q (unscaled by the
-    temperature) is not differentiable. Gradients come back in the same layout (stacked ones without
-    copies).
-    """
-
-    @staticmethod
-    def forward(ctx, obs, actions, log_weights, cfg, layout, *flat):
-        k = _kernels()
-        norm, precision, _groups, act_code, act_param, temperature = cfg
-        B, K, _ = actions.shape
-        _, E, _ = layout
-        dev = obs.device
-        out = torch.empty((E, B), device=dev, dtype=torch.float32)
-        lse = torch.empty((E, B), device=dev, dtype=torch.float32)
-        q = torch.empty((E, B, K), device=dev, dtype=torch.float32)
-        for c, spec in enumerate(_specs(k, flat, layout)):
-            k.sampled_q_fwd(obs, actions, log_weights, spec, norm, precision, q[c], lse[c], out[c],
-                            activation=(act_code, act_param), temperature=temperature)
-        ctx.save_for_backward(obs, actions, log_weights, q, lse, *flat)
-        ctx.cfg, ctx.layout = cfg, layout
-        ctx.mark_non_differentiable(q)
-        return out, q
-
-    @staticmethod
-    def backward(ctx, g_out, _g_q):
-        k = _kernels()
-        obs, actions, log_weights, q, lse, *flat = ctx.saved_tensors
-        _norm, precision, groups, act_code, act_param, temperature = ctx.cfg
-        n_fixed = 5
-        if g_out is None:
-            return (None,) * (n_fixed + len(flat))
-        stacked, E, L = ctx.layout
-        g_out = g_out.float()
-        need_obs, need_act, need_lw = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        wants = [p is not None and ctx.needs_input_grad[n_fixed + i] for i, p in enumerate(flat)]
-        if stacked:
-            active = [any(wants) or need_obs or need_act] * E
-        else:
-            active = [any(wants[2 * L * c:2 * L * (c + 1)]) or need_obs or need_act for c in range(E)]
-        dobs = torch.empty(obs.shape, device=obs.device, dtype=torch.float32) if need_obs else None
-        dact = torch.empty(actions.shape, device=actions.device, dtype=torch.float32) if need_act else None
-        flat_grads: List[Optional[torch.Tensor]] = [None] * len(flat)
-        if any(active):
-            grads = k.sampled_q_bwd(obs, actions, log_weights, _specs(k, flat, ctx.layout), q, lse, g_out,
-                                    precision, active=active, dobs=dobs, dact=dact, groups=groups,
-                                    activation=(act_code, act_param), temperature=temperature)
-            for i, p in enumerate(flat):
-                if wants[i]:
-                    gr = grads[i] if stacked else grads[i % (2 * L)][i // (2 * L)]
-                    flat_grads[i] = gr.to(p.dtype).view(p.shape)
-        dlw = None
-        if need_lw:
-            # d out / d logw_bk = T * softmax_k(q_b / T + logw_b)
-            lse_safe = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
-            p = torch.exp(q / temperature + log_weights.float() - lse_safe.unsqueeze(-1))  # (E, B, K)
-            dlw = (temperature * p * g_out.unsqueeze(-1)).sum(0).to(log_weights.dtype)
-        if dobs is not None:
-            dobs = dobs.to(obs.dtype)
-        if dact is not None:
-            dact = dact.to(actions.dtype)
-        return (dobs, dact, dlw, None, None, *flat_grads)
-
-
-def _specs(k, flat, layout):
-    stacked, E, L = layout
-    if stacked:
-        return [k.critic_spec([(flat[2 * j][c], None if flat[2 * j + 1] is None else flat[2 * j + 1][c])
-                               for j in range(L)]) for c in range(E)]
-    return [k.critic_spec([(flat[2 * L * c + 2 * j], flat[2 * L * c + 2 * j + 1]) for j in range(L)])
-            for c in range(E)]
-
-
 _FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registered operator: torch.ops.misa_fast.sampled_q_log_mean_exp
+# ----------------------------------------------------------------------------------------------
+# Every tensor of the operator carries a leading member dimension M (1 for a single run): the vmap
+# rule of a stacked agent's members (misa_fast.agents.members) folds the vmapped dimension into it,
+# so that all members run in the launches of one call, at the precision a single run uses.
+def _member_layers(weights, biases, m: int, c: int):
+    return [(w[m, c], None if b is None else b[m, c]) for w, b in zip(weights, biases)]
+
+
+def _kernel_supports(obs, actions, log_weights, weights, biases, activation: str) -> bool:
+    k = _kernels()
+    tensors = [obs, actions, log_weights, *weights, *biases]
+    if not kernel_runs_on(*tensors) or activation not in k.ACTIVATIONS:
+        return False
+    if any(t is not None and t.dtype not in _FLOAT_KERNEL_DTYPES for t in tensors):
+        return False
+    return k.unsupported_reason(obs.shape[-1], actions.shape[-1], [tuple(w.shape[2:]) for w in weights]) is None
+
+
+def _stacked_q(obs, actions, weights, biases, activation: Activation) -> torch.Tensor:
+    """Q (M, E, B, K) of member-stacked critics in plain torch (float64 if any input is)."""
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                 for t in [obs, actions, *weights, *biases]) else torch.float32
+    S = obs.shape[-1]
+    w0 = weights[0].to(dtype)
+    hs = obs.to(dtype).unsqueeze(1) @ w0[..., :S].transpose(-1, -2)  # (M, E, B, H0)
+    if biases[0] is not None:
+        hs = hs + biases[0].to(dtype).unsqueeze(-2)
+    ha = actions.to(dtype).unsqueeze(1) @ w0[..., S:].transpose(-1, -2).unsqueeze(2)  # (M, E, B, K, H0)
+    h = apply_activation(hs.unsqueeze(-2) + ha, activation)
+    for i, (w, b) in enumerate(zip(weights[1:], biases[1:])):
+        h = h @ w.to(dtype).transpose(-1, -2).unsqueeze(2)
+        if b is not None:
+            h = h + b.to(dtype)[:, :, None, None, :]
+        if i < len(weights) - 2:
+            h = apply_activation(h, activation)
+    return h.squeeze(-1)
+
+
+def _log_partition(q, log_weights, normalizer: float, temperature: float):
+    v = q if temperature == 1.0 else q / temperature
+    if log_weights is not None:
+        v = v + log_weights.to(q.dtype).unsqueeze(1)
+    lse = logsumexp_safe(v, -1)
+    return (lse if temperature == 1.0 else temperature * lse) - normalizer, lse
+
+
+@torch.library.custom_op("misa_fast::sampled_q_log_mean_exp", mutates_args=())
+def sampled_q_op(
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    log_weights: Optional[torch.Tensor],
+    weights: List[torch.Tensor],
+    biases: List[Optional[torch.Tensor]],
+    normalizer: float,
+    temperature: float,
+    activation: str,
+    activation_param: float,
+    precision: str,
+    groups: Optional[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out (M, E, B), q (M, E, B, K), lse (M, E, B))`` for obs (M, B, S), actions (M, B, K, A),
+    log_weights None or (M, B, K) (any strides, 0 included), weights[l] (M, E, out, in) and biases[l]
+    (M, E, out) or None: E same-shaped MLP critics of M members (M = 1 for one run), one
+    ``activation`` (a name of ``misa_fast.nets.ACTIVATION_NAMES`` with its ELU alpha / leaky slope)
+    between the layers. ``out = T * lse - normalizer`` with ``lse = logsumexp_k(q / T + logw)``;
+    q (not divided by T) and lse are not differentiable. The Triton kernels where they run (CUDA
+    or the interpreter, fp32/fp16/bf16, the shapes they take) at dot ``precision``, the torch
+    reference elsewhere."""
+    if _kernel_supports(obs, actions, log_weights, weights, biases, activation):
+        return _kernel_forward(obs, actions, log_weights, weights, biases, normalizer, temperature, activation,
+                               activation_param, precision)
+    q = _stacked_q(obs, actions, weights, biases, Activation(activation, activation_param))
+    out, lse = _log_partition(q, log_weights, normalizer, temperature)
+    return out, q, lse
+
+
+def _kernel_forward(obs, actions, log_weights, weights, biases, normalizer, temperature, activation,
+                    activation_param, precision):
+    k = _kernels()
+    M, E = weights[0].shape[:2]
+    B, K = actions.shape[1], actions.shape[2]
+    out = obs.new_empty((M, E, B), dtype=torch.float32)
+    lse = torch.empty_like(out)
+    q = obs.new_empty((M, E, B, K), dtype=torch.float32)
+    for m in range(M):
+        for c in range(E):
+            k.sampled_q_fwd(obs[m], actions[m], None if log_weights is None else log_weights[m],
+                            k.critic_spec(_member_layers(weights, biases, m, c)), normalizer,
+                            k.PRECISIONS[precision], q[m, c], lse[m, c], out[m, c],
+                            activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
+    return out, q, lse
+
+
+def _result_dtype(obs, actions, log_weights, weights, biases) -> torch.dtype:
+    tensors = [obs, actions, log_weights, *weights, *biases]
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@sampled_q_op.register_fake
+def _(obs, actions, log_weights, weights, biases, normalizer, temperature, activation, activation_param, precision,
+      groups):
+    M, E = weights[0].shape[:2]
+    B, K = actions.shape[1], actions.shape[2]
+    dtype = _result_dtype(obs, actions, log_weights, weights, biases)
+    return (obs.new_empty((M, E, B), dtype=dtype), obs.new_empty((M, E, B, K), dtype=dtype),
+            obs.new_empty((M, E, B), dtype=dtype))
+
+
+@torch.library.custom_op("misa_fast::sampled_q_log_mean_exp_backward", mutates_args=())
+def sampled_q_backward_op(
+    grad_out: torch.Tensor,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    log_weights: Optional[torch.Tensor],
+    weights: List[torch.Tensor],
+    biases: List[Optional[torch.Tensor]],
+    q: torch.Tensor,
+    lse: torch.Tensor,
+    normalizer: float,
+    temperature: float,
+    activation: str,
+    activation_param: float,
+    precision: str,
+    groups: Optional[int],
+    needs: List[bool],
+) -> List[torch.Tensor]:
+    """Gradients of ``sum(grad_out * out)`` w.r.t. ``[obs, actions, *weights, *biases]`` where
+    ``needs`` says so (an empty tensor elsewhere, a missing bias included), without the
+    log-weights' (the autograd formula computes that one from q and lse)."""
+    if _kernel_supports(obs, actions, log_weights, weights, biases, activation):
+        return _kernel_backward(grad_out, obs, actions, log_weights, weights, biases, q, lse, temperature,
+                                activation, activation_param, precision, groups, needs)
+    inputs = [obs, actions, *weights, *biases]
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    if not wanted:
+        return [obs.new_empty(0) for _ in inputs]
+    L = len(weights)
+    lw = None if log_weights is None else log_weights.detach()
+    act = Activation(activation, activation_param)
+
+    def out_of(*chosen):
+        values = list(inputs)
+        for i, t in zip(wanted, chosen):
+            values[i] = t
+        o, a, *layers = values
+        return _log_partition(_stacked_q(o, a, layers[:L], layers[L:], act), lw, normalizer, temperature)[0]
+
+    # torch.func, not torch.autograd: an operator's implementation runs below the autograd keys
+    out, vjp = torch.func.vjp(out_of, *[inputs[i].detach() for i in wanted])
+    grads = dict(zip(wanted, vjp(grad_out.to(out.dtype))))
+    return [grads[i].to(t.dtype) if i in grads else obs.new_empty(0) for i, t in enumerate(inputs)]
+
+
+def _kernel_backward(grad_out, obs, actions, log_weights, weights, biases, q, lse, temperature, activation,
+                     activation_param, precision, groups, needs):
+    k = _kernels()
+    M, E = weights[0].shape[:2]
+    L = len(weights)
+    need_obs, need_act = needs[0], needs[1]
+    dobs = torch.empty(obs.shape, device=obs.device, dtype=torch.float32) if need_obs else None
+    dact = torch.empty(actions.shape, device=actions.device, dtype=torch.float32) if need_act else None
+    layer_grads = [torch.empty(t.shape, device=t.device, dtype=torch.float32) if need and t is not None else None
+                   for t, need in zip([*weights, *biases], needs[2:])]
+    g = grad_out.float()
+    for m in range(M):
+        specs = [k.critic_spec(_member_layers(weights, biases, m, c)) for c in range(E)]
+        grads = k.sampled_q_bwd(obs[m], actions[m], None if log_weights is None else log_weights[m], specs, q[m],
+                                lse[m], g[m], k.PRECISIONS[precision], dobs=None if dobs is None else dobs[m],
+                                dact=None if dact is None else dact[m], groups=groups,
+                                activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
+        # the kernel's order: weight then bias of each layer
+        for j in range(L):
+            for slot, gr in ((j, grads[2 * j]), (L + j, grads[2 * j + 1])):
+                if layer_grads[slot] is not None:
+                    layer_grads[slot][m] = gr.view(layer_grads[slot].shape[1:])
+    out = [dobs, dact, *layer_grads]
+    inputs = [obs, actions, *weights, *biases]
+    return [obs.new_empty(0) if d is None else d.to(t.dtype) for d, t in zip(out, inputs)]
+
+
+@sampled_q_backward_op.register_fake
+def _(grad_out, obs, actions, log_weights, weights, biases, q, lse, normalizer, temperature, activation,
+      activation_param, precision, groups, needs):
+    inputs = [obs, actions, *weights, *biases]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None
+            else obs.new_empty(0) for t, need in zip(inputs, needs)]
+
+
+def _sampled_q_setup(ctx, inputs, output):
+    obs, actions, log_weights, weights, biases, *options = inputs
+    _out, q, lse = output
+    ctx.save_for_backward(obs, actions, log_weights, q, lse, *weights, *[b for b in biases if b is not None])
+    ctx.has_bias = [b is not None for b in biases]
+    ctx.options = options
+    ctx.needs = [t is not None and t.requires_grad for t in [obs, actions, *weights, *biases]]
+    ctx.mark_non_differentiable(q, lse)
+
+
+def _sampled_q_backward(ctx, grad_out, _grad_q, _grad_lse):
+    obs, actions, log_weights, q, lse, *layers = ctx.saved_tensors
+    L = len(ctx.has_bias)
+    weights, present = layers[:L], iter(layers[L:])
+    biases = [next(present) if has else None for has in ctx.has_bias]
+    normalizer, temperature, activation, activation_param, precision, groups = ctx.options
+    grads = sampled_q_backward_op(grad_out, obs, actions, log_weights, weights, biases, q, lse, normalizer,
+                                  temperature, activation, activation_param, precision, groups, ctx.needs)
+    grads = [gr if need else None for gr, need in zip(grads, ctx.needs)]
+    dlw = None
+    if log_weights is not None and log_weights.requires_grad:
+        # d out / d logw_bk = T * softmax_k(q_b / T + logw_b), summed over the critics
+        lse_safe = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
+        p = torch.exp(q / temperature + log_weights.to(q.dtype).unsqueeze(1) - lse_safe.unsqueeze(-1))
+        dlw = (temperature * p * grad_out.to(q.dtype).unsqueeze(-1)).sum(1).to(log_weights.dtype)
+    # a list of biases that are all None is one leaf of the inputs' structure: its gradient is one None
+    bias_grads = grads[2 + L:] if any(ctx.has_bias) else None
+    return (grads[0], grads[1], dlw, grads[2:2 + L], bias_grads, None, None, None, None, None, None)
+
+
+sampled_q_op.register_autograd(_sampled_q_backward, setup_context=_sampled_q_setup)
+
+
+def _with_members(t: Optional[torch.Tensor], dim: Optional[int], size: int) -> Optional[torch.Tensor]:
+    """A vmapped operand with the vmapped dimension folded into its member dimension (a shared
+    operand repeated for every vmapped entry: a stride-0 view where its member dimension is 1)."""
+    if t is None:
+        return None
+    t = t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+@sampled_q_op.register_vmap
+def _(info, in_dims, obs, actions, log_weights, weights, biases, *options):
+    V = info.batch_size
+    obs_d, act_d, lw_d, w_d, b_d = in_dims[:5]
+    w_d = w_d if isinstance(w_d, (list, tuple)) else [w_d] * len(weights)
+    b_d = b_d if isinstance(b_d, (list, tuple)) else [b_d] * len(biases)
+    folded = sampled_q_op(_with_members(obs, obs_d, V), _with_members(actions, act_d, V),
+                          _with_members(log_weights, lw_d, V),
+                          [_with_members(w, d, V) for w, d in zip(weights, w_d)],
+                          [_with_members(b, d, V) for b, d in zip(biases, b_d)], *options)
+    return tuple(t.reshape(V, -1, *t.shape[1:]) for t in folded), (0, 0, 0)
 
 
 def _triton_unsupported(obs, actions, cset: CriticSet, log_weights) -> Optional[str]:
@@ -371,7 +536,7 @@ def sampled_q_log_mean_exp(
     T = _temperature(temperature)
     norm = _normalizer_value(normalizer, K, B)
     first = next((c.layers[0][0] for c in cset.critics if c.modeled), None)
-    use_triton = resolve_backend(backend, obs, actions, first) == "triton"
+    use_triton = resolve_backend(backend, obs, actions, first, members=True) == "triton"
     if use_triton:
         why = _triton_unsupported(obs, actions, cset, log_weights)
         if why is not None:
@@ -381,18 +546,30 @@ def sampled_q_log_mean_exp(
             use_triton = False
     if not use_triton:
         return _reference(obs, actions, cset, log_weights, norm, return_q, T)
-    k = _kernels()
     lw = _log_weights(log_weights, B, K)
     act = cset.activation()
+    weights, biases = _stacked_layers(cset)
+    out, q, _lse = sampled_q_op(obs.unsqueeze(0), actions.unsqueeze(0), None if lw is None else lw.unsqueeze(0),
+                                [w.unsqueeze(0) for w in weights],
+                                [None if b is None else b.unsqueeze(0) for b in biases],
+                                norm, T, act.name, float(act.param), precision, groups)
+    return (out[0], q[0]) if return_q else out[0]
+
+
+def _stacked_layers(cset: CriticSet):
+    """Per layer, the (E, out, in) weights and (E, out) biases of the critics (None: no bias at all):
+    a stacked ensemble's own tensors, or per-critic layers stacked (gradients flow back to each)."""
     if cset.stacked is not None:
-        flat = [t for wb in cset.stacked for t in wb]
-        layout = (True, len(cset.critics), len(cset.stacked))
-    else:
-        flat = [t for c in cset.critics for wb in c.layers for t in wb]
-        layout = (False, len(cset.critics), len(cset.critics[0].layers))
-    cfg = (norm, k.PRECISIONS[precision], groups, k.ACTIVATIONS[act.name], float(act.param), T)
-    out, q = SampledQLogMeanExpFunction.apply(obs, actions, lw, cfg, layout, *flat)
-    return (out, q) if return_q else out
+        return [w for w, _ in cset.stacked], [b for _, b in cset.stacked]
+    weights, biases = [], []
+    for j in range(len(cset.critics[0].layers)):
+        layer = [c.layers[j] for c in cset.critics]
+        weights.append(torch.stack([w for w, _ in layer]))
+        if all(b is None for _, b in layer):
+            biases.append(None)
+        else:
+            biases.append(torch.stack([w.new_zeros(w.shape[0]) if b is None else b for w, b in layer]))
+    return weights, biases
 
 
 class SampledQLogMeanExp(nn.Module):
