@@ -18,6 +18,15 @@ import numpy as np
 from misa_fast.data import minari as minari_ids
 from misa_fast.data import registry, transforms
 from misa_fast.data.download import resolve_dataset
+from misa_fast.errors import UserError
+
+
+class DataError(UserError):
+    """A dataset that cannot be used as given: the message names the file and the key or field."""
+
+
+class UnsafeDataError(DataError):
+    """A dataset whose reading would run code or read other files: refused unread."""
 
 # What each required key must hold, as said in error messages.
 REQUIRED_KEYS = {
@@ -79,9 +88,21 @@ def read_npz(path: str | os.PathLike) -> dict:
     """An ``.npz`` holding the D4RL keys (``np.savez(path, **raw)``)."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {key: _plain(f[key]) for key in f.files}
+            raw = {}
+            for key in f.files:
+                try:
+                    raw[key] = _plain(f[key])
+                except ValueError as err:
+                    if "allow_pickle" not in str(err):
+                        raise
+                    # numpy's own words advise the unsafe switch: they are not passed on.
+                    raise UnsafeDataError(f"{path}: refused: '{key}' holds pickled Python objects, which a dataset "
+                                          "never needs (numbers only); nothing in it was run") from None
+            return raw
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: cannot read this .npz file ({err}); it is probably truncated or corrupted") from err
+        if isinstance(err, UserError):
+            raise
+        raise DataError(f"{path}: cannot read this .npz file ({err}); it is probably truncated or corrupted") from err
 
 
 def read_minari_dataset(path: str | os.PathLike) -> dict:

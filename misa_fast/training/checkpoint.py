@@ -13,21 +13,34 @@ Checkpoints written before that convention held plain numpy arrays; the four num
 rebuild an array of numbers (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``) are allowed
 while loading so that they still load.
 
-:func:`load_exported_policy` loads a ``policy.pt2`` with every pickled payload inside it held to
-the same weights-only rule (``torch.export.load`` itself unpickles some payloads without it).
+:func:`load_exported_policy` loads a ``policy.pt2`` only when the archive holds what an export of
+this project holds: before ``torch.export.load`` sees it, every entry it would unpickle with plain
+``pickle`` (``use_pickle`` payloads, ``opaque_obj_*`` / ``custom_obj_*`` constants, legacy pickled
+weights), every Python source it would run (guards) and every shape expression it would evaluate
+(sympy) is refused, and after loading the graph may call only the operators such an export calls
+(no file, storage or in-place operator). Pickled payloads it still reads (the example inputs) are
+held to the weights-only rule as a second line.
 """
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import operator
 import os
 import pickle
 import random
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from misa_fast.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 POLICY_NAME = "policy.pt2"
@@ -56,8 +69,8 @@ def write_atomic(path: os.PathLike, write: Callable[[BinaryIO], object]) -> Path
     return path
 
 
-class UnsafeCheckpointError(ValueError):
-    """A file that needs more than tensors and plain values to load: it was refused unread."""
+class UnsafeCheckpointError(UserError):
+    """A file that could run code or touch other files when loaded: it was refused unread."""
 
 
 NUMPY_TAG = "__numpy__"
@@ -127,6 +140,37 @@ def _legacy_numpy_globals() -> list:
     return allowed
 
 
+_UNSAFE_ADVICE = re.compile(r"weights_only|allow_pickle|unsafe|trust", re.IGNORECASE)
+
+
+def _first_safe_sentence(err: Exception) -> str:
+    """The first line of ``err`` that gives no advice to load the file some less safe way."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line and not _UNSAFE_ADVICE.search(line):
+            return line
+    return type(err).__name__
+
+
+def _plain_pickle_globals(path: Path) -> list:
+    """The globals a bare pickle file names, read from its opcodes (nothing is unpickled)."""
+    import pickletools
+
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for opcode, argument, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(str(argument).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str):
+                    strings.append(argument)
+    except Exception:  # not a pickle, or a truncated one: what was found so far
+        pass
+    return list(dict.fromkeys(found))
+
+
 def _refusal(path: Path, err: Exception) -> ValueError:
     """The error for a file the weights-only unpickler stopped: a refusal naming what it would
     have had to build when the file asks for such objects, else a plain unreadable-file error."""
@@ -135,10 +179,13 @@ def _refusal(path: Path, err: Exception) -> ValueError:
     try:  # reads the pickle's opcodes only
         found = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
                  if name not in allowed]
-    except Exception:
-        found = []
+    except Exception:  # an old-style (not zip) file or a bare pickle
+        found = [name for name in _plain_pickle_globals(path) if name not in allowed]
+    found = found or re.findall(r"GLOBAL ([\w.]+)", str(err))[:1]
     if not found:
-        return ValueError(f"{path}: not a readable misa-fast checkpoint ({str(err).splitlines()[0]})")
+        # torch's own text goes on to advise loading with the unsafe switch: only its first sentence
+        # that does not is kept.
+        return UserError(f"{path}: not a readable misa-fast checkpoint ({_first_safe_sentence(err)})")
     return UnsafeCheckpointError(
         f"{path}: refused: it contains objects a misa-fast checkpoint never holds ({', '.join(found)}); nothing in "
         "it was run. Load only checkpoints written by misa-fast.")
@@ -157,14 +204,16 @@ def load(path: os.PathLike, map_location="cpu") -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+        with torch.serialization.safe_globals(_legacy_numpy_globals()), warnings.catch_warnings():
+            # torch warns about a pickle protocol it may not read; the refusal below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refusal(path, err) from None
     except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable misa-fast checkpoint ({err})") from err
+        raise UserError(f"{path}: not a readable misa-fast checkpoint ({_first_safe_sentence(err)})") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a misa-fast checkpoint (it holds a {type(state).__name__}, not a dict)")
+        raise UserError(f"{path}: not a misa-fast checkpoint (it holds a {type(state).__name__}, not a dict)")
     return from_plain(state)
 
 
@@ -172,7 +221,8 @@ def load(path: os.PathLike, map_location="cpu") -> dict:
 def _weights_only_torch_load(path: Path) -> Iterator[None]:
     """Within the block every ``torch.load`` is weights-only: ``torch.export.load`` unpickles
     pickled weights, constants and example inputs with ``weights_only=False`` (and retries a
-    refused payload that way), which would run code from the archive."""
+    refused payload that way), which would run code from the archive. The archive check refuses
+    every such payload first; this is the second line."""
     original = torch.load
 
     def weights_only_load(*args, **kwargs):
@@ -182,7 +232,7 @@ def _weights_only_torch_load(path: Path) -> Iterator[None]:
         except pickle.UnpicklingError as err:
             raise UnsafeCheckpointError(
                 f"{path}: refused: a payload in it needs objects an exported misa-fast policy never holds; "
-                f"nothing in it was run ({str(err).splitlines()[-1] if str(err) else err})") from None
+                f"nothing in it was run ({_first_safe_sentence(err)})") from None
 
     torch.load = weights_only_load
     try:
@@ -191,36 +241,173 @@ def _weights_only_torch_load(path: Path) -> Iterator[None]:
         torch.load = original
 
 
-def load_exported_policy(path: os.PathLike) -> torch.nn.Module:
-    """The module of an exported ``policy.pt2``, loaded without running code from the file.
+# The operators an export of this project's policies calls (MISA's tanh-Gaussian policy and TD3's
+# deterministic actor, with and without observation normalisation), plus a few arithmetic ones an
+# equivalent policy might be written with. None of them reads or writes anything but its tensors:
+# file and storage operators (from_file, _load...) and in-place ones (add_, copy_, set_...) are out.
+EXPORTED_POLICY_OPERATORS = frozenset({
+    "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.chunk.default",
+    "aten.clamp.default", "aten.exp.default", "aten.linear.default", "aten.relu.default", "aten.tanh.default",
+    # arithmetic an equivalent policy may use
+    "aten.add.Scalar", "aten.sub.Scalar", "aten.mul.Scalar", "aten.div.Scalar", "aten.neg.default",
+    "aten.sigmoid.default", "aten.log.default", "aten.sqrt.default", "aten.rsqrt.default", "aten.abs.default",
+    "aten.minimum.default", "aten.maximum.default", "aten.addmm.default", "aten.mm.default", "aten.t.default",
+    "aten.view.default", "aten.reshape.default", "aten.split.Tensor", "aten.unsqueeze.default",
+    "aten.squeeze.dim", "aten.elu.default", "aten.leaky_relu.default", "aten.gelu.default",
+})
+# torch's own region markers an export wraps a no_grad method in; the regions' graphs are checked too.
+EXPORTED_POLICY_HIGHER_ORDER = frozenset({"wrap_with_set_grad_enabled"})
+_SERIALIZED_OPERATORS = frozenset({f"torch.ops.{name}" for name in EXPORTED_POLICY_OPERATORS}
+                                  | {f"torch.ops.higher_order.{name}" for name in EXPORTED_POLICY_HIGHER_ORDER}
+                                  | {"_operator.getitem"})
 
-    ``torch.export`` stores a graph of PyTorch operators (no Python code) and its tensors; every
-    pickled payload in the archive is read weights-only here, and a graph that calls anything but
-    PyTorch's own operators is refused, so loading and running it executes no code from the file."""
+# Every entry of an exported policy, relative to the archive's top folder. Others (AOTInductor
+# libraries, legacy pickled weights, opaque_obj_* / custom_obj_* constants, extra files, other
+# models) are refused: torch would load or unpickle them.
+_ARCHIVE_ENTRY = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
+_PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": re.compile(r"weight_\d+"),
+                    "data/constants/model_constants_config.json": re.compile(r"tensor_\d+")}
+# The only shape expressions an export of a policy holds: its batch-size symbol. torch parses
+# these strings with sympy, which evaluates them as Python.
+_SHAPE_EXPRESSION = re.compile(r"-?\d+|Symbol\('[a-z]+\d+'(, (positive|integer|nonnegative)=(True|False))*\)")
+_MAX_GRAPH_BYTES = 64 << 20  # a policy's graph is tens of kB; a bigger one is not ours
+
+
+def _check_archive(path: Path) -> None:
+    """Refuses an exported-policy archive that holds anything ``torch.export.load`` would unpickle
+    with plain pickle, run as Python or evaluate as an expression; reads the zip's directory and
+    its JSON entries only."""
+    def refuse(what: str):
+        return UnsafeCheckpointError(f"{path}: refused: it holds {what}, which an exported misa-fast policy never "
+                                     "does; nothing in it was loaded")
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{path}: not a readable exported policy (not a .pt2 archive: {err})") from None
+    with archive:
+        names = archive.namelist()
+        tops = {name.split("/", 1)[0] for name in names}
+        if len(tops) != 1 or any("/" not in name for name in names):
+            raise refuse("entries outside one top folder")
+        if len(set(names)) != len(names):  # zip readers disagree on which duplicate they read
+            raise refuse("duplicate entries")
+        entries = {name.split("/", 1)[1]: name for name in names}
+        for entry in entries:
+            if not _ARCHIVE_ENTRY.fullmatch(entry):
+                raise refuse(f"the entry {entry!r}")
+        for needed in ("models/model.json", *_PAYLOAD_CONFIGS):
+            if needed not in entries:
+                raise UserError(f"{path}: not a readable exported policy (no {needed!r} in it)")
+
+        def read_json(entry: str):
+            if archive.getinfo(entries[entry]).file_size > _MAX_GRAPH_BYTES:
+                raise refuse(f"an oversized {entry!r}")
+            try:
+                return json.loads(archive.read(entries[entry]))
+            except (ValueError, RecursionError) as err:
+                raise UserError(f"{path}: not a readable exported policy ({entry} is not JSON: {err})") from None
+
+        for entry, payload_name in _PAYLOAD_CONFIGS.items():
+            config = read_json(entry)
+            payloads = config.get("config") if isinstance(config, dict) else None
+            if not isinstance(payloads, dict):
+                raise UserError(f"{path}: not a readable exported policy ({entry} holds no payload table)")
+            for name, payload in payloads.items():
+                if not isinstance(payload, dict) or payload.get("use_pickle") is not False:
+                    raise refuse(f"a pickled payload {name!r} in {entry}")
+                if not payload_name.fullmatch(str(payload.get("path_name"))):
+                    raise refuse(f"the payload {payload.get('path_name')!r} ({name!r}) in {entry}")
+        _check_serialized_program(read_json("models/model.json"), refuse)
+        try:  # the example inputs are always a pickle; only tensors and plain values may be in it
+            torch.load(io.BytesIO(archive.read(entries["data/sample_inputs/model.pt"])), weights_only=True)
+        except KeyError:
+            pass
+        except Exception as err:
+            raise refuse(f"example inputs that need more than tensors ({_first_safe_sentence(err)})") from None
+
+
+def _check_serialized_program(program, refuse: Callable[[str], Exception]) -> None:
+    """The serialized program (``models/model.json``): no guard code (torch compiles it into a
+    Python function), no custom objects, operators of :data:`EXPORTED_POLICY_OPERATORS` only (in
+    nested graphs too), shape expressions that are a symbol or a number."""
+    if not isinstance(program, dict):
+        raise refuse("a program that is not a JSON object")
+    if program.get("guards_code"):
+        raise refuse("guard code")
+    stack = [program]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+            continue
+        if not isinstance(value, dict):
+            continue
+        target = value.get("target")
+        if "inputs" in value and isinstance(target, str) and target not in _SERIALIZED_OPERATORS:
+            raise refuse(f"a call to {target}")
+        if value.get("custom_obj_values") or "as_custom_obj" in value:
+            raise refuse("a custom object")
+        expression = value.get("expr_str")
+        if expression is not None and not (isinstance(expression, str) and _SHAPE_EXPRESSION.fullmatch(expression)):
+            raise refuse(f"the shape expression {str(expression)[:60]!r}")
+        stack.extend(value.values())
+
+
+def _check_graph_operators(path: Path, module: torch.nn.Module) -> None:
+    """Every operator the loaded graphs call is one of :data:`EXPORTED_POLICY_OPERATORS`."""
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in graph_module.graph.nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                continue
+            if node.op == "call_module" and node.target == "_guards_fn":
+                continue  # what module() makes of the guard code, which the archive check found empty
+            target = node.target
+            allowed = node.op == "call_function" and (
+                (isinstance(target, torch._ops.OpOverload) and str(target) in EXPORTED_POLICY_OPERATORS)
+                or (isinstance(target, torch._ops.HigherOrderOperator)
+                    and target.name() in EXPORTED_POLICY_HIGHER_ORDER)
+                or target is operator.getitem)
+            if not allowed:
+                raise UnsafeCheckpointError(
+                    f"{path}: refused: its graph calls {target} ({node.op}), which an exported misa-fast policy "
+                    "never does; nothing in it was run")
+
+
+def load_exported_policy(path: os.PathLike) -> torch.nn.Module:
+    """The module of an exported ``policy.pt2``, loaded without running code or touching other
+    files from the archive.
+
+    The archive is checked before torch reads it (:func:`_check_archive`: no pickled payload, guard
+    code or shape expression that torch would run), read with every ``torch.load`` weights-only,
+    and its graphs may call only the operators of :data:`EXPORTED_POLICY_OPERATORS`, inputs never
+    mutated. Raises :class:`UnsafeCheckpointError` for a refused archive, ``UserError`` for one
+    that is not an exported policy, ``FileNotFoundError`` when there is none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported policy at {path}")
+    _check_archive(path)
     try:
         with _weights_only_torch_load(path):
             program = torch.export.load(str(path))
     except UnsafeCheckpointError:
         raise
     except Exception as err:
-        raise ValueError(f"{path}: not a readable exported policy ({type(err).__name__}: {err})") from err
-    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
-    for node in (node for graph in graphs for node in graph.nodes):
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
-            continue
-        if isinstance(target, torch._ops.HigherOrderOperator):  # torch's own (e.g. a no_grad region)
-            continue
-        if getattr(target, "__module__", None) == "_operator" and target.__name__ == "getitem":
-            continue
-        raise UnsafeCheckpointError(f"{path}: refused: its graph calls {target!r}, which an exported misa-fast "
-                                    "policy never does (PyTorch's own operators only)")
-    return program.module()
+        raise UserError(f"{path}: not a readable exported policy ({type(err).__name__}: "
+                        f"{_first_safe_sentence(err)})") from err
+    _check_graph_operators(path, program.graph_module)
+    signature = program.graph_signature
+    if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        raise UnsafeCheckpointError(f"{path}: refused: its graph writes into its buffers or inputs, which an "
+                                    "exported misa-fast policy never does; nothing in it was run")
+    module = program.module()
+    _check_graph_operators(path, module)
+    return module
 
 
 def rng_state() -> dict:
