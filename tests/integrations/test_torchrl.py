@@ -83,17 +83,20 @@ def assert_same_losses(expected, actual):
 # --------------------------------------------------------------------------------------------------
 # convention "torchrl": CQLLoss's own numbers
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("activation_class, activation_kwargs, cql_kwargs", [
-    (nn.Tanh, None, {}),
-    (nn.ReLU, None, {"with_lagrange": True, "lagrange_thresh": 0.5}),
-    (nn.LeakyReLU, {"negative_slope": 0.3}, {"min_q_weight": 5.0, "temperature": 0.7}),
-    (nn.ELU, None, {"reduction": "sum", "max_q_backup": True}),
+@pytest.mark.parametrize("activation_class, activation_kwargs, mlp_kwargs, cql_kwargs", [
+    (nn.Tanh, None, {}, {}),
+    (nn.ReLU, None, {}, {"with_lagrange": True, "lagrange_thresh": 0.5}),
+    (nn.LeakyReLU, {"negative_slope": 0.3}, {}, {"min_q_weight": 5.0, "temperature": 0.7}),
+    (nn.ELU, None, {}, {"reduction": "sum", "max_q_backup": True}),
+    (nn.SiLU, None, {"bias_last_layer": False}, {}),
 ])
-def test_torchrl_convention_equals_cqlloss(activation_class, activation_kwargs, cql_kwargs):
+def test_torchrl_convention_equals_cqlloss(activation_class, activation_kwargs, mlp_kwargs, cql_kwargs):
     batch = make_batch()
     expected = losses_and_critic_grads(
-        make_loss(CQLLoss, networks=make_networks(activation_class, activation_kwargs), **cql_kwargs), batch)
-    fused = make_loss(FusedCQLLoss, networks=make_networks(activation_class, activation_kwargs), **cql_kwargs)
+        make_loss(CQLLoss, networks=make_networks(activation_class, activation_kwargs, **mlp_kwargs), **cql_kwargs),
+        batch)
+    fused = make_loss(FusedCQLLoss, networks=make_networks(activation_class, activation_kwargs, **mlp_kwargs),
+                      **cql_kwargs)
     actual = losses_and_critic_grads(fused, batch)
     assert fused.fused_refusal is None
     assert_same_losses(expected, actual)
