@@ -10,10 +10,10 @@ The fused op runs when the Q-value network is a ``ValueOperator`` / ``TensorDict
 ``(observation, action)`` into a ``torchrl.modules.MLP`` made only of ``nn.Linear`` layers and one
 activation module the op knows (ReLU, ELU, LeakyReLU, SiLU, Tanh, GELU), with no hooks and no
 parametrizations, on a batch with one batch dimension. It is read at every call, so a setting
-changed in place (a LeakyReLU's slope, a layer swapped) is never missed. Any other network -- or a
-multi-dimensional batch -- is never computed as some other network: under the ``"torchrl"``
-convention TorchRL's own ``cql_loss`` runs, under the others Q comes from TorchRL's own module
-forward; :attr:`FusedCQLLoss.fused_refusal` says why, and a warning says it once per reason.
+changed in place (a LeakyReLU's slope, a layer swapped) is never missed. Any other network is never
+computed as some other network: under the ``"torchrl"`` convention TorchRL's own ``cql_loss`` runs,
+under the others Q comes from TorchRL's own module forward (they take one batch dimension);
+:attr:`FusedCQLLoss.fused_refusal` says why, and a warning says it once per reason.
 
 Conventions (:class:`CQLConvention`): TorchRL's CQL penalty differs from the CQL paper's estimator
 in which actions are pooled in a log-sum-exp, at which state the policy's samples at the next state
