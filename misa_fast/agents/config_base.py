@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Literal
 
@@ -20,6 +21,9 @@ class ConfigBase:
         types = self.field_types()
         for f in dataclasses.fields(self):  # type/choice checks, and list -> tuple, int -> float
             object.__setattr__(self, f.name, _coerce(types, f.name, getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {f.name!r} must be a finite number, got {value}")
         self.validate()
 
     def validate(self) -> None:
@@ -127,18 +131,22 @@ def _parse_text(types: dict, key: str, text: str):
                 return False
             raise ValueError("expected a boolean (true/false)")
         if tp is int:
-            as_float = float(text)  # accepts "1e6"
-            if not as_float.is_integer():
-                raise ValueError("expected an integer")
-            return int(as_float)
+            return _integer(text)
         if tp is float:
             return float(text)
         if typing.get_origin(tp) is tuple:
             parts = text.strip("[]() ").replace("-", ",").split(",")
-            return tuple(int(p) for p in parts if p.strip())
+            return tuple(_integer(p) for p in parts if p.strip())
         return text  # str and Literal: checked by _coerce
     except ValueError as err:
         raise ValueError(f"bad value {text!r} for config key {key!r}: {err}") from None
+
+
+def _integer(text: str) -> int:
+    as_float = float(text)  # accepts "1e6"
+    if not as_float.is_integer():
+        raise ValueError("expected an integer")
+    return int(as_float)
 
 
 def _coerce(types: dict, key: str, value):

@@ -51,6 +51,8 @@ def parse_seeds(text: str) -> List[int]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise ValueError(f"--seeds: the range {part!r} ends before it starts; write it as {last}-{first}")
+        if len(seeds) + last - first + 1 > MAX_MEMBERS:  # before building a range of any length
+            raise ValueError(f"--seeds: {text!r} gives more than {MAX_MEMBERS} seeds")
         seeds.extend(range(first, last + 1))
         if len(seeds) > MAX_MEMBERS:
             raise ValueError(f"--seeds: {text!r} gives more than {MAX_MEMBERS} seeds")

@@ -182,6 +182,9 @@ def preset(name: str, **overrides) -> MISAConfig:
     return MISAConfig().replace(**{**PRESETS[name], **overrides})
 
 
+MAX_HMC_STEP_SIZE = 10.0
+
+
 def _validate(cfg: MISAConfig) -> None:
     positive_ints = ["num_critics", "batch_size", "num_samples", "hmc_leapfrog_steps", "lr_decay_steps"]
     for name in positive_ints:
@@ -198,6 +201,12 @@ def _validate(cfg: MISAConfig) -> None:
                  "actor_q_scale"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
+    for name in ("min_q_weight", "bc_weight", "unbiased_weight", "lagrange_tau", "alpha_prime_min"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"config key {name!r} must be >= 0, got {getattr(cfg, name)}")
+    # HMC moves actions in [-1, 1] (or the policy-whitened pre-tanh space): steps beyond this only reject.
+    if cfg.hmc_step_size is not None and cfg.hmc_step_size > MAX_HMC_STEP_SIZE:
+        raise ValueError(f"config key 'hmc_step_size' must be <= {MAX_HMC_STEP_SIZE}, got {cfg.hmc_step_size}")
     if not 0.0 <= cfg.tau <= 1.0 or not 0.0 <= cfg.gamma <= 1.0:
         raise ValueError("tau and gamma must lie in [0, 1]")
     if not 0.0 < cfg.hmc_target_accept < 1.0:

@@ -355,10 +355,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The options, and the environment's spaces, before any step is collected."""
+    from misa_fast.errors import UserError
+
+    for name in ("size", "train_steps", "eval_every", "eval_episodes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0.0 < args.medium_fraction < 1.0:
+        raise UserError(f"--medium-fraction must lie in (0, 1), got {args.medium_fraction}")
+    try:
+        env = make_env(args.env)
+    except gym.error.Error as err:
+        raise UserError(f"--env {args.env}: {' '.join(str(err).split())}") from None
+    try:
+        spaces = {"actions": env.action_space, "observations": env.observation_space}
+    finally:
+        env.close()
+    for what, space in spaces.items():
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            raise UserError(f"--env {args.env}: its {what} are {space}; a D4RL-format dataset holds flat continuous "
+                            f"(Box) {what}")
+
+
 def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         print(f"make-dataset: {args.out} exists (use --force to overwrite)", file=sys.stderr)
         return 1
+    check_options(args)
     options = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
                        if v is not None and not isinstance(v, bool) and not k.startswith("_"))
     try:

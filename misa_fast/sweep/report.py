@@ -35,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from misa_fast.errors import UserError
 from misa_fast.options import add_options, option
 from misa_fast.sweep.files import TRIAL_FILE
 
@@ -121,12 +122,7 @@ def read_run(path) -> RunRecord:
     if trial is not None and not config_path.exists():  # a trial that failed before train wrote config.json
         return RunRecord(path=path, algo=trial_column(trial, str(trial.get("algo", "?"))), seed=trial.get("seed"),
                          dataset=str(trial.get("dataset", "?")), finished=False, error=trial_error(trial))
-    try:
-        config = json.loads(config_path.read_text())
-        run, data = config["run"], config.get("data") or {}
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{config_path}: expected the config.json of a misa-fast train run (with a 'run' "
-                         f"section): {err}") from err
+    run, data = _read_config(config_path)
     record = RunRecord(path=path, algo=trial_column(trial, str(run.get("algo", "?"))), seed=run.get("seed"),
                        dataset=str(data.get("name") or run.get("dataset") or "?"),
                        finished=(path / "summary.json").exists())
@@ -137,12 +133,38 @@ def read_run(path) -> RunRecord:
                 ret = _float_or_none(row.get("eval_return"))
                 if ret is None:
                     continue  # a training-metrics row
-                record.steps.append(int(float(row["step"])))
+                step = _float_or_none(row.get("step"))
+                if step is None:
+                    raise UserError(f"{progress}: a row without a step number ({row.get('step')!r}); not the "
+                                    "progress.csv of a misa-fast run")
+                record.steps.append(int(step))
                 record.returns.append(ret)
                 record.normalized.append(_float_or_none(row.get("eval_normalized")))
     if trial is not None and not record.finished:
         record.error = trial_error(trial)
     return record
+
+
+def _read_config(config_path: Path) -> tuple:
+    """(run section, data section) of a run's config.json, refused in one line when it is not one."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"{config_path}: not the config.json of a misa-fast train run ({why})")
+
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise refuse(f"not JSON: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise refuse("no 'run' section")
+    run, data = config["run"], config.get("data") or {}
+    if not isinstance(data, dict):
+        raise refuse("its 'data' section is not a mapping")
+    for key in ("algo", "dataset"):
+        if run.get(key) is not None and not isinstance(run[key], str):
+            raise refuse(f"run.{key} is not a string")
+    if run.get("seed") is not None and (isinstance(run["seed"], bool) or not isinstance(run["seed"], int)):
+        raise refuse("run.seed is not a whole number")
+    return run, data
 
 
 def find_run_dirs(paths) -> list:

@@ -119,7 +119,16 @@ def from_plain(value: Any) -> Any:
 def save_atomic(state: dict, path: os.PathLike) -> Path:
     """Writes ``state`` (see :func:`to_plain` for what it may hold) atomically to ``path``."""
     plain = to_plain(state)
-    return write_atomic(path, lambda f: torch.save(plain, f))
+    return write_atomic(path, lambda f: f.write(_serialized(lambda buffer: torch.save(plain, buffer))))
+
+
+def _serialized(save: Callable[[io.BytesIO], object]) -> memoryview:
+    """What ``save`` writes, in memory. torch's zip writer aborts the process when a write to a
+    file fails (a full disk, a file size limit); writing its bytes from Python turns that into an
+    OSError, and write_atomic then removes its temporary file."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getbuffer()
 
 
 def _legacy_numpy_globals() -> list:
@@ -465,8 +474,4 @@ def export_policy(policy: nn.Module, obs_dim: int, path: os.PathLike, obs_mean=N
     example = torch.zeros(2, obs_dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # torch.export wants the .pt2 suffix
-    torch.export.save(program, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: f.write(_serialized(lambda buffer: torch.export.save(program, buffer))))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from misa_fast.data.prepare import DataInfo
+from misa_fast.errors import UserError
 from misa_fast.options import add_options, option
 from misa_fast.training import checkpoint as ckpt
 
@@ -63,6 +64,10 @@ def load_policy(path: Path):
     from misa_fast.agents.algorithms import agent_from_checkpoint
 
     state = ckpt.load(path)
+    missing = [key for key in ("run", "agent_config", "data_info", "agent")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of misa-fast train or finetune (missing {', '.join(missing)})")
     policy = agent_from_checkpoint(state).policy.eval()
 
     def act(obs: np.ndarray) -> np.ndarray:
@@ -94,20 +99,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from misa_fast.envs.rollout import evaluate
+    from misa_fast.training import checks
     from misa_fast.training.runtime import apply_threads, choose_threads
 
-    try:
-        # No config: the rule's default for networks it knows nothing of is one thread.
-        apply_threads(choose_threads(args.threads, None, "cpu"))
-        act, info, normalised_inside = load_policy(Path(args.checkpoint))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"misa-fast eval: {err}", file=sys.stderr)
-        return 2
+    checks.check_positive(args.episodes, "--episodes")
+    checks.check_positive(args.threads, "--threads")
+    checks.check_seed(args.seed)
+    # No config: the rule's default for networks it knows nothing of is one thread.
+    apply_threads(choose_threads(args.threads, None, "cpu"))
+    act, info, normalised_inside = load_policy(Path(args.checkpoint))
     env_id = args.env or (info or {}).get("env_id")
     if env_id is None:
         print("misa-fast eval: an exported policy does not record its environment: pass --env", file=sys.stderr)
         return 2
     data_info = DataInfo.from_dict(info).in_env(env_id) if info else None
+    if data_info is not None:
+        checks.check_environment(env_id, data_info.env_kwargs, data_info.obs_dim, data_info.act_dim,
+                                 f"--env {args.env}" if args.env else f"the checkpoint's environment {env_id}")
     # --dataset-name asks for that name's reference returns instead of the dataset's own.
     own_scores = data_info is not None and not args.dataset_name
     reference = data_info.reference_returns() if own_scores else "by-name"

@@ -29,8 +29,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from misa_fast.errors import UserError
 from misa_fast.options import add_options, from_args, option
 from misa_fast.training import checkpoint as ckpt
+from misa_fast.training import checks, rundir
+from misa_fast.training.interrupts import Interrupted, InterruptGuard
+from misa_fast.training.loop import NonFiniteTraining
 
 
 @dataclass
@@ -55,6 +59,33 @@ class FinetuneConfig:
     progress: bool = option(True, help="no progress bar")
     tensorboard: bool = option(True, help="no TensorBoard events")
     resume: bool = option(False, help="continue the fine-tuning checkpoint in --out")
+    overwrite: bool = option(False, help="replace the run files already in --out (without it, a directory that "
+                                         "holds a run is refused)")
+
+
+# Keys of the offline checkpoint a fine-tuning starts from, and of a fine-tuning's own checkpoint.
+SOURCE_KEYS = ("run", "agent_config", "data_info", "agent")
+OWN_KEYS = SOURCE_KEYS + ("env_steps", "episodes", "offline_run", "buffer", "rng", "last_eval")
+
+
+def check_options(cfg: FinetuneConfig) -> None:
+    """The options that need no file, before anything is read."""
+    for name in ("steps", "eval_every", "eval_episodes", "log_every", "threads"):
+        checks.check_positive(getattr(cfg, name), "--" + name.replace("_", "-"))
+    checks.check_seed(cfg.seed)
+    if cfg.start_updates_after < 0:
+        raise UserError(f"--start-updates-after must be >= 0, got {cfg.start_updates_after}")
+    if not 0.0 <= cfg.exploration_noise < float("inf"):
+        raise UserError(f"--exploration-noise must be a finite number >= 0, got {cfg.exploration_noise}")
+    checks.check_device(cfg.device)
+
+
+def _load_checked(path: Path, keys: tuple, what: str) -> dict:
+    state = ckpt.load(path)
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path}: not {what} (missing {', '.join(missing)})")
+    return state
 
 
 def _checkpoint_path(path: str) -> Path:
@@ -73,6 +104,21 @@ def online_reward(reward: float, info) -> float:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tunes (or resumes fine-tuning) online; returns a summary dict. Options are checked
+    first, ``--out`` is locked for the call and never overwritten without ``resume`` or
+    ``overwrite``, and Ctrl-C or SIGTERM checkpoints the current step before stopping."""
+    from misa_fast.training.runtime import resolve_device, tune_host_allocator
+
+    tune_host_allocator()
+    check_options(cfg)
+    device = resolve_device(cfg.device)
+    source_path = _checkpoint_path(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else Path(f"{source_path.parent}-finetune")
+    with rundir.claim(out, "finetune"), InterruptGuard("finetune") as guard:
+        return _finetune_claimed(cfg, source_path, out, device, guard)
+
+
+def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device, guard: InterruptGuard) -> dict:
     from tqdm.auto import tqdm
 
     from misa_fast.agents import NonFiniteLossError
@@ -83,25 +129,21 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from misa_fast.training.evaluation import evaluate_policy
     from misa_fast.training.plots import plot_progress
     from misa_fast.training.progress import ProgressLog, metrics_to_floats
-    from misa_fast.training.runtime import apply_threads, choose_threads, resolve_device, tune_host_allocator
+    from misa_fast.training.runtime import apply_threads, choose_threads
 
-    tune_host_allocator()
-    device = resolve_device(cfg.device)
-    source_path = _checkpoint_path(cfg.checkpoint)
-    out = Path(cfg.out) if cfg.out else Path(f"{source_path.parent}-finetune")
     own = out / ckpt.CHECKPOINT_NAME
-    resuming = own.exists()
-    if resuming and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                              "or choose another --out")
+    resuming = rundir.prepare(out, cfg.resume, cfg.overwrite)
     if not resuming and not source_path.exists():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {source_path}")
-    state = ckpt.load(own if resuming else source_path)
+    state = (_load_checked(own, OWN_KEYS, "a checkpoint of misa-fast finetune") if resuming else
+             _load_checked(source_path, SOURCE_KEYS, "a checkpoint of misa-fast train"))
     offline_run = state["run"] if not resuming else state["offline_run"]
     algo = algos.get(offline_run["algo"])
     info = DataInfo.from_dict(state["data_info"])
     env_id = cfg.env or state.get("env_id") or info.env_id
     info = info.in_env(env_id)  # recorded make() kwargs and reference returns only in the recorded env
+    checks.check_environment(env_id, info.env_kwargs, info.obs_dim, info.act_dim,
+                             f"--env {cfg.env}" if cfg.env else f"the checkpoint's environment {env_id}")
     agent = algos.agent_from_checkpoint(state, device)
     agent_cfg = agent.config
     threads = apply_threads(choose_threads(cfg.threads, agent_cfg, device))
@@ -125,7 +167,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         del data
         torch.manual_seed(cfg.seed)
         env_steps, episodes, last_eval = 0, 0, None
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"finetune": dataclasses.asdict(cfg), "offline_run": offline_run,
                                                  "agent": agent_cfg.to_dict(), "env_id": env_id},
                                                 indent=2, default=str))
@@ -151,53 +192,65 @@ def finetune(cfg: FinetuneConfig) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict = {}
     try:
-        while env_steps < cfg.steps:
-            obs_in = info.normalize(np.asarray(obs, dtype=np.float32)[None])
-            action = agent.act_explore(obs_in, cfg.exploration_noise, generator=explore_generator)[0]
-            action = np.clip(action, -info.action_clip, info.action_clip)
-            next_obs, reward, terminated, truncated, _ = env.step(scale_actions(action[None], low, high)[0])
-            buffer.add(obs_in, action[None], [online_reward(reward, info)],
-                       info.normalize(np.asarray(next_obs, dtype=np.float32)[None]), [float(terminated)])
-            env_steps += 1
-            episode_return += float(reward)
-            episode_length += 1
-            row = {}
-            if terminated or truncated:
-                episodes += 1
-                row.update(online_return=episode_return, online_length=episode_length)
-                score = _normalized(info, env_id, episode_return)
-                if score is not None:
-                    row["online_normalized"] = score
-                obs, _ = env.reset(seed=cfg.seed + episodes)
-                episode_return, episode_length = 0.0, 0
-            else:
-                obs = next_obs
-            if env_steps > cfg.start_updates_after:
-                try:
-                    metrics = agent.update(next(batches))
-                except NonFiniteLossError as err:
-                    raise RuntimeError(f"stopped at environment step {env_steps}: non-finite {err.term}; the last "
-                                       f"good checkpoint ({own}) was left untouched") from err
-                window_steps += 1
-            bar.update(1)
-            evaluate_now = env_steps % cfg.eval_every == 0 or env_steps == cfg.steps
-            if evaluate_now or env_steps % cfg.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
-            if evaluate_now:
-                result = evaluate_policy(agent, info, cfg.eval_episodes,
-                                         seed=cfg.seed + 1_000_000)
-                last_eval = {"step": env_steps, "mean_return": result["mean_return"],
-                             "std_return": result["std_return"], "mean_normalized": result["mean_normalized"]}
-                row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
-                           eval_normalized=result["mean_normalized"])
-                bar.set_postfix(score=f"{result['mean_normalized']:.1f}" if result["mean_normalized"] is not None
-                                else f"ret {result['mean_return']:.1f}")
-            if row:
-                log.write(env_steps, row)
-            if evaluate_now:
-                save()
-                window_start, window_steps = time.perf_counter(), 0
+        with guard.deferring():
+            while env_steps < cfg.steps:
+                obs_in = info.normalize(np.asarray(obs, dtype=np.float32)[None])
+                action = agent.act_explore(obs_in, cfg.exploration_noise, generator=explore_generator)[0]
+                action = np.clip(action, -info.action_clip, info.action_clip)
+                next_obs, reward, terminated, truncated, _ = env.step(scale_actions(action[None], low, high)[0])
+                buffer.add(obs_in, action[None], [online_reward(reward, info)],
+                           info.normalize(np.asarray(next_obs, dtype=np.float32)[None]), [float(terminated)])
+                env_steps += 1
+                episode_return += float(reward)
+                episode_length += 1
+                row = {}
+                if terminated or truncated:
+                    episodes += 1
+                    row.update(online_return=episode_return, online_length=episode_length)
+                    score = _normalized(info, env_id, episode_return)
+                    if score is not None:
+                        row["online_normalized"] = score
+                    obs, _ = env.reset(seed=cfg.seed + episodes)
+                    episode_return, episode_length = 0.0, 0
+                else:
+                    obs = next_obs
+                if env_steps > cfg.start_updates_after:
+                    try:
+                        metrics = agent.update(next(batches))
+                    except NonFiniteLossError as err:
+                        kept = (f"the last good checkpoint ({own}) was left untouched" if own.exists() else
+                                f"no checkpoint had been written yet in {out}")
+                        raise NonFiniteTraining(f"stopped at environment step {env_steps}: non-finite {err.term}; "
+                                                f"{kept}") from err
+                    window_steps += 1
+                bar.update(1)
+                evaluate_now = env_steps % cfg.eval_every == 0 or env_steps == cfg.steps
+                if evaluate_now or env_steps % cfg.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
+                if evaluate_now:
+                    save()  # before the evaluation: an evaluation that fails costs no training
+                    result = evaluate_policy(agent, info, cfg.eval_episodes,
+                                             seed=cfg.seed + checks.EVAL_SEED_OFFSET)
+                    last_eval = {"step": env_steps, "mean_return": result["mean_return"],
+                                 "std_return": result["std_return"], "mean_normalized": result["mean_normalized"]}
+                    row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
+                               eval_normalized=result["mean_normalized"])
+                    bar.set_postfix(score=f"{result['mean_normalized']:.1f}" if result["mean_normalized"] is not None
+                                    else f"ret {result['mean_return']:.1f}")
+                if row:
+                    log.write(env_steps, row)
+                if evaluate_now:
+                    save()  # again: the checkpoint records the evaluation (a resume reports it)
+                    window_start, window_steps = time.perf_counter(), 0
+                if guard.pending is not None and env_steps < cfg.steps:
+                    if not evaluate_now:
+                        save()
+                    if row:
+                        log.write(env_steps, row)
+                    raise Interrupted(guard.pending, f"interrupted at environment step {env_steps}: checkpoint written "
+                                                     f"in {out}; continue with: misa-fast finetune --checkpoint "
+                                                     f"{cfg.checkpoint} --out {out} --steps {cfg.steps} --resume")
     finally:
         bar.close()
         batches.close()
@@ -237,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_args(FinetuneConfig, args)
     try:
         summary = finetune(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except NonFiniteTraining as err:
         print(f"misa-fast finetune: {err}", file=sys.stderr)
-        return 2
+        return 3
     last = summary["last_eval"] or {}
     score = last.get("mean_normalized")
     print(f"done: {summary['env_steps']} environment steps ({summary['episodes']} episodes) in {summary['out']}; "

@@ -15,6 +15,7 @@ torch.export program usable without misa-fast).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -25,10 +26,13 @@ from typing import Optional
 
 import torch
 
+from misa_fast.errors import UserError
 from misa_fast.options import add_options, from_args, option
 from misa_fast.replay.sources import SOURCES, make_member_streams, make_source
 from misa_fast.training import checkpoint as ckpt
+from misa_fast.training import checks, rundir
 from misa_fast.training.evaluation import evaluate_policies, evaluate_policy  # noqa: F401 (also imported from here)
+from misa_fast.training.interrupts import Interrupted, InterruptGuard
 from misa_fast.training.progress import ProgressLog, metrics_to_floats
 from misa_fast.training.runtime import apply_threads, choose_threads, resolve_device
 
@@ -93,6 +97,8 @@ class RunConfig:
     progress: bool = option(True, help="no progress bar")
     tensorboard: bool = option(True, help="no TensorBoard events")
     resume: bool = option(False, help="continue the checkpoint in --out")
+    overwrite: bool = option(False, help="replace the run files already in --out (without it, a directory that "
+                                         "holds a run is refused)")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -112,9 +118,21 @@ def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim:
             name = preset_name_for_env(dataset_name)
         except ValueError:
             name = "locomotion"
+    for item in run.overrides:
+        key = item.partition("=")[0].strip()
+        if key in RUN_SET_KEYS:
+            raise UserError(f"--set {item}: {key} is {RUN_SET_KEYS[key]}, not a --set key")
     cfg = algos.build_config(run.algo, name, dataset_name, seed=run.seed, device=str(device), obs_dim=obs_dim,
                              act_dim=act_dim)
-    return apply_overrides(cfg, run.overrides)
+    try:
+        return apply_overrides(cfg, run.overrides)
+    except ValueError as err:
+        raise UserError(f"--set: {err}") from None
+
+
+# Agent config keys the run itself sets: a --set of one would contradict the data or the run.
+RUN_SET_KEYS = {"seed": "set by --seed / --seeds", "device": "set by --device",
+                "obs_dim": "the data's observation width", "act_dim": "the data's action width"}
 
 
 def default_out_dir(run: RunConfig, dataset: str) -> Path:
@@ -191,16 +209,24 @@ class Member:
         self.stopped: Optional[dict] = None  # {"term", "step", "message"} once a non-finite loss stopped it
 
 
-def _load_member_state(out: Path, resume: bool, grouped: bool) -> Optional[dict]:
-    if (out / ckpt.CHECKPOINT_NAME).exists():
-        if not resume:
-            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                                  "or choose another --out")
-        return ckpt.load(out / ckpt.CHECKPOINT_NAME)
-    if resume:
-        print(f"misa-fast train: no checkpoint in {out}; starting a new " + ("member" if grouped else "run"),
-              file=sys.stderr)
-    return None
+# Keys a training checkpoint must hold to be resumed.
+CHECKPOINT_KEYS = ("step", "run", "agent_config", "data_info", "agent", "sampler", "rng")
+
+
+def _load_member_state(out: Path, run: RunConfig, grouped: bool) -> Optional[dict]:
+    """The member's checkpoint when its directory holds one to resume (see rundir.prepare)."""
+    if not rundir.prepare(out, run.resume, run.overwrite):
+        if run.resume:
+            print(f"misa-fast train: no checkpoint in {out}; starting a new " + ("member" if grouped else "run"),
+                  file=sys.stderr)
+        return None
+    path = out / ckpt.CHECKPOINT_NAME
+    state = ckpt.load(path)
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of misa-fast train (missing {', '.join(missing)}); start a new "
+                        "run with --overwrite or another --out")
+    return state
 
 
 def _stopped_record(out: Path) -> Optional[dict]:
@@ -215,6 +241,11 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
     goes non-finite (the last good checkpoint is left untouched).
 
+    Every option is checked before the first step (misa_fast.training.checks); each run directory
+    is locked for the life of the call and never overwritten without ``resume`` or ``overwrite``
+    (misa_fast.training.rundir); Ctrl-C or SIGTERM writes a checkpoint at the current step and
+    raises :class:`~misa_fast.training.interrupts.Interrupted` (misa_fast.training.interrupts).
+
     With ``run.seeds`` (``--seeds 0-4``) it trains those seeds in one process, every update one
     computation for all of them (misa_fast.agents.members), each seed writing the run directory a
     single run would; a seed whose loss goes non-finite stops alone (its summary.json records the
@@ -226,23 +257,82 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     (``checkpoint_path`` is None otherwise): ``misa-fast sweep`` reports to Ray Tune from it. With
     several seeds it is called once per evaluation with ``row`` the members' mean and
     ``checkpoint_path`` the first member's checkpoint."""
+    from misa_fast.agents import algorithms as algos
+    from misa_fast.data import DEFAULT_DATASET
+    from misa_fast.training.runtime import tune_host_allocator
+
+    tune_host_allocator()  # here, not only in the CLI: Python callers and sweep trials need it as much
+    checks.check_run_options(run)
+    algos.get(run.algo)  # a clear error for an unknown name before any data is read
+    seeds = run_seeds(run)
+    outs = member_out_dirs(run, run.dataset or DEFAULT_DATASET, seeds)
+    with contextlib.ExitStack() as held, InterruptGuard("train") as guard:
+        for out in outs:
+            held.enter_context(rundir.claim(out, "train"))
+        return _train_claimed(run, seeds, outs, guard, on_evaluation)
+
+
+def _resumed_run(run: RunConfig, members: list, first_state: dict):
+    """The run a resume continues: the checkpoint's settings, with the options documented as
+    changeable (length, reporting, device, backend) taken from ``run``; refuses options that
+    contradict the checkpoint. Returns (run, saved run, whether a new --dataset was given)."""
+    fresh = [str(m.out) for m in members if m.state is None]
+    if fresh:
+        raise UserError(f"--resume: {', '.join(fresh)} holds no checkpoint while the other seeds' directories "
+                        "do; resume the seeds that have checkpoints, or start the others as a new run")
+    steps = sorted({int(m.state["step"]) for m in members})
+    if len(steps) > 1:
+        behind = [f"seed {m.seed} ({int(m.state['step'])})" for m in members if int(m.state["step"]) < steps[-1]]
+        raise UserError(f"--resume: the seeds' checkpoints are at different steps ({', '.join(behind)} behind "
+                        f"step {steps[-1]}); resume those seeds on their own to step {steps[-1]} with "
+                        "--seed N --out <its directory> --resume --steps " + str(steps[-1]))
+    try:
+        saved = RunConfig(**{"seeds": None, **first_state["run"], "overrides": tuple(first_state["run"]["overrides"])})
+    except (TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{members[0].out / ckpt.CHECKPOINT_NAME}: its run settings are not misa-fast train's "
+                        f"({err})") from None
+    checks.check_resume_options(run, saved, members[0].out)
+    if run.steps < steps[-1]:
+        raise UserError(f"--steps {run.steps}: the checkpoint in {members[0].out} is already at step {steps[-1]}")
+    # The data may have moved (another node, another cache path): a new --dataset is taken when
+    # its transitions are the ones the checkpoint was trained on (checked once they are loaded).
+    dataset_given = run.dataset is not None and run.dataset != saved.dataset
+    resumed = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
+                                  eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
+                                  log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
+                                  device=run.device, backend=run.backend, threads=run.threads, out=run.out,
+                                  resume=True, dataset=run.dataset if dataset_given else saved.dataset,
+                                  seeds=run.seeds, seed=members[0].seed, overwrite=False)
+    return resumed, saved, dataset_given
+
+
+def _check_before_training(run: RunConfig, info, cfg, device, members: int) -> None:
+    """The checks that need the data: the evaluation environment against the data's widths and
+    the memory one update needs."""
+    from misa_fast.data import DEFAULT_DATASET
+
+    where = (f"--env {run.env}" if run.env else
+             f"the evaluation environment {info.env_id} that {run.dataset or DEFAULT_DATASET} names")
+    checks.check_environment(info.env_id, info.env_kwargs, info.obs_dim, info.act_dim, where)
+    checks.check_memory(cfg, info.obs_dim, info.act_dim, device, members)
+
+
+def _train_claimed(run: RunConfig, seeds: list, outs: list, guard: InterruptGuard, on_evaluation) -> dict:
     from misa_fast.agents import NonFiniteLossError
     from misa_fast.agents import algorithms as algos
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
     from misa_fast.data.prepare import fingerprint
-    from misa_fast.training.runtime import tune_host_allocator
 
-    tune_host_allocator()  # here, not only in the CLI: Python callers and sweep trials need it as much
-    algos.get(run.algo)  # a clear error for an unknown name before any data is read
-    seeds = run_seeds(run)
     grouped = run.seeds is not None
     device = resolve_device(run.device)
     dataset = run.dataset or DEFAULT_DATASET
-    members = [Member(seed, out, run, _load_member_state(out, run.resume, grouped))
-               for seed, out in zip(seeds, member_out_dirs(run, dataset, seeds))]
-    for member in members:
-        if run.resume and grouped and (record := _stopped_record(member.out)) is not None:
-            member.stopped = record
+    members = []
+    for seed, out in zip(seeds, outs):
+        record = _stopped_record(out) if run.resume and grouped else None
+        member = Member(seed, out, run, None if record is not None and not (out / ckpt.CHECKPOINT_NAME).exists()
+                        else _load_member_state(out, run, grouped))
+        member.stopped = record
+        members.append(member)
     if any(m.stopped for m in members):
         for m in members:
             if m.stopped:
@@ -253,29 +343,9 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
             raise NonFiniteTraining("every seed of the group was stopped by a non-finite loss; nothing to resume")
 
     first_state = next((m.state for m in members if m.state is not None), None)
-    dataset_given = False
+    dataset_given, saved = False, None
     if first_state is not None:
-        fresh = [str(m.out) for m in members if m.state is None]
-        if fresh:
-            raise ValueError(f"--resume: {', '.join(fresh)} holds no checkpoint while the other seeds' directories "
-                             "do; resume the seeds that have checkpoints, or start the others as a new run")
-        steps = sorted({int(m.state["step"]) for m in members})
-        if len(steps) > 1:
-            behind = [f"seed {m.seed} ({int(m.state['step'])})" for m in members if int(m.state["step"]) < steps[-1]]
-            raise ValueError(f"--resume: the seeds' checkpoints are at different steps ({', '.join(behind)} behind "
-                             f"step {steps[-1]}); resume those seeds on their own to step {steps[-1]} with "
-                             "--seed N --out <its directory> --resume --steps " + str(steps[-1]))
-        saved = RunConfig(**{"seeds": None, **first_state["run"], "overrides": tuple(first_state["run"]["overrides"])})
-        # What the run computes comes from the checkpoint; only its length and reporting may change.
-        # The data may have moved (another node, another cache path): a new --dataset is taken when
-        # its transitions are the ones the checkpoint was trained on (checked once they are loaded).
-        dataset_given = run.dataset is not None and run.dataset != saved.dataset
-        run = dataclasses.replace(saved, steps=run.steps, eval_every=run.eval_every,
-                                  eval_episodes=run.eval_episodes, checkpoint_every=run.checkpoint_every,
-                                  log_every=run.log_every, progress=run.progress, tensorboard=run.tensorboard,
-                                  device=run.device, backend=run.backend, threads=run.threads, out=run.out,
-                                  resume=True, dataset=run.dataset if dataset_given else saved.dataset,
-                                  seeds=run.seeds, seed=members[0].seed)
+        run, saved, dataset_given = _resumed_run(run, members, first_state)
         dataset = run.dataset or DEFAULT_DATASET
     if not grouped:
         run = dataclasses.replace(run, out=str(members[0].out))
@@ -300,6 +370,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
         else:
             member.cfg = build_agent_config(member.run, info.name, info.obs_dim, info.act_dim, device)
     cfg = members[0].cfg
+    _check_before_training(run, info, cfg, device, len(members))
     note = info.no_reference_scores_note()
     if note:
         print(f"misa-fast train: {note}", file=sys.stderr)
@@ -312,7 +383,6 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
         streams = make_member_streams(run.data_source, data, cfg.batch_size, [m.seed for m in members], device,
                                       [None if m.state is None else m.state["sampler"] for m in members])
     for i, member in enumerate(members):
-        member.out.mkdir(parents=True, exist_ok=True)
         member.agent = algos.make_agent(member.cfg)
         if member.state is not None:
             member.agent.load_state_dict(member.state["agent"])
@@ -326,7 +396,6 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
         member.log = ProgressLog(member.out, start_step if member.state is not None else None, run.tensorboard)
     if first_state is not None:
         ckpt.set_rng_state(first_state["rng"])
-    checkpoint_every = run.checkpoint_every or run.eval_every
 
     def save(member: Member, step: int, agent_state: dict) -> None:
         ckpt.save_atomic({"step": step, "run": dataclasses.asdict(member.run), "agent_config": member.cfg.to_dict(),
@@ -343,7 +412,32 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
             member.agent.pretrain_vae(member.source, member.agent.pretrain_steps, progress=run.progress)
             save(member, start_step, member.agent.state_dict())
 
+    try:
+        step = _step_loop(run, members, streams, info, device, start_step, save, guard, on_evaluation, grouped)
+    except NonFiniteLossError as err:
+        applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
+                   if getattr(err, "applied", False) else "no parameter was updated")
+        raise NonFiniteTraining(f"stopped at step {err.step}: non-finite {err.term}; {applied}. "
+                                f"{_last_checkpoint(members[0])}") from err
+    return _finish(run, members, info, device, step, grouped, seeds)
+
+
+def _last_checkpoint(member: "Member", sentence: bool = True) -> str:
+    """What a stop leaves: the last good checkpoint, or none (a stop before the first one)."""
+    path = member.out / ckpt.CHECKPOINT_NAME
+    text = (f"the last good checkpoint ({path}) was left untouched" if path.exists() else
+            f"no checkpoint had been written yet in {member.out}")
+    return text[0].upper() + text[1:] + "." if sentence else text
+
+
+def _step_loop(run: RunConfig, members: list, streams, info, device, start_step: int, save,
+               guard: InterruptGuard, on_evaluation, grouped: bool) -> int:
+    """Steps from ``start_step`` to ``run.steps``: logs, checkpoints, then evaluates. Returns the
+    last step done. A signal received while stepping ends the step, checkpoints it and raises
+    Interrupted."""
     from tqdm.auto import tqdm
+
+    from misa_fast.agents import NonFiniteLossError
 
     group = _MemberGroup(members, run.backend, streams)
     if run.backend == "compiled" and run.progress:
@@ -353,67 +447,62 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     label = f"{run.algo} {info.name}" + (f" seeds {run.seeds}" if grouped else "")
     bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not run.progress, desc=label)
+    checkpoint_every = run.checkpoint_every or run.eval_every
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
     snis_warned = False
     try:
-        for step in range(start_step + 1, run.steps + 1):
-            try:
-                metrics = group.step(checked=step % checkpoint_every == 0 or step == run.steps)
-            except NonFiniteLossError as err:
-                applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
-                           if getattr(err, "applied", False) else "no parameter was updated")
-                raise NonFiniteTraining(
-                    f"stopped at step {step}: non-finite {err.term}; {applied}. The last good checkpoint "
-                    f"({members[0].out / ckpt.CHECKPOINT_NAME}) was left untouched.") from err
-            for member, term in group.take_stopped():
-                member.stopped = {"term": term, "step": step,
-                                  "message": f"stopped at step {step}: non-finite {term}; the last good checkpoint "
-                                             f"({member.out / ckpt.CHECKPOINT_NAME}) was left untouched"}
-                _write_summary(member, step - 1, device, stopped=member.stopped)
-                bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds go on",
-                          file=sys.stderr)
-            if metrics is None:  # every member stopped
-                break
-            window_steps += 1
-            bar.update(1)
-            evaluate_now = step % run.eval_every == 0 or step == run.steps
-            rows = [{} for _ in group.members]
-            # Every row carries the training metrics, so the CSV header (fixed by the first row) has them.
-            if evaluate_now or step % run.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                for row, values in zip(rows, group.member_metrics(metrics)):
-                    row.update(values, steps_per_s=window_steps / max(elapsed, 1e-9))
-            saved_now = step % checkpoint_every == 0 or step == run.steps
-            if evaluate_now or saved_now:
-                agent_states = group.member_states()
-            if evaluate_now:
-                if group.stacked:
+        with guard.deferring():
+            for step in range(start_step + 1, run.steps + 1):
+                # A signal before the step makes it a checkpoint step (the graph backend's deferred
+                # finite check included); one that arrives during it is acted on at the next step.
+                stopping = guard.pending is not None and step < run.steps
+                saved_now = step % checkpoint_every == 0 or step == run.steps or stopping
+                try:
+                    metrics = group.step(checked=saved_now)
+                except NonFiniteLossError as err:
+                    err.step = step
+                    raise
+                for member, term in group.take_stopped():
+                    member.stopped = {"term": term, "step": step,
+                                      "message": f"stopped at step {step}: non-finite {term}; "
+                                                 f"{_last_checkpoint(member, sentence=False)}"}
+                    _write_summary(member, step - 1, device, stopped=member.stopped)
+                    bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds "
+                              "go on", file=sys.stderr)
+                if metrics is None:  # every member stopped
+                    break
+                window_steps += 1
+                bar.update(1)
+                evaluate_now = (step % run.eval_every == 0 or step == run.steps) and not stopping
+                rows = [{} for _ in group.members]
+                # Every row carries the training metrics, so the CSV header (fixed by the first row) has them.
+                if evaluate_now or step % run.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    for row, values in zip(rows, group.member_metrics(metrics)):
+                        row.update(values, steps_per_s=window_steps / max(elapsed, 1e-9))
+                if saved_now:  # before the evaluation: an evaluation that fails costs no training
+                    agent_states = group.member_states()
                     for member, agent_state in zip(group.members, agent_states):
-                        member.agent.policy.load_state_dict(agent_state["policy"])
-                results = evaluate_policies([m.agent for m in group.members], info, run.eval_episodes,
-                                            [m.seed + 1_000_000 for m in group.members])
-                for member, row, result in zip(group.members, rows, results):
-                    member.last_eval = {"step": step, "mean_return": result["mean_return"],
-                                        "std_return": result["std_return"],
-                                        "mean_normalized": result["mean_normalized"]}
-                    row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
-                               eval_normalized=result["mean_normalized"])
-                bar.set_postfix_str(_scores_postfix(group.members, grouped))
-            for member, row in zip(group.members, rows):
-                if row:
-                    member.log.write(step, row)
-                    warning = snis_collapse_warning(row, step)
-                    if warning is not None and not snis_warned:  # once per run: the column keeps the record
-                        snis_warned = True
-                        bar.write(f"misa-fast train: {warning}", file=sys.stderr)
-            if saved_now:
-                for member, agent_state in zip(group.members, agent_states):
-                    save(member, step, agent_state)
-            if evaluate_now and on_evaluation is not None:
-                on_evaluation(step, _mean_row(rows), group.members[0].out / ckpt.CHECKPOINT_NAME if saved_now else None)
-            if any(rows):  # evaluation and checkpoint time is not training time
-                window_start, window_steps = time.perf_counter(), 0
+                        save(member, step, agent_state)
+                if stopping:
+                    _log_rows(group.members, rows, step, bar)
+                    raise Interrupted(guard.pending, _interrupted_message(run, group.members, step, grouped))
+                if evaluate_now:
+                    if not saved_now:
+                        agent_states = group.member_states()
+                    _evaluate(group, agent_states, rows, info, run, step, grouped, bar)
+                    if saved_now:  # the checkpoint records this evaluation too (a resume reports it)
+                        for member, agent_state in zip(group.members, agent_states):
+                            save(member, step, agent_state)
+                snis_warned = _log_rows(group.members, rows, step, bar, snis_warned)
+                if evaluate_now and on_evaluation is not None:
+                    on_evaluation(step, _mean_row(rows),
+                                  group.members[0].out / ckpt.CHECKPOINT_NAME if saved_now else None)
+                if guard.pending is not None and saved_now and step < run.steps:  # arrived after the step
+                    raise Interrupted(guard.pending, _interrupted_message(run, group.members, step, grouped))
+                if any(rows):  # evaluation and checkpoint time is not training time
+                    window_start, window_steps = time.perf_counter(), 0
     finally:
         bar.close()
         for member in members:
@@ -421,7 +510,50 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
             member.log.close()
         if streams is not None:
             streams.close()
+    return step
 
+
+def _evaluate(group: "_MemberGroup", agent_states: list, rows: list, info, run: RunConfig, step: int,
+              grouped: bool, bar) -> None:
+    if group.stacked:
+        for member, agent_state in zip(group.members, agent_states):
+            member.agent.policy.load_state_dict(agent_state["policy"])
+    results = evaluate_policies([m.agent for m in group.members], info, run.eval_episodes,
+                                [m.seed + checks.EVAL_SEED_OFFSET for m in group.members])
+    for member, row, result in zip(group.members, rows, results):
+        member.last_eval = {"step": step, "mean_return": result["mean_return"], "std_return": result["std_return"],
+                            "mean_normalized": result["mean_normalized"]}
+        row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
+                   eval_normalized=result["mean_normalized"])
+    bar.set_postfix_str(_scores_postfix(group.members, grouped))
+
+
+def _log_rows(members: list, rows: list, step: int, bar, snis_warned: bool = True) -> bool:
+    """Writes the members' rows; warns once per run of collapsed SNIS weights (the column keeps the
+    record). Returns whether the warning has been given."""
+    for member, row in zip(members, rows):
+        if row:
+            member.log.write(step, row)
+            warning = snis_collapse_warning(row, step)
+            if warning is not None and not snis_warned:
+                snis_warned = True
+                bar.write(f"misa-fast train: {warning}", file=sys.stderr)
+    return snis_warned
+
+
+def _interrupted_message(run: RunConfig, members: list, step: int, grouped: bool) -> str:
+    if not grouped or run.out:
+        where = Path(run.out) if grouped else members[0].out
+        command = rundir.resume_command("train", where, steps=run.steps, seeds=run.seeds if grouped else None)
+    else:  # the seeds' default directories: the command that named them
+        where = ", ".join(str(m.out) for m in members)
+        command = " ".join(["misa-fast train", *([f"--dataset {run.dataset}"] if run.dataset else []),
+                            f"--algo {run.algo} --seeds {run.seeds} --steps {run.steps} --resume"])
+    return f"interrupted at step {step}: checkpoint written in {where}; continue with: {command}"
+
+
+def _finish(run: RunConfig, members: list, info, device, step: int, grouped: bool, seeds: list) -> dict:
+    """Exports each member's policy, plots its curve and writes its summary."""
     from misa_fast.training.plots import plot_progress
 
     summaries = []
@@ -584,9 +716,6 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteTraining as err:
         print(f"misa-fast train: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"misa-fast train: {err}", file=sys.stderr)
-        return 2
     for member in summary.get("members", [summary]):
         last = member.get("last_eval") or {}
         score = last.get("mean_normalized")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from misa_fast.errors import UserError
+
 
 class ProgressLog:
     """progress.csv with a fixed header (chosen at the first row) plus optional TensorBoard."""
@@ -36,7 +38,15 @@ class ProgressLog:
             rows = list(csv.DictReader(f))
             f.seek(0)
             self.header = next(csv.reader(f), None)
-        kept = [r for r in rows if int(r["step"]) <= step]
+        if not self.header or "step" not in self.header:  # emptied or never written past its header: start anew
+            self.header = None
+            self.path.unlink()
+            return
+        try:
+            kept = [r for r in rows if int(float(r["step"])) <= step]
+        except (TypeError, ValueError):
+            raise UserError(f"{self.path}: a row without a step number; not a progress.csv of misa-fast (move it "
+                            "away to resume without it)") from None
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.header)
