@@ -227,7 +227,7 @@ class MISA:
                 energy_data = nets.ensemble_q(energy_layers, energy_half, actions)
             gap, partition, *q_samples = losses.energy_gap(
                 cfg.energy_bound, energy_data, energy_layers, obs, sample_actions, norm, energy_half, log_weights,
-                cfg.sampled_q_precision, return_q=cfg.snis_term)
+                snis_q_precision(cfg) if cfg.snis_term else cfg.sampled_q_precision, return_q=cfg.snis_term)
             if cfg.snis_term:  # the same samples and Q values: no second critic evaluation
                 weights = losses.snis_weights(q_samples[0])
                 snis = (sample_pre_tanh, weights)
@@ -449,6 +449,21 @@ class MISA:
         groups = {name: self.optimizers[LOSS_OWNER[name]].param_groups[0]["params"] for name in losses_out}
         names = list(losses_out) + [f"{LOSS_OWNER[name]}_grad" for name in losses_out]
         raise_if_not_finite(losses_out, groups.values(), names, self.step, self.member_seeds)
+
+
+# How finely each dot precision rounds (tf32x3 is fp32-accurate), and what the sampled-Q kernel, which
+# has no tf32x3, computes in its place.
+_PRECISION_FINENESS = {"bf16": 0, "tf32": 1, "tf32x3": 2, "ieee": 2}
+_SAMPLED_Q_EQUIVALENT = {"bf16": "bf16", "tf32": "tf32", "tf32x3": "ieee", "ieee": "ieee"}
+
+
+def snis_q_precision(cfg: MISAConfig) -> str:
+    """The sampled-Q precision of the log-partition whose Q values give the SNIS weights:
+    softmax_k(min_i Q) moves a weight by e^(+-e) for an absolute Q error e, so those Q values are
+    computed at the HMC term's precision (fp32 dots for tf32x3), or at sampled_q_precision if finer."""
+    hmc = _SAMPLED_Q_EQUIVALENT[cfg.hmc_precision]
+    finer = _PRECISION_FINENESS[hmc] > _PRECISION_FINENESS[cfg.sampled_q_precision]
+    return hmc if finer else cfg.sampled_q_precision
 
 
 def raise_if_not_finite(losses_out: Dict[str, Tensor], param_groups, names, step: int, member_seeds=None) -> None:

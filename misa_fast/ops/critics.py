@@ -6,13 +6,19 @@ last, the last mapping to one output. The ops take it in one of these forms:
 - an ``nn.Module`` (``nn.Sequential``, or a module whose forward calls its submodules): its Linear
   layers **and its activation modules**, in registration order (``nn.ReLU``, ``nn.ELU(alpha)``,
   ``nn.LeakyReLU(negative_slope)``, ``nn.SiLU``, ``nn.Tanh``, ``nn.GELU`` exact or ``"tanh"``;
-  ``nn.Identity`` and, in eval mode or with p = 0, ``nn.Dropout`` are skipped). Once per module (and
-  again whenever its submodules, shapes or train/eval mode change) that reading is checked against
-  the module's own forward on a few rows (called as ``forward(obs, actions)``, or
-  ``forward(concat(s, a))`` for an ``nn.Sequential`` or when the two-argument call is refused). A
-  module whose layers cannot be read this way (a LayerNorm, a residual, an activation applied with
-  ``torch.nn.functional`` in forward and no ``activation=``, ...), or whose forward disagrees, is
-  *opaque*: the torch path evaluates it with its own forward, the Triton path refuses it with a
+  ``nn.Identity`` and, in eval mode or with p = 0, ``nn.Dropout`` are skipped). A Linear layer is
+  ``nn.Linear`` or a subclass that keeps ``nn.Linear.forward``; a parametrized one
+  (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm`` / ``spectral_norm``) is read
+  through its parametrization at every call (``layer.weight`` computes it). Once per module (and
+  again whenever its signature changes: submodules, classes, shapes, train/eval mode, activation
+  settings, hooks) that reading is checked against the module's own forward on a few rows (called
+  as ``forward(obs, actions)``, or ``forward(concat(s, a))`` for an ``nn.Sequential`` or when the
+  two-argument call is refused). A module that cannot be read this way is *opaque*: a LayerNorm, a
+  residual, an activation applied with ``torch.nn.functional`` in forward and no ``activation=``, a
+  Linear subclass with its own forward (a LoRA adapter), a hook (forward, pre-forward or backward,
+  on any submodule or global: legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` rebuild the
+  weight in one), a parameter or buffer outside the Linear layers, or a forward that disagrees. The
+  torch path evaluates an opaque module with its own forward, the Triton path refuses it with a
   :class:`CriticArchitectureError` naming the module and the reason.
 - a sequence of ``(weight, bias)`` pairs or ``nn.Linear`` per critic, or stacked layers
   ``[(weight (E, out, in), bias (E, out)), ...]``: the tensors carry no activation, so the call must
@@ -25,10 +31,11 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from misa_fast.nets import ACTIVATION_NAMES, Activation, activation_spec, apply_activation, layers_activation
 
@@ -51,6 +58,8 @@ class Critic:
     module: Optional[nn.Module] = None
     why: Optional[str] = None
     concat_call: Optional[bool] = None  # module called as forward(concat(s, a)); None: not known yet
+    member: Optional[int] = None  # the critic's index when its module's forward returns every member's Q
+    reading: Optional["_Reading"] = None  # the cache entry that learns concat_call
 
     @property
     def modeled(self) -> bool:
@@ -103,6 +112,10 @@ def _raw_layers(items, what: str) -> List[Layer]:
     layers: List[Layer] = []
     for item in items:
         if isinstance(item, nn.Linear):
+            why = _linear_problem(item)
+            if why is not None:  # no module forward to fall back on: the layers are all there is
+                raise CriticArchitectureError(f"{what}: layer {len(layers)}: {why}; the op cannot compute it from "
+                                              "its weight and bias (pass the critic module itself)")
             layers.append((item.weight, item.bias))
         else:
             w, b = item
@@ -117,22 +130,91 @@ def _raw_layers(items, what: str) -> List[Layer]:
 # ----------------------------------------------------------------------------------------------
 _SKIPPED = (nn.Identity,)
 _DROPOUTS = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks")
 
 
-def _leaves(module: nn.Module) -> List[nn.Module]:
-    # every occurrence (one activation module may be registered between several layers)
-    return [m for _, m in module.named_modules(remove_duplicate=False) if next(m.children(), None) is None]
+def _global_hooks() -> Optional[str]:
+    """Which module hooks are registered for every module (nn.modules.module.register_module_*), if any."""
+    registry = torch.nn.modules.module
+    kinds = [name[len("_global_"):-1].replace("_", " ") for name in _GLOBAL_HOOKS if getattr(registry, name, None)]
+    return ", ".join(kinds) if kinds else None
+
+
+def _hooks(m: nn.Module) -> Optional[str]:
+    """The hooks registered on ``m`` (the op bypasses its __call__, so none of them would run)."""
+    found = []
+    for attr, kind in _HOOK_KINDS:
+        for hook in (getattr(m, attr, None) or {}).values():
+            owner = type(hook).__module__ + "." + type(hook).__qualname__
+            if owner.startswith("torch.nn.utils.weight_norm."):
+                kind += " (legacy torch.nn.utils.weight_norm: use torch.nn.utils.parametrizations.weight_norm)"
+            elif owner.startswith("torch.nn.utils.spectral_norm."):
+                kind += " (legacy torch.nn.utils.spectral_norm: use torch.nn.utils.parametrizations.spectral_norm)"
+            found.append(kind)
+    return ", ".join(dict.fromkeys(found)) if found else None
+
+
+def _linear_class(m: nn.Module) -> type:
+    """The layer's own class (a parametrized layer's class is a generated subclass of it)."""
+    cls = type(m)
+    return cls.__bases__[0] if parametrize.is_parametrized(m) else cls
+
+
+def _linear_problem(m: nn.Linear) -> Optional[str]:
+    """Why ``m`` is not computed by F.linear(x, m.weight, m.bias) when called, or None. The weight
+    and bias are read when the op runs, so a parametrization computes them as the layer would."""
+    cls = _linear_class(m)
+    if cls.forward is not nn.Linear.forward or cls.__call__ is not nn.Module.__call__:
+        return f"{cls.__name__} is an nn.Linear subclass with its own forward"
+    hooks = _hooks(m)
+    if hooks:
+        return f"{cls.__name__} has a {hooks}"
+    return None
+
+
+def _units(module: nn.Module, path: str = ""):
+    """(path, module) of every module, every occurrence (one activation module may be registered
+    between several layers), not descending into Linear layers (a parametrization lives inside)."""
+    yield path, module
+    if isinstance(module, nn.Linear):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _units(child, f"{path}.{name}" if path else name)
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or not any(c is not None for c in m._modules.values())
 
 
 def _read_module(module: nn.Module, activation: Optional[Activation]):
     """(linear modules, activations) read from the module's leaves, or a string saying why not."""
+    hooks = _global_hooks()
+    if hooks:
+        return f"a global {hooks} is registered (torch.nn.modules.module.register_module_*)"
     linears: List[nn.Linear] = []
     acts: List[Activation] = []
     pending: Optional[Activation] = None
     saw_act_module = False
-    for m in _leaves(module):
+    for path, m in _units(module):
         name = type(m).__name__
+        where = f"{name} {path!r}" if path else name
+        if not isinstance(m, nn.Linear):
+            hooks = _hooks(m)
+            if hooks:
+                return f"{where} has a {hooks}"
+        if not _is_leaf(m):
+            own = [n for n, t in list(m._parameters.items()) + list(m._buffers.items()) if t is not None]
+            if own:
+                return f"{where} holds {', '.join(own)} outside its Linear layers (its forward may use them)"
+            continue
         if isinstance(m, nn.Linear):
+            why = _linear_problem(m)
+            if why is not None:
+                return f"layer {path!r}: {why}" if path else why
             if linears:
                 if pending is None:
                     if saw_act_module or activation is None:
@@ -146,9 +228,9 @@ def _read_module(module: nn.Module, activation: Optional[Activation]):
             linears.append(m)
             pending = None
             continue
-        if isinstance(m, _SKIPPED):
+        if type(m) in _SKIPPED:
             continue
-        if isinstance(m, _DROPOUTS):
+        if type(m) in _DROPOUTS:
             if m.training and m.p > 0:
                 return f"{name}(p={m.p}) in training mode between the layers"
             continue
@@ -210,30 +292,61 @@ def _mlp(obs, act, linears, acts):
     return h.reshape(-1)
 
 
-# per module: (signature, Critic template)
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+@dataclass(eq=False)
+class _Reading:
+    """What was read from one module, kept between calls. It holds no reference to the module or
+    its layers (weak references only): the cache must not keep a critic the caller dropped alive."""
+
+    signature: tuple
+    linears: Optional[List["weakref.ref[nn.Linear]"]] = None
+    activations: Optional[List[Activation]] = None
+    why: Optional[str] = None
+    concat_call: Optional[bool] = None
+
+
+# id(module) -> _Reading; a finalizer drops the entry when the module dies (before its id can be
+# reused). Integer keys rather than a WeakKeyDictionary: torch.compile guards on one entry by its key,
+# not on the position of weak references that the garbage collector may remove while it compiles.
+_CACHE: Dict[int, _Reading] = {}
 _CHECK_ROWS = 4
 
 
-def _signature(module: nn.Module, activation):
-    return (activation, module.training,
-            tuple((id(m), type(m), m.training, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
-                   tuple(p.dtype for p in m.parameters(recurse=False)))
-                  for m in _leaves(module)))
+def _remember(module: nn.Module, reading: _Reading) -> None:
+    key = id(module)
+    if key not in _CACHE:
+        weakref.finalize(module, _CACHE.pop, key, None)
+    _CACHE[key] = reading
+
+
+def _unit_signature(m: nn.Module) -> tuple:
+    if isinstance(m, nn.Linear):
+        params = (m._parameters.get("weight"), m._parameters.get("bias"))
+        shapes = tuple(None if p is None else (tuple(p.shape), p.dtype) for p in params)
+        return id(m), type(m), m.training, bool(_hooks(m)), shapes, m.in_features, m.out_features
+    spec = activation_spec(m)  # an activation's setting (LeakyReLU slope, ELU alpha, GELU approximation)
+    p = getattr(m, "p", None) if type(m) in _DROPOUTS else None
+    return (id(m), type(m), m.training, bool(_hooks(m)), spec, p, m.__dict__.get("forward"),
+            tuple(m._parameters), tuple(m._buffers))
+
+
+def _signature(module: nn.Module, activation) -> tuple:
+    """Everything the reading depends on; compared at every call, so a change is never missed
+    (an activation's setting changed in place, a hook added, a layer swapped or parametrized)."""
+    return (activation, _global_hooks() is not None, tuple(_unit_signature(m) for _, m in _units(module)))
 
 
 def _check_tolerance() -> float:
     return 1e-4 if torch.get_float32_matmul_precision() == "highest" else 1e-2
 
 
-def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
-    params = list(module.parameters())
-    dtype = params[0].dtype if params else torch.float32
+def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, actions, sig) -> _Reading:
     read = _read_module(module, activation)
     if isinstance(read, str):
         # opaque: no check call (its forward may have state, e.g. batch-norm statistics); the torch
         # path calls it on the real rows only
-        return Critic(module=module, why=read)
+        return _Reading(sig, why=read)
+    linears, acts = read
+    dtype = linears[0].weight.dtype
     B, K, A = actions.shape
     n_real = min(B, 2)
     o = obs[:n_real].detach().unsqueeze(1).expand(n_real, min(K, 2), obs.shape[1]).reshape(-1, obs.shape[1])
@@ -241,40 +354,46 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
     gen = torch.Generator(device=obs.device).manual_seed(0)
     o = torch.cat([o, 2.0 * torch.randn(_CHECK_ROWS, obs.shape[1], generator=gen, device=obs.device)]).to(dtype)
     a = torch.cat([a, torch.rand(_CHECK_ROWS, A, generator=gen, device=obs.device) * 2 - 1]).to(dtype)
-    with torch.no_grad():
+    # parametrize.cached(): a parametrized weight is computed once for the forward and the reading
+    # (spectral_norm's power iteration steps once, as in one forward)
+    with torch.no_grad(), parametrize.cached():
         concat, out = _call_convention(module, o, a)
         out = out.reshape(-1)
-        linears, acts = read
         if linears[0].in_features != obs.shape[1] + A:
-            return Critic(module=module, why=f"its first Linear layer takes {linears[0].in_features} inputs, "
-                                             f"obs + action dims are {obs.shape[1] + A}", concat_call=concat)
+            return _Reading(sig, concat_call=concat,
+                            why=f"its first Linear layer takes {linears[0].in_features} inputs, obs + action dims "
+                                f"are {obs.shape[1] + A}")
         mine = _mlp(o, a, linears, acts)
         scale = max(out.abs().max().item(), mine.abs().max().item(), 1e-30)
         diff = (out.float() - mine.float()).abs().max().item()
         spread = (out - out.mean()).abs().max().item()
     if not diff <= _check_tolerance() * scale:
-        return Critic(module=module, concat_call=concat,
-                      why=(f"its forward does not compute the MLP of its Linear and activation modules on "
-                           f"concat(s, a) (largest difference {diff:.3g} at output scale {scale:.3g} on "
-                           f"{o.shape[0]} rows)"))
-    critic = Critic(layers=[(m.weight, m.bias) for m in linears], activations=list(acts), module=module)
-    critic._informative = spread > 1e-6 * max(scale, 1.0)  # a constant output proves nothing: check again
-    critic._linears = linears
-    return critic
+        return _Reading(sig, concat_call=concat,
+                        why=(f"its forward does not compute the MLP of its Linear and activation modules on "
+                             f"concat(s, a) (largest difference {diff:.3g} at output scale {scale:.3g} on "
+                             f"{o.shape[0]} rows)"))
+    reading = _Reading(sig, [weakref.ref(m) for m in linears], list(acts), concat_call=concat)
+    reading.informative = spread > 1e-6 * max(scale, 1.0)  # a constant output proves nothing: check again
+    return reading
 
 
 def _module_critic(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
     sig = _signature(module, activation)
-    hit = _CACHE.get(module)
-    if hit is not None and hit[0] == sig:
-        t = hit[1]
-    else:
-        t = _read_and_check(module, activation, obs, actions)
-        if not t.modeled or getattr(t, "_informative", True):
-            _CACHE[module] = (sig, t)
-    if not t.modeled:
-        return t
-    return Critic(layers=[(m.weight, m.bias) for m in t._linears], activations=list(t.activations), module=module)
+    reading = _CACHE.get(id(module))
+    linears = None
+    if reading is not None and reading.signature == sig:
+        if reading.linears is None:
+            return Critic(module=module, why=reading.why, concat_call=reading.concat_call, reading=reading)
+        linears = [ref() for ref in reading.linears]
+    if linears is None or any(m is None for m in linears):
+        reading = _read_and_check(module, activation, obs, actions, sig)
+        if reading.linears is None or getattr(reading, "informative", True):
+            _remember(module, reading)
+        if reading.linears is None:
+            return Critic(module=module, why=reading.why, concat_call=reading.concat_call, reading=reading)
+        linears = [ref() for ref in reading.linears]
+    # read now: a parametrized layer's weight is computed from its current parameters
+    return Critic(layers=[(m.weight, m.bias) for m in linears], activations=list(reading.activations), module=module)
 
 
 def module_q(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -284,11 +403,27 @@ def module_q(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, dtype: to
     pdt = params[0].dtype if params else dtype
     o = obs.unsqueeze(1).expand(B, K, obs.shape[1]).reshape(B * K, obs.shape[1]).to(pdt)
     a = actions.reshape(B * K, A).to(pdt)
+    if critic.member is not None:  # one member of a module with stacked_layers(): its forward gives (E, B, K)
+        return critic.module(obs.to(pdt), actions.to(pdt))[critic.member].reshape(B, K).to(dtype)
     if critic.concat_call is None:  # first evaluation: find how it is called (kept in the cache)
         critic.concat_call, out = _call_convention(critic.module, o, a)
+        if critic.reading is not None:
+            critic.reading.concat_call = critic.concat_call
     else:
         out = _call(critic.module, o, a, critic.concat_call)
     return out.reshape(B, K).to(dtype)
+
+
+def _stacked_module_hooks(module: nn.Module) -> Optional[str]:
+    """The hooks on a module read through its stacked_layers() (or any submodule), or None."""
+    hooks = _global_hooks()
+    if hooks:
+        return f"a global {hooks} is registered (torch.nn.modules.module.register_module_*)"
+    for path, m in _units(module):
+        hooks = _hooks(m)
+        if hooks:
+            return f"{type(m).__name__}{f' {path!r}' if path else ''} has a {hooks}"
+    return None
 
 
 def _module_name(module: nn.Module, i: int) -> str:
@@ -316,6 +451,11 @@ def resolve_critics(critics, activation, obs: torch.Tensor, actions: torch.Tenso
             what = "stacked critic layers"
     if stacked is not None:
         spec = _raw_activation(stacked, act, what)
+        hooked = _stacked_module_hooks(critics) if isinstance(critics, nn.Module) else None
+        if hooked is not None:  # its forward is what the hooks see: run it, member by member
+            E = stacked[0][0].shape[0]
+            return CriticSet([Critic(module=critics, why=hooked, member=c) for c in range(E)], None,
+                             [f"critic {c} of {what}" for c in range(E)])
         stacked = [(w, b) for w, b in stacked]
         if len(stacked) < 2:
             raise ValueError(f"{what}: a critic needs at least two Linear layers, got {len(stacked)}")

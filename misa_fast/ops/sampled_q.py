@@ -138,21 +138,48 @@ def _compute_dtype(obs, actions, cset: CriticSet, log_weights=None) -> torch.dty
 # ----------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------
+# On the CPU the MLP's elementwise work (bias, activation, their backward) is memory-bound: it runs on
+# blocks of states whose hidden activations stay in cache (about 1 MiB of fp32), as a loop over
+# proposals would, and the activation is applied in place where its backward needs only its result.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+
+
+def _activate_fresh(z: torch.Tensor, act: Activation) -> torch.Tensor:
+    """act(z) for a ``z`` no other op saved (a fresh matmul or sum): in place where autograd allows."""
+    name, param = act
+    if name == "relu":
+        return torch.relu_(z)
+    if name == "elu" and param >= 0:
+        return F.elu(z, alpha=param, inplace=True)
+    if name == "tanh":
+        return torch.tanh_(z)
+    return apply_activation(z, act)
+
+
 def _critic_q(obs: torch.Tensor, actions: torch.Tensor, critic: Critic, dtype: torch.dtype) -> torch.Tensor:
     """Q (B, K) of one critic: the modeled MLP with the first layer split into its state half
     (computed once per state) and its action half, or an opaque module's own forward."""
     if not critic.modeled:
         return module_q(critic, obs, actions, dtype)
+    B, K = actions.shape[0], actions.shape[1]
     S = obs.shape[1]
-    c = critic.layers
-    w0, b0 = c[0]
-    w0 = w0.to(dtype)
-    hs = F.linear(obs.to(dtype), w0[:, :S], None if b0 is None else b0.to(dtype))  # (B, H)
-    h = apply_activation(hs.unsqueeze(1) + F.linear(actions.to(dtype), w0[:, S:]), critic.activations[0])
-    for (w, b), act in zip(c[1:-1], critic.activations[1:]):
-        h = apply_activation(F.linear(h, w.to(dtype), None if b is None else b.to(dtype)), act)
-    w, b = c[-1]
-    return F.linear(h, w.to(dtype), None if b is None else b.to(dtype)).squeeze(-1)
+    layers = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in critic.layers]
+    w0, b0 = layers[0]
+    hs = F.linear(obs.to(dtype), w0[:, :S], b0)  # (B, H0)
+    w0_actions = w0[:, S:]
+    block = B
+    if obs.device.type == "cpu" and not torch.compiler.is_compiling():
+        block = max(1, _CPU_BLOCK_ELEMENTS // (K * max(w.shape[0] for w, _ in layers)))
+    qs = []
+    for hs_block, act_block in zip(hs.split(block), actions.to(dtype).split(block)):
+        rows = hs_block.shape[0] * K
+        z = hs_block.unsqueeze(1) + F.linear(act_block, w0_actions)  # (b, K, H0)
+        h = _activate_fresh(z.view(rows, -1), critic.activations[0])
+        for (w, b), act in zip(layers[1:-1], critic.activations[1:]):
+            h = _activate_fresh(F.linear(h, w, b), act)
+        w, b = layers[-1]
+        qs.append(F.linear(h, w, b).view(-1, K))
+    return qs[0] if len(qs) == 1 else torch.cat(qs)
 
 
 def _reference(obs, actions, cset: CriticSet, log_weights, normalizer, return_q, temperature):
@@ -398,6 +425,16 @@ def _sampled_q_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(q, lse)
 
 
+def _first_order_only(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` behind a node that raises when it is differentiated (a double backward): the formula
+    holds q and lse constant, so its own derivative would silently drop their terms."""
+    if not torch.is_grad_enabled() or not grad.requires_grad:
+        return grad
+    return torch._C._functions.DelayedError(
+        b"sampled_q_log_mean_exp: second-order gradients are not supported by the fused kernel's "
+        b"backward; use backend='torch' for a double backward", 1)(grad)
+
+
 def _sampled_q_backward(ctx, grad_out, _grad_q, _grad_lse):
     obs, actions, log_weights, q, lse, *layers = ctx.saved_tensors
     L = len(ctx.has_bias)
@@ -412,7 +449,7 @@ def _sampled_q_backward(ctx, grad_out, _grad_q, _grad_lse):
         # d out / d logw_bk = T * softmax_k(q_b / T + logw_b), summed over the critics
         lse_safe = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
         p = torch.exp(q / temperature + log_weights.to(q.dtype).unsqueeze(1) - lse_safe.unsqueeze(-1))
-        dlw = (temperature * p * grad_out.to(q.dtype).unsqueeze(-1)).sum(1).to(log_weights.dtype)
+        dlw = _first_order_only((temperature * p * grad_out.to(q.dtype).unsqueeze(-1)).sum(1).to(log_weights.dtype))
     # a list of biases that are all None is one leaf of the inputs' structure: its gradient is one None
     bias_grads = grads[2 + L:] if any(ctx.has_bias) else None
     return (grads[0], grads[1], dlw, grads[2:2 + L], bias_grads, None, None, None, None, None, None)
