@@ -17,7 +17,6 @@ are imported), which is how the tests exercise them without a GPU. ``"torch"`` f
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from typing import Iterator, Optional
@@ -65,16 +64,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Triton and the kernel package import (cached: import once per process)."""
-    try:
-        import triton  # noqa: F401
+_triton_imports: Optional[bool] = None  # a plain global, not an lru_cache: dynamo reads it as a constant
 
-        import misa_fast.kernels  # noqa: F401
-    except Exception:
-        return False
-    return True
+
+def triton_available() -> bool:
+    """Triton and the kernel package import (found once per process)."""
+    global _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401
+
+            import misa_fast.kernels  # noqa: F401
+        except Exception:
+            _triton_imports = False
+        else:
+            _triton_imports = True
+    return _triton_imports
 
 
 _member_maps = 0  # depth of misa_fast.agents.members' vmapped calls (a plain global: dynamo traces it)
@@ -141,13 +146,20 @@ def kernel_runs_on(*tensors: Optional[torch.Tensor]) -> bool:
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
+@torch.compiler.assume_constant_result
+def _matmul_precision() -> str:
+    # dynamo cannot put the string this returns into a graph: it is read when the graph is traced,
+    # and a compiled graph keeps the precision it was traced with
+    return torch.get_float32_matmul_precision()
+
+
 def resolve_precision(precision: Optional[str], allowed=("tf32", "bf16", "ieee", "fp32")) -> str:
     """The dot precision of a fused op: ``precision`` if given, else the one PyTorch's own setting
     asks for (``torch.get_float32_matmul_precision()``: "highest" -> "ieee", "high" -> "tf32",
     "medium" -> "bf16"), so that a call without ``precision=`` computes what the caller's fp32
     matmuls compute."""
     if precision is None:
-        return _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+        return _TORCH_PRECISION.get(_matmul_precision(), "ieee")
     if precision not in allowed:
         raise ValueError(f"precision must be one of {allowed} or None (PyTorch's own setting), got {precision!r}")
     return precision

@@ -99,5 +99,115 @@ def test_double_backward_raises_clearly(where):
     obs, actions, lw, weights, biases = flat_inputs(where, E=1)
     out = OPS.sampled_q_log_mean_exp(obs, actions, lw, weights, biases, 0.0, 1.0, "elu", 1.0, "ieee", None)[0]
     g = torch.autograd.grad(out.sum(), weights[0], create_graph=True)[0]
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with pytest.raises(RuntimeError, match="second-order|no autograd formula"):
         torch.autograd.grad(g.sum(), weights[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile and torch.export of a CQL critic loss
+# ----------------------------------------------------------------------------------------------
+S, A, B, K = 3, 2, 3, 4
+
+
+class CQLCriticLoss(nn.Module):
+    """TD error plus CQL(H)'s importance-sampled log-sum-exp minus the data actions' Q, on an
+    nn.Sequential critic."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.q1 = critic(S, A, activation=nn.ReLU)
+        self.backend = backend
+
+    def forward(self, obs, act, sampled, log_w, target):
+        lse = sampled_q_log_mean_exp(obs, sampled, [self.q1], log_w, normalizer="none", temperature=0.5,
+                                     backend=self.backend)
+        q_data = self.q1(torch.cat([obs, act], -1)).squeeze(-1)
+        return ((q_data - target) ** 2).mean() + (lse[0] - q_data).mean()
+
+
+def loss_inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(B, S, generator=g), torch.rand(B, A, generator=g) * 2 - 1,
+            torch.rand(B, K, A, generator=g) * 2 - 1, torch.randn(B, K, generator=g), torch.randn(B, generator=g))
+
+
+def backends():
+    return [pytest.param("triton", marks=needs_kernels), "torch"]
+
+
+def operator_calls(graph):
+    return [n.target for n in graph.nodes if "misa_fast" in str(n.target)]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_compiled_cql_loss_has_no_graph_break_and_the_eager_numbers(backend):
+    """fullgraph=True: one graph, the registered operator in it where the kernel runs (plain torch
+    on the torch path); aot_eager runs the operator's fake implementation and its autograd."""
+    loss = CQLCriticLoss(backend).to(DEV if backend == "triton" else "cpu")
+    inputs = [t.to(next(loss.parameters()).device) for t in loss_inputs()]
+    eager = loss(*inputs)  # the critic reader checks a module once, eagerly, against its own forward
+    eager_grads = torch.autograd.grad(eager, list(loss.parameters()))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=capture)
+    value = compiled(*inputs)
+    grads = torch.autograd.grad(value, list(loss.parameters()))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    expected = [OPS.sampled_q_log_mean_exp.default] if backend == "triton" else []
+    assert operator_calls(graphs[0].graph) == expected
+    torch.testing.assert_close(value, eager, rtol=0, atol=0)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backends())
+def test_inductor_compiled_cql_loss_gives_the_eager_numbers(backend):
+    loss = CQLCriticLoss(backend).to(DEV if backend == "triton" else "cpu")
+    inputs = [t.to(next(loss.parameters()).device) for t in loss_inputs()]
+    eager = loss(*inputs)
+    eager_grads = torch.autograd.grad(eager, list(loss.parameters()))
+    torch._dynamo.reset()
+    value = torch.compile(loss, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(value, list(loss.parameters()))
+    torch._dynamo.reset()
+    torch.testing.assert_close(value, eager)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("backend", backends())
+def test_exported_cql_loss_gives_the_eager_numbers(backend, strict):
+    loss = CQLCriticLoss(backend).to(DEV if backend == "triton" else "cpu")
+    inputs = tuple(t.to(next(loss.parameters()).device) for t in loss_inputs())
+    eager = loss(*inputs)  # the critic reader's one eager check, before tracing
+    program = torch.export.export(loss, inputs, strict=strict)
+    expected = [OPS.sampled_q_log_mean_exp.default] if backend == "triton" else []
+    assert operator_calls(program.graph) == expected
+    torch.testing.assert_close(program.module()(*inputs), eager, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_compiled_log_mean_exp_is_the_operator():
+    x = torch.randn(4, 6, device=DEV, requires_grad=True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        value = torch.compile(lambda t: log_mean_exp(t, -1).sum(), fullgraph=True, backend=capture)(x)
+        eager = log_mean_exp(x, -1).sum()
+    torch._dynamo.reset()
+    assert operator_calls(graphs[0].graph) == [OPS.log_mean_exp.default]
+    torch.testing.assert_close(value, eager, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(value, x)[0], torch.autograd.grad(eager, x)[0], rtol=0, atol=0)
