@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import h5py
@@ -18,15 +19,8 @@ import numpy as np
 from misa_fast.data import minari as minari_ids
 from misa_fast.data import registry, transforms
 from misa_fast.data.download import resolve_dataset
+from misa_fast.data.errors import DataError, UnsafeDataError
 from misa_fast.errors import UserError
-
-
-class DataError(UserError):
-    """A dataset that cannot be used as given: the message names the file and the key or field."""
-
-
-class UnsafeDataError(DataError):
-    """A dataset whose reading would run code or read other files: refused unread."""
 
 # What each required key must hold, as said in error messages.
 REQUIRED_KEYS = {
@@ -62,26 +56,112 @@ def load_dataset(name_or_path: str | os.PathLike, download: bool = True) -> dict
     return validate_dataset(raw, source=str(path), obs_dim=obs_dim, act_dim=act_dim)
 
 
-def read_hdf5(path: str | os.PathLike) -> dict:
-    """Every dataset of a D4RL HDF5 file, keyed by its path ("infos/qpos"); root attributes (some
-    writers keep the env id there) become ``metadata/<attr>`` entries."""
-    raw: dict = {}
+class LazyArrays(MutableMapping):
+    """A raw dataset whose arrays are read from their file when first looked up: a file may declare
+    datasets nobody uses (of any size) without costing memory. ``shape(key)`` answers from the
+    file's declarations, without reading."""
 
-    def visit(key, obj):
-        if isinstance(obj, h5py.Dataset):
-            raw[key] = _plain(obj[()])
+    def __init__(self, loaders: dict, shapes: dict, values: dict | None = None):
+        self._loaders = dict(loaders)
+        self._shapes = dict(shapes)
+        self._values = dict(values or {})
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            if key not in self._loaders:
+                raise KeyError(key)
+            self._values[key] = self._loaders[key]()
+        return self._values[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._values[key] = value
+        self._shapes.pop(key, None)
+
+    def __delitem__(self, key) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._values.pop(key, None)
+        self._loaders.pop(key, None)
+        self._shapes.pop(key, None)
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self._loaders, *self._values]))
+
+    def __len__(self) -> int:
+        return len(set(self._loaders) | set(self._values))
+
+    def __contains__(self, key) -> bool:
+        return key in self._values or key in self._loaders
+
+    def shape(self, key) -> tuple:
+        if key in self._values:
+            return np.shape(self._values[key])
+        return self._shapes[key]
+
+    def copy(self) -> "LazyArrays":
+        return LazyArrays(self._loaders, self._shapes, self._values)
+
+
+def shape_of(raw, key) -> tuple:
+    """The shape of ``raw[key]``, without reading it when ``raw`` reads lazily."""
+    return raw.shape(key) if isinstance(raw, LazyArrays) else np.shape(raw[key])
+
+
+def _hdf5_datasets(path, group: h5py.Group, prefix: str = "") -> dict:
+    """Every dataset under ``group`` as {"infos/qpos": dataset path}, refusing what would make
+    reading it read other files: external links, soft links (a link may point anywhere, also
+    into another file or around a loop), datasets stored in external files and virtual datasets."""
+    found = {}
+    for name in group:
+        key = f"{prefix}{name}"
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise UnsafeDataError(f"{path}: refused: '{key}' is a link into another file ({link.filename}); a dataset "
+                                  "holds its own data")
+        if isinstance(link, h5py.SoftLink):
+            raise UnsafeDataError(f"{path}: refused: '{key}' is a link to '{link.path}'; a dataset holds its arrays "
+                                  "under their own names")
+        item = group[name]
+        if isinstance(item, h5py.Group):
+            found.update(_hdf5_datasets(path, item, f"{key}/"))
+        elif isinstance(item, h5py.Dataset):
+            if item.external:
+                raise UnsafeDataError(f"{path}: refused: '{key}' is stored in another file ({item.external[0][0]}); "
+                                      "a dataset holds its own data")
+            if item.is_virtual:
+                raise UnsafeDataError(f"{path}: refused: '{key}' is a virtual dataset mapping other files; a "
+                                      "dataset holds its own data")
+            found[key] = item.shape
+    return found
+
+
+def _hdf5_error(path, err: Exception) -> DataError:
+    return DataError(f"{path}: cannot read this HDF5 file ({err}). It is probably truncated or corrupted "
+                     f"(an interrupted download or write); delete it and download or generate it again.")
+
+
+def read_hdf5(path: str | os.PathLike) -> LazyArrays:
+    """The datasets of a D4RL HDF5 file, keyed by their path ("infos/qpos") and read when first
+    looked up; root attributes (some writers keep the env id there) become ``metadata/<attr>``
+    entries. Links and datasets whose data lives in other files are refused (UnsafeDataError)."""
+
+    def loader(key):
+        def load():
+            try:
+                with h5py.File(path, "r") as f:
+                    return _plain(f[key][()])
+            except (OSError, RuntimeError, KeyError) as err:
+                raise _hdf5_error(path, err) from err
+        return load
 
     try:
         with h5py.File(path, "r") as f:
-            f.visititems(visit)
-            for key, value in f.attrs.items():
-                raw.setdefault(f"metadata/{key}", _plain(value))
+            shapes = _hdf5_datasets(path, f)
+            attributes = {f"metadata/{key}": _plain(value) for key, value in f.attrs.items()
+                          if f"metadata/{key}" not in shapes}
     except (OSError, RuntimeError, KeyError) as err:  # h5py's wording for truncated/corrupt files
-        raise ValueError(
-            f"{path}: cannot read this HDF5 file ({err}). It is probably truncated or corrupted "
-            f"(an interrupted download or write); delete it and download or generate it again."
-        ) from err
-    return raw
+        raise _hdf5_error(path, err) from err
+    return LazyArrays({key: loader(key) for key in shapes}, shapes, attributes)
 
 
 def read_npz(path: str | os.PathLike) -> dict:
@@ -116,21 +196,36 @@ def read_minari_dataset(path: str | os.PathLike) -> dict:
     if metadata is None:  # an h5py-only directory: episodes and nothing else
         return read_minari(path)
 
-    dataset_id = str(metadata.get("dataset_id") or Path(path).name)
-    minari_ids.check_storage_format(metadata, dataset_id)
-    action_space = minari_ids.check_action_space(metadata, dataset_id)
-    keys = minari_ids.observation_keys(metadata, dataset_id, registry.DICT_OBSERVATION_KEYS)
+    where = Path(path) / "data" / "metadata.json"
+    try:  # every field is checked before any episode is read
+        dataset_id = str(metadata.get("dataset_id") or Path(path).name)
+        minari_ids.check_storage_format(metadata, dataset_id)
+        action_space = minari_ids.check_action_space(metadata, dataset_id)
+        keys = minari_ids.observation_keys(metadata, dataset_id, registry.DICT_OBSERVATION_KEYS)
+        bounds = minari_ids.action_bounds(action_space, dataset_id)
+        env_id, env_kwargs = minari_ids.evaluation_env(metadata)
+        scores = minari_ids.reference_scores(metadata)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
     raw = read_minari(path, observation_keys=keys)
-    bounds = minari_ids.action_bounds(action_space)
+    spaces = {"actions": action_space, "observations": None if keys else minari_ids.space_of(metadata,
+                                                                                            "observation_space")}
+    for key, space in spaces.items():  # a space the episodes contradict describes other data
+        declared = (space or {}).get("shape")
+        if declared and np.ndim(raw[key]) == 2 and int(np.prod(declared)) != np.shape(raw[key])[1]:
+            raise DataError(f"{where}: the {key[:-1].replace('_', ' ')} space has shape {tuple(declared)}, but the "
+                            f"episodes' {key} have width {np.shape(raw[key])[1]}")
+    width = np.shape(raw["actions"])[-1]
     if bounds is not None:  # stored in the environment's units; policies act in [-1, 1]
+        if bounds[0].size not in (1, width):
+            raise DataError(f"{where}: the action space's bounds have {bounds[0].size} entries for actions of "
+                            f"width {width}")
         raw["actions"] = transforms.unscale_actions(raw["actions"], *bounds)
     raw["metadata/dataset_name"] = dataset_id
     raw["metadata/scores_from_dataset"] = True
-    env_id, env_kwargs = minari_ids.evaluation_env(metadata)
     if env_id:
         raw["metadata/env_id"] = env_id
         raw["metadata/env_kwargs"] = env_kwargs
-    scores = minari_ids.reference_scores(metadata)
     if scores is not None:
         raw["metadata/ref_min_score"], raw["metadata/ref_max_score"] = scores
     return raw
@@ -150,15 +245,16 @@ def read_minari(path: str | os.PathLike, observation_keys: tuple | None = None) 
     columns: dict[str, list] = {}
     try:
         with h5py.File(main, "r") as f:
+            _hdf5_datasets(main, f)  # refuses links and data stored in other files before reading any
             episodes = sorted((k for k in f if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
             if not episodes:
-                raise ValueError(f"{main}: no 'episode_<id>' groups found")
+                raise DataError(f"{main}: no 'episode_<id>' groups found")
             for key in episodes:
                 for column, values in _minari_episode(f[key], f"{main}:{key}", observation_keys).items():
                     columns.setdefault(column, []).append(values)
             metadata = {f"metadata/{k}": _plain(v) for k, v in f.attrs.items()}
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"{main}: cannot read this HDF5 file ({err}); it is probably truncated or corrupted") from err
+        raise DataError(f"{main}: cannot read this HDF5 file ({err}); it is probably truncated or corrupted") from err
     raw = {column: np.concatenate(parts) for column, parts in columns.items() if len(parts) == len(episodes)}
     # Every row holds its own true s', so the q-learning view takes s' from next_observations.
     return {**raw, **metadata, "metadata/format": "minari"}
@@ -167,13 +263,13 @@ def read_minari(path: str | os.PathLike, observation_keys: tuple | None = None) 
 def _minari_episode(group: h5py.Group, where: str, observation_keys: tuple | None = None) -> dict:
     for key in ("observations", "actions", "rewards", "terminations", "truncations"):
         if key not in group:
-            raise ValueError(f"{where}: missing key '{key}' (Minari episodes hold observations, actions, "
+            raise DataError(f"{where}: missing key '{key}' (Minari episodes hold observations, actions, "
                              f"rewards, terminations and truncations)")
     obs = _flat_observations(group["observations"], observation_keys)
     actions = group["actions"][()]
     steps = len(actions)
     if len(obs) != steps + 1:
-        raise ValueError(f"{where}: 'observations' has {len(obs)} rows, expected {steps + 1} "
+        raise DataError(f"{where}: 'observations' has {len(obs)} rows, expected {steps + 1} "
                          f"(one more than the {steps} actions)")
     episode = {
         "observations": obs[:-1], "next_observations": obs[1:], "actions": actions,
@@ -208,12 +304,12 @@ def _plain(value):
 def validate_dataset(raw: dict, source: str = "dataset", obs_dim: int | None = None,
                      act_dim: int | None = None) -> dict:
     """Check a raw dict and return it normalised (rewards/terminals/timeouts of shape (N,),
-    terminals/timeouts bool). Raises ValueError naming the key, what was expected and what was
+    terminals/timeouts bool). Raises DataError (a ValueError) naming the key, what was expected and what was
     found: missing keys, wrong ranks or widths, inconsistent lengths, non-finite values."""
     for key, expected in REQUIRED_KEYS.items():
         if key not in raw:
-            raise ValueError(f"{source}: missing key '{key}': expected {expected}")
-    out = dict(raw)
+            raise DataError(f"{source}: missing key '{key}': expected {expected}")
+    out = raw.copy() if isinstance(raw, LazyArrays) else dict(raw)  # other keys stay unread
     obs = np.asarray(raw["observations"])
     _check_float(obs, "observations", source, ndim=2)
     n = len(obs)
@@ -225,26 +321,27 @@ def validate_dataset(raw: dict, source: str = "dataset", obs_dim: int | None = N
         values = out[key]
         if values.dtype != np.bool_:
             if not np.isin(values, (0, 1)).all():
-                raise ValueError(f"{source}: '{key}' must hold only 0/1 or True/False, got values "
+                raise DataError(f"{source}: '{key}' must hold only 0/1 or True/False, got values "
                                  f"{np.unique(values)[:5]}")
             out[key] = values.astype(bool)
     if "next_observations" in raw:
         _check_float(np.asarray(raw["next_observations"]), "next_observations", source, ndim=2)
         if np.shape(raw["next_observations"]) != obs.shape:
-            raise ValueError(f"{source}: 'next_observations' has shape {np.shape(raw['next_observations'])}, "
+            raise DataError(f"{source}: 'next_observations' has shape {np.shape(raw['next_observations'])}, "
                              f"expected {obs.shape} (the shape of 'observations')")
-    for key, value in raw.items():  # every per-step array must have N rows (other keys are free-form)
+    for key in raw:  # every per-step array must have N rows (other keys are free-form)
         per_step = key in REQUIRED_KEYS or key == "next_observations" or key.startswith("infos/")
-        if per_step and key != "observations" and np.ndim(value) >= 1 and len(value) != n:
-            raise ValueError(f"{source}: '{key}' has {len(value)} rows, expected {n} (the number of observations)")
+        shape = shape_of(raw, key)
+        if per_step and key != "observations" and len(shape) >= 1 and shape[0] != n:
+            raise DataError(f"{source}: '{key}' has {shape[0]} rows, expected {n} (the number of observations)")
     if obs_dim is not None and obs.shape[1] != obs_dim:
-        raise ValueError(f"{source}: 'observations' has width {obs.shape[1]}, expected {obs_dim}")
+        raise DataError(f"{source}: 'observations' has width {obs.shape[1]}, expected {obs_dim}")
     if act_dim is not None and np.shape(raw["actions"])[1] != act_dim:
-        raise ValueError(f"{source}: 'actions' has width {np.shape(raw['actions'])[1]}, expected {act_dim}")
+        raise DataError(f"{source}: 'actions' has width {np.shape(raw['actions'])[1]}, expected {act_dim}")
     for key in FINITE_KEYS:
         if key in out and not np.isfinite(out[key]).all():
             bad = np.flatnonzero(~np.isfinite(out[key]).reshape(len(out[key]), -1).all(axis=1))
-            raise ValueError(f"{source}: '{key}' holds non-finite values (NaN or inf) in {len(bad)} rows, "
+            raise DataError(f"{source}: '{key}' holds non-finite values (NaN or inf) in {len(bad)} rows, "
                              f"first at row {bad[0]}; expected finite numbers")
     return out
 
@@ -252,9 +349,11 @@ def validate_dataset(raw: dict, source: str = "dataset", obs_dim: int | None = N
 def _check_float(values: np.ndarray, key: str, source: str, ndim: int) -> None:
     if values.ndim != ndim:
         shape = "(N, width)" if ndim == 2 else "(N,)"
-        raise ValueError(f"{source}: '{key}' must have shape {shape}, got shape {values.shape}")
+        raise DataError(f"{source}: '{key}' must have shape {shape}, got shape {values.shape}")
     if not np.issubdtype(values.dtype, np.floating):
-        raise ValueError(f"{source}: '{key}' must be a float array, got dtype {values.dtype}")
+        raise DataError(f"{source}: '{key}' must be a float array, got dtype {values.dtype}")
+    if ndim == 2 and values.shape[1] == 0:
+        raise DataError(f"{source}: '{key}' has width 0 (shape {values.shape}): every row needs at least one number")
 
 
 def _column(values, key: str, n: int, source: str) -> np.ndarray:
@@ -262,7 +361,7 @@ def _column(values, key: str, n: int, source: str) -> np.ndarray:
     if values.ndim == 2 and values.shape[1] == 1:  # some D4RL files store (N, 1) columns
         values = values[:, 0]
     if values.shape != (n,):
-        raise ValueError(f"{source}: '{key}' has shape {values.shape}, expected ({n},) "
+        raise DataError(f"{source}: '{key}' has shape {values.shape}, expected ({n},) "
                          f"(one entry per observation row)")
     return values
 
@@ -304,7 +403,7 @@ def qlearning_dataset(raw: dict, terminate_on_end: bool = False, use_next_observ
     timeouts = np.asarray(raw["timeouts"]).reshape(n).astype(bool)
     if use_next_observations:
         if "next_observations" not in raw:
-            raise ValueError("use_next_observations=True, but the dataset has no 'next_observations' key")
+            raise DataError("use_next_observations=True, but the dataset has no 'next_observations' key")
         rows = np.arange(n)
         next_obs = raw["next_observations"][rows]
     else:

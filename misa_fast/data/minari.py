@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from misa_fast.data import registry
+from misa_fast.data.errors import DataError
 from misa_fast.data.registry import LOCOMOTION_NAMESPACES, environment_part, is_minari_id, namespace_part  # noqa: F401
 
 
@@ -68,21 +69,28 @@ def _not_local(dataset_id: str, directory: Path, why: str) -> str:
 
 
 def read_metadata(directory: str | os.PathLike) -> dict | None:
-    """``data/metadata.json`` of a Minari directory; None when the directory has none."""
+    """``data/metadata.json`` of a Minari directory; None when the directory has none. Anything
+    but a JSON object of fields is a DataError naming the file."""
     path = Path(directory) / "data" / "metadata.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        metadata = json.loads(path.read_text())
+    except RecursionError:
+        raise DataError(f"{path}: cannot read this Minari metadata file (nested too deeply)") from None
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read this Minari metadata file ({err})") from err
+        raise DataError(f"{path}: cannot read this Minari metadata file ({err})") from err
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: a Minari metadata file holds a JSON object of fields, not a "
+                        f"{type(metadata).__name__}")
+    return metadata
 
 
 def check_storage_format(metadata: dict, dataset_id: str) -> None:
     """Episodes are read from Minari's hdf5 layout (with h5py); other layouts are named in the error."""
     data_format = metadata.get("data_format", "hdf5")
     if data_format != "hdf5":
-        raise ValueError(f"{dataset_id}: stored in Minari's {data_format!r} format; misa-fast reads Minari "
+        raise DataError(f"{dataset_id}: stored in Minari's {data_format!r} format; misa-fast reads Minari "
                          f"datasets stored as 'hdf5' (data/main_data.hdf5)")
 
 
@@ -91,7 +99,21 @@ def space_of(metadata: dict, key: str) -> dict | None:
     value = metadata.get(key)
     if value is None:
         return None
-    return json.loads(value) if isinstance(value, str) else value
+    return _json_object(value, key)
+
+
+def _json_object(value, field: str) -> dict:
+    """A metadata field that holds a JSON object (Minari stores them as JSON strings), as a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except RecursionError:
+            raise DataError(f"metadata field '{field}' is nested too deeply") from None
+        except ValueError as err:
+            raise DataError(f"metadata field '{field}' is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"metadata field '{field}' holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def observation_keys(metadata: dict, dataset_id: str, dict_keys_by_domain: dict) -> tuple | None:
@@ -111,12 +133,12 @@ def observation_keys(metadata: dict, dataset_id: str, dict_keys_by_domain: dict)
         subspaces = space.get("subspaces", {})
         if keys is not None and all(subspaces.get(k, {}).get("type") == "Box" for k in keys):
             return tuple(keys)
-        raise ValueError(
+        raise DataError(
             f"{dataset_id}: the observation space is a Dict (keys {sorted(subspaces)}), not a flat Box: the "
             f"networks take one vector per state, and misa-fast knows which keys make that vector only for "
             f"{sorted(dict_keys_by_domain)} datasets. Flatten the observations into a Box dataset first."
         )
-    raise ValueError(f"{dataset_id}: the observation space is {_describe(space)}, not a flat Box: the networks "
+    raise DataError(f"{dataset_id}: the observation space is {_describe(space)}, not a flat Box: the networks "
                      f"take one float vector per state")
 
 
@@ -133,10 +155,10 @@ def _check_flat_box(space: dict | None, which: str, dataset_id: str) -> None:
     if space.get("type") != "Box":
         why = ("misa-fast learns continuous (Gaussian) policies, which need a Box of float actions"
                if which == "action" else "the networks take one float vector per state")
-        raise ValueError(f"{dataset_id}: the {which} space is {_describe(space)}, not a flat Box: {why}")
+        raise DataError(f"{dataset_id}: the {which} space is {_describe(space)}, not a flat Box: {why}")
     shape = space.get("shape") or []
     if len(shape) != 1:
-        raise ValueError(f"{dataset_id}: the {which} space is a Box of shape {tuple(shape)}, not a flat Box "
+        raise DataError(f"{dataset_id}: the {which} space is a Box of shape {tuple(shape)}, not a flat Box "
                          f"(expected shape (width,))")
 
 
@@ -147,14 +169,27 @@ def _describe(space: dict) -> str:
     return kind
 
 
-def action_bounds(space: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(low, high) of a Box action space with finite bounds that are not already [-1, 1]: the
-    dataset's actions are converted to the [-1, 1] units policies act in (misa_fast.envs.rollout)."""
+def action_bounds(space: dict | None, dataset_id: str = "dataset") -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) of a Box action space whose bounds are not already [-1, 1]: the dataset's
+    actions are converted to the [-1, 1] units policies act in (misa_fast.envs.rollout). Bounds
+    that are not finite numbers with low < high in every dimension are a DataError: the
+    conversion would flip or blow up the actions."""
     if not space or "low" not in space or "high" not in space:
         return None
-    low = np.asarray(space["low"], dtype=np.float64)
-    high = np.asarray(space["high"], dtype=np.float64)
-    if not (np.isfinite(low).all() and np.isfinite(high).all()) or (np.allclose(low, -1) and np.allclose(high, 1)):
+    try:
+        low = np.asarray(space["low"], dtype=np.float64)
+        high = np.asarray(space["high"], dtype=np.float64)
+        low, high = np.broadcast_arrays(low, high)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{dataset_id}: the action space's bounds are not arrays of numbers ({err})") from None
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        raise DataError(f"{dataset_id}: the action space's bounds are not finite (low {low.tolist()}, high "
+                        f"{high.tolist()}): actions cannot be mapped to [-1, 1]")
+    if not (low < high).all():
+        bad = int(np.flatnonzero(~(low < high).reshape(-1))[0])
+        raise DataError(f"{dataset_id}: the action space's bounds are not ordered (low {low.reshape(-1)[bad]} >= "
+                        f"high {high.reshape(-1)[bad]} in dimension {bad}): expected low < high")
+    if np.allclose(low, -1) and np.allclose(high, 1):
         return None
     return low, high
 
@@ -162,19 +197,37 @@ def action_bounds(space: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
 def evaluation_env(metadata: dict) -> tuple[str | None, dict]:
     """(gymnasium id, make kwargs) of the environment the dataset records for evaluation: its
     ``eval_env_spec``, else the ``env_spec`` it was collected in; (None, {}) when it records none."""
-    spec = metadata.get("eval_env_spec") or metadata.get("env_spec")
+    field = "eval_env_spec" if metadata.get("eval_env_spec") else "env_spec"
+    spec = metadata.get(field)
     if not spec:
         return None, {}
-    spec = json.loads(spec) if isinstance(spec, str) else spec
-    kwargs = dict(spec.get("kwargs") or {})
+    spec = _json_object(spec, field)
+    kwargs = spec.get("kwargs") or {}
+    env_id = spec.get("id")
+    if not isinstance(kwargs, dict) or not (env_id is None or isinstance(env_id, str)):
+        raise DataError(f"metadata field '{field}': 'id' must be a string and 'kwargs' an object")
+    kwargs = dict(kwargs)
     if spec.get("max_episode_steps") is not None:
-        kwargs["max_episode_steps"] = int(spec["max_episode_steps"])
-    return spec.get("id"), kwargs
+        try:
+            kwargs["max_episode_steps"] = int(spec["max_episode_steps"])
+        except (TypeError, ValueError):
+            raise DataError(f"metadata field '{field}': 'max_episode_steps' is not a whole number") from None
+    return env_id, kwargs
 
 
 def reference_scores(metadata: dict) -> tuple[float, float] | None:
-    """(ref_min_score, ref_max_score) when the dataset records both, else None."""
+    """(ref_min_score, ref_max_score) when the dataset records both, else None. References that
+    are not finite numbers with ref_min_score < ref_max_score are a DataError: every normalized
+    score would be inf, NaN or upside down."""
     low, high = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if low is None or high is None:
         return None
-    return float(low), float(high)
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise DataError(f"metadata fields 'ref_min_score' / 'ref_max_score' are not numbers ({low!r}, "
+                        f"{high!r})") from None
+    if not (np.isfinite(low) and np.isfinite(high)) or low >= high:
+        raise DataError(f"metadata fields 'ref_min_score' ({low}) and 'ref_max_score' ({high}) must be finite "
+                        f"with ref_min_score < ref_max_score: no normalized score can be computed from them")
+    return low, high

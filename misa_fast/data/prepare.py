@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,11 @@ import numpy as np
 
 from misa_fast.data import registry, transforms
 from misa_fast.data.d4rl import load_dataset, qlearning_dataset
+from misa_fast.data.errors import DataError
+
+# How far past [-1, 1] a stored action may be and still count as rounding (it is clipped like the
+# rest); beyond it the data is in other units, and training on clipped values would be nonsense.
+ACTION_ROUNDING = 1e-3
 
 
 @dataclass
@@ -35,6 +41,9 @@ class DataInfo:
     scores_from: str = "domain"
     ref_min: float | None = None
     ref_max: float | None = None
+    # Per action dimension, what the dataset's actions were divided by (prepare(rescale_actions=True));
+    # None when they were already in [-1, 1].
+    action_scale: list[float] | None = None
 
     def reference_returns(self):
         """What ``misa_fast.envs.rollout.evaluate`` takes as ``reference_returns``: "by-name" (the domain's
@@ -78,6 +87,7 @@ def prepare(
     use_next_observations: bool = False,
     env_id: str | None = None,
     download: bool = True,
+    rescale_actions: bool = False,
 ) -> tuple[dict, DataInfo]:
     """Training transitions (float32: observations, actions, next_observations, rewards,
     terminals) and their DataInfo.
@@ -85,17 +95,26 @@ def prepare(
     ``reward_transform="auto"`` picks the dataset domain's (antmaze, minmax for kitchen/adroit,
     none otherwise); ``obs_norm`` is off by default; actions are always clipped to
     ±``action_clip``. ``env_id`` overrides the evaluation environment (default: the one recorded
-    in the file by make-dataset or in a Minari dataset's env spec, else the domain's)."""
+    in the file by make-dataset or in a Minari dataset's env spec, else the domain's).
+
+    Data that contradicts itself is refused (DataError), never guessed at: a name (the file's own
+    name field, else its file name) whose domain's action or observation width, or environment,
+    does not fit the data, and actions outside [-1, 1] beyond rounding (:data:`ACTION_ROUNDING`).
+    ``rescale_actions=True`` divides each action dimension by its largest magnitude instead (for
+    data stored in the environment's own units), says so on stderr and records the divisors in
+    ``DataInfo.action_scale``."""
     raw = load_dataset(name_or_path, download=download)
     name = dataset_name(name_or_path, raw)
+    check_name_fits(name_or_path, name, raw)
     if raw.get("metadata/format") == "minari":
         # Minari rows carry their true s': the last step of a truncated episode stays a (bootstrapped)
         # transition, and no s' is ever taken from the next episode.
         use_next_observations = True
     data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations)
     if len(data["rewards"]) == 0:
-        raise ValueError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
+        raise DataError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
 
+    data["actions"], action_scale = check_action_range(data["actions"], str(name_or_path), rescale_actions)
     data["actions"] = transforms.clip_actions(data["actions"], action_clip)
     domain = _domain_or_none(name)
     if reward_transform == "auto":
@@ -112,7 +131,7 @@ def prepare(
     env_id = env_id or recorded_env
     if env_id is None:
         if domain is None:
-            raise ValueError(f"{name}: cannot tell which environment this dataset comes from (no "
+            raise DataError(f"{name}: cannot tell which environment this dataset comes from (no "
                              f"'metadata/env_id' in the file and no env spec, unknown name); pass env_id=... "
                              f"(misa-fast train --env ID)")
         env_id = registry.env_id_for(name)
@@ -132,8 +151,57 @@ def prepare(
         scores_from="dataset" if raw.get("metadata/scores_from_dataset") else "domain",
         ref_min=_float_or_none(raw.get("metadata/ref_min_score")),
         ref_max=_float_or_none(raw.get("metadata/ref_max_score")),
+        action_scale=action_scale,
     )
     return data, info
+
+
+def check_action_range(actions: np.ndarray, source: str, rescale: bool) -> tuple[np.ndarray, list | None]:
+    """``actions`` when every one lies in [-1, 1] up to :data:`ACTION_ROUNDING`. Otherwise a
+    DataError that counts them, or with ``rescale`` each dimension divided by its largest
+    magnitude (a loud note on stderr) and the divisors."""
+    magnitude = np.abs(actions)
+    outside = (magnitude > 1.0 + ACTION_ROUNDING).any(axis=1)
+    if not outside.any():
+        return actions, None
+    count, total, largest = int(outside.sum()), len(actions), float(magnitude.max())
+    if not rescale:
+        raise DataError(f"{source}: 'actions': {count} of {total} actions are outside [-1, 1] (largest |a| = "
+                        f"{largest:.4g}); policies act in [-1, 1] (the environment's bounds), so these would be "
+                        "clipped. Store the actions in [-1, 1], or rescale them explicitly (rescale_actions, "
+                        "misa-fast train --rescale-actions)")
+    scale = np.maximum(magnitude.max(axis=0), 1.0)
+    print(f"misa-fast: note: {source}: 'actions': {count} of {total} actions were outside [-1, 1]; rescaled as "
+          f"asked: each action dimension divided by {[round(float(x), 6) for x in scale]}", file=sys.stderr)
+    return (actions / scale).astype(actions.dtype), [float(x) for x in scale]
+
+
+def check_name_fits(name_or_path, name: str, raw: dict) -> None:
+    """Refuses a dataset whose own name field (``metadata/dataset_name``, a Minari dataset's id)
+    picks a domain the data does not fit: that name chooses the reward transform, the score's
+    reference returns and, unless the file records one, the evaluation environment. (A registered
+    name is checked against its widths when loaded; a file's name is the user's own choice.)"""
+    recorded_name = raw.get("metadata/dataset_name")
+    domain = _domain_or_none(name)
+    if domain is None or not recorded_name or str(recorded_name) != name:
+        return
+    source = f"{name_or_path}: its name field {name!r} picks the {domain.name} preset"
+    recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
+    if recorded_env:
+        env_domain = _domain_or_none(str(recorded_env))
+        if env_domain is not None and env_domain.name != domain.name:
+            raise DataError(f"{source}, but the data records the environment {recorded_env} ({env_domain.name}); "
+                            "correct the name or the environment")
+    act_dim = np.shape(raw["actions"])[1]
+    if act_dim != domain.act_dim:
+        raise DataError(f"{source}, but its actions have width {act_dim} where {domain.name}'s have "
+                        f"{domain.act_dim}; correct the name")
+    # Minari datasets may come from newer environment versions whose observations differ from
+    # D4RL's widths (Ant-v5, FrankaKitchen's Dict): their recorded spaces were checked instead.
+    obs_dim = np.shape(raw["observations"])[1]
+    if raw.get("metadata/format") != "minari" and obs_dim != domain.obs_dim:
+        raise DataError(f"{source}, but its observations have width {obs_dim} where {domain.name}'s have "
+                        f"{domain.obs_dim}; correct the name")
 
 
 TRANSITION_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
