@@ -285,16 +285,16 @@ _SHAPE_EXPRESSION = re.compile(r"-?\d+|Symbol\('[a-z]+\d+'(, (positive|integer|n
 _MAX_GRAPH_BYTES = 64 << 20  # a policy's graph is tens of kB; a bigger one is not ours
 
 
-def _check_archive(path: Path) -> None:
-    """Refuses an exported-policy archive that holds anything ``torch.export.load`` would unpickle
-    with plain pickle, run as Python or evaluate as an expression; reads the zip's directory and
-    its JSON entries only."""
+def _check_archive(path: Path, contents: bytes) -> None:
+    """Refuses an exported-policy archive (``contents``, read from ``path``) that holds anything
+    ``torch.export.load`` would unpickle with plain pickle, run as Python or evaluate as an
+    expression; reads the zip's directory, its JSON entries and its example inputs (weights-only)."""
     def refuse(what: str):
         return UnsafeCheckpointError(f"{path}: refused: it holds {what}, which an exported misa-fast policy never "
                                      "does; nothing in it was loaded")
 
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(io.BytesIO(contents))
     except (zipfile.BadZipFile, OSError) as err:
         raise UserError(f"{path}: not a readable exported policy (not a .pt2 archive: {err})") from None
     with archive:
@@ -400,10 +400,11 @@ def load_exported_policy(path: os.PathLike) -> torch.nn.Module:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported policy at {path}")
-    _check_archive(path)
+    contents = path.read_bytes()  # torch reads the very bytes that were checked, not the file again
+    _check_archive(path, contents)
     try:
         with _weights_only_torch_load(path):
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(contents))
     except UnsafeCheckpointError:
         raise
     except Exception as err:

@@ -103,7 +103,7 @@ def test_the_graph_is_checked_again_after_loading(tmp_path, monkeypatch):
     """Second line: with the archive check skipped, the loaded graph's operators are still vetted
     before anything runs it."""
     secret, _ = secret_file(tmp_path)
-    monkeypatch.setattr(ckpt, "_check_archive", lambda path: None)
+    monkeypatch.setattr(ckpt, "_check_archive", lambda path, contents: None)
     with pytest.raises(ckpt.UnsafeCheckpointError, match="from_file"):
         ckpt.load_exported_policy(crafted.crafted_file_reader(tmp_path, secret))
     with pytest.raises(ckpt.UnsafeCheckpointError, match=r"sub_"):
