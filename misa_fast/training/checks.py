@@ -157,7 +157,7 @@ def check_memory(cfg, obs_dim: int, act_dim: int, device, members: int = 1) -> N
 
 # ------------------------------------------------------------------------------------------- resume
 # Options that decide what a run computes: a resumed run keeps its checkpoint's.
-FIXED_ON_RESUME = ("algo", "preset", "env", "obs_norm", "data_source", "overrides")
+FIXED_ON_RESUME = ("algo", "preset", "env", "obs_norm", "data_source", "rescale_actions", "overrides")
 
 
 def check_resume_options(given, saved, out) -> None:

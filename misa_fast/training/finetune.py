@@ -162,7 +162,8 @@ def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device,
         ckpt.set_rng_state(state["rng"])
         env_steps, episodes, last_eval = state["env_steps"], state["episodes"], state["last_eval"]
     else:
-        data, _ = prepare(offline_run["dataset"] or DEFAULT_DATASET, obs_norm=offline_run["obs_norm"])
+        data, _ = prepare(offline_run["dataset"] or DEFAULT_DATASET, obs_norm=offline_run["obs_norm"],
+                          rescale_actions=bool(offline_run.get("rescale_actions", False)))
         buffer = ReplayBuffer.from_arrays(data, capacity=len(data["rewards"]) + cfg.steps, seed=cfg.seed)
         del data
         torch.manual_seed(cfg.seed)

@@ -92,6 +92,8 @@ class RunConfig:
                                          "misa_fast.training.runtime, printed at start)")
     obs_norm: Optional[str] = option(None, choices=("none", "scalar", "per-dim"),
                                      help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
+    rescale_actions: bool = option(False, help="divide each action dimension of a dataset whose actions lie outside "
+                                               "[-1, 1] by its largest magnitude (without it such data is refused)")
     overrides: tuple = option((), flag="--set", metavar="KEY=VALUE", repeatable=True,
                               help="override an agent config value, e.g. --set num_samples=20 (repeatable)")
     progress: bool = option(True, help="no progress bar")
@@ -353,7 +355,7 @@ def _train_claimed(run: RunConfig, seeds: list, outs: list, guard: InterruptGuar
     if run.obs_norm is None:
         run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
     try:
-        data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env)
+        data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env, rescale_actions=run.rescale_actions)
     except FileNotFoundError as err:
         if first_state is None or dataset_given:
             raise
