@@ -149,6 +149,7 @@ def read_hdf5(path: str | os.PathLike) -> LazyArrays:
         def load():
             try:
                 with h5py.File(path, "r") as f:
+                    _hdf5_datasets(path, f)  # the file may have been replaced since it was checked
                     return _plain(f[key][()])
             except (OSError, RuntimeError, KeyError) as err:
                 raise _hdf5_error(path, err) from err
