@@ -263,6 +263,9 @@ EXPORTED_POLICY_OPERATORS = frozenset({
     "aten.minimum.default", "aten.maximum.default", "aten.addmm.default", "aten.mm.default", "aten.t.default",
     "aten.view.default", "aten.reshape.default", "aten.split.Tensor", "aten.unsqueeze.default",
     "aten.squeeze.dim", "aten.elu.default", "aten.leaky_relu.default", "aten.gelu.default",
+    # what other torch versions may trace the same modules into (a linear layer as addmm of a
+    # permuted weight, a dynamic batch size read from the input)
+    "aten.permute.default", "aten.expand.default", "aten.clone.default", "aten.sym_size.int",
 })
 # torch's own region markers an export wraps a no_grad method in; the regions' graphs are checked too.
 EXPORTED_POLICY_HIGHER_ORDER = frozenset({"wrap_with_set_grad_enabled"})
