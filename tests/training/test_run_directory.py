@@ -293,3 +293,21 @@ def test_a_stop_before_the_first_checkpoint_names_no_checkpoint(tmp_path, capsys
     code, lines = run_cli(capsys, "train", "--out", out, "--steps", 40, "--checkpoint-every", 10, *QUIET, *TINY_FLAGS)
     assert_one_line(code, lines, "step 5", "No checkpoint had been written yet", status=3)
     assert not (out / ckpt.CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.slow
+def test_finetune_checkpoints_the_current_step_on_sigterm(tmp_path):
+    offline, online = tmp_path / "offline", tmp_path / "online"
+    train(tiny_run(offline, 10))
+    argv = [sys.executable, "-m", "misa_fast.cli", "finetune", "--checkpoint", str(offline), "--out", str(online),
+            "--steps", "100000", "--eval-every", "100000", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_until_stepping(process, online)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    lines = [line for line in _error_lines(err) if "saving a checkpoint after this step" not in line]
+    assert_one_line(2, lines, "misa-fast finetune --checkpoint", "--resume")
+    env_steps = ckpt.load(online / ckpt.CHECKPOINT_NAME)["env_steps"]
+    assert env_steps > 0 and f"step {env_steps}:" in lines[0]
