@@ -40,7 +40,7 @@ device. Anything else (5 or more hidden layers, wider layers, float64) runs the 
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -48,10 +48,10 @@ from torch import Tensor
 from misa_fast.nets import ACTIVATION_NAMES, Layers, layers_activation
 from misa_fast.ops import hmc_reference as hmc_lib
 from misa_fast.ops.critics import CriticArchitectureError
-from misa_fast.ops.dispatch import member_batched, requested_backend, resolve_backend, resolve_precision
+from misa_fast.ops.dispatch import kernel_runs_on, requested_backend, resolve_backend, resolve_precision
 from misa_fast.ops.hmc_reference import HMCNoise, HMCResult, layout
 
-__all__ = ["hmc_sample", "hmc_sample_reference"]
+__all__ = ["hmc_sample", "hmc_sample_reference", "hmc_chains_op"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -203,17 +203,16 @@ def hmc_sample(
     options = dict(
         transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=burn_in,
         adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
-        init_clip=init_clip, precision=k.PRECISIONS[precision],
+        init_clip=init_clip, precision=precision,
         split=space == "pre_tanh", max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"),
-        activation=(k.ACTIVATIONS[act.name], float(act.param)),
+        activation=act.name, activation_param=float(act.param),
     )
     tensors = (policy_mean.detach(), policy_std.detach(), init_actions.detach(), state_half.detach(), step,
                momentum, uniform, seed)
-    flat_layers = [t for w, b in layers for t in (w.detach(), None if b is None else b.detach())]
-    if member_batched(*tensors, *flat_layers):  # inside a stacked agent's vmap: one launch for every member
-        out = k.HMCKernelOutput(*_MemberChains.apply(options, len(tensors), *tensors, *flat_layers))
-    else:
-        out = _launch(options, *tensors, *flat_layers)
+    weights = [w.detach() for w, _ in layers]
+    biases = [None if b is None else b.detach() for _, b in layers]
+    # inside a stacked agent's vmap the operator's vmap rule launches every member's chains at once
+    out = k.HMCKernelOutput(*hmc_chains_op(*tensors, weights, biases, **options))
     if mode == "parallel":
         states = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
     else:
@@ -232,39 +231,103 @@ def hmc_sample(
     )
 
 
-def _launch(options: dict, mean, std, init, state_half, step, momentum, uniform, seed, *flat_layers):
-    """One ``hmc_chains`` launch; every tensor may carry a leading member dimension."""
-    layers = list(zip(flat_layers[0::2], flat_layers[1::2]))
-    return _kernels().hmc_chains(mean, std, init, layers, state_half, step, momentum=momentum, uniform=uniform,
-                                 seed=seed, **options)
+# ----------------------------------------------------------------------------------------------
+# the registered operator: torch.ops.misa_fast.hmc_chains
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("misa_fast::hmc_chains", mutates_args=())
+def hmc_chains_op(
+    mean: Tensor,
+    std: Tensor,
+    init: Tensor,
+    state_half: Tensor,
+    step_size: Tensor,
+    momentum: Optional[Tensor],
+    uniform: Optional[Tensor],
+    seed: Optional[Tensor],
+    weights: List[Tensor],
+    biases: List[Optional[Tensor]],
+    transitions: int,
+    leapfrog_steps: int,
+    repeats: int,
+    record_from: int,
+    adapt_steps: int,
+    target_accept: float,
+    adapt_rate: float,
+    init_clip: float,
+    precision: str,
+    split: bool,
+    max_step: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One launch of the HMC kernel (``kernels/hmc_kernels.py``, ``hmc_chains``): ``(states (C, R, A),
+    accepted (T, C) bool, accept_prob (T, C), step_size (C,))`` for C = B * repeats chains, R =
+    transitions - record_from recorded states; with a leading member dimension M on every operand
+    (``mean`` (M, B, A), weights (M, E, out, in), ...) the chains of M members in one launch, the
+    outputs with that dimension too. Noise: ``momentum`` (T, C, A) and ``uniform`` (T, C), or a
+    one-element int64 ``seed`` of the in-kernel stream. Nothing is differentiable. Runs where a
+    Triton kernel runs (CUDA, or the interpreter); :func:`hmc_sample` takes the torch reference
+    elsewhere."""
+    tensors = [mean, std, init, state_half, step_size, momentum, uniform, *weights, *biases]
+    if not kernel_runs_on(*tensors):
+        raise RuntimeError("misa_fast::hmc_chains runs the Triton kernel: it needs CUDA tensors (or the Triton "
+                           "interpreter, TRITON_INTERPRET=1); hmc_sample computes the torch reference elsewhere")
+    k = _kernels()
+    out = k.hmc_chains(mean, std, init, list(zip(weights, biases)), state_half, step_size, transitions=transitions,
+                       leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=record_from,
+                       adapt_steps=adapt_steps, target_accept=target_accept, adapt_rate=adapt_rate,
+                       init_clip=init_clip, momentum=momentum, uniform=uniform, seed=seed,
+                       precision=k.PRECISIONS[precision], split=split, max_step=max_step,
+                       activation=(k.ACTIVATIONS[activation], activation_param))
+    # accepted is the kernel's uint8 buffer viewed as bool: an operator returns a tensor of its own
+    return out.states, out.accepted.clone(), out.accept_prob, out.step_size
 
 
-class _MemberChains(torch.autograd.Function):
-    """The kernel launch of one member's chains; under ``torch.func.vmap`` over members (a stacked
-    agent, misa_fast.agents.members) its vmap rule launches the chains of every member at once,
-    each member's reading its own critics and policy statistics. The samples carry no gradient."""
+@hmc_chains_op.register_fake
+def _(mean, std, init, state_half, step_size, momentum, uniform, seed, weights, biases, transitions, leapfrog_steps,
+      repeats, record_from, adapt_steps, target_accept, adapt_rate, init_clip, precision, split, max_step,
+      activation, activation_param):
+    lead = tuple(mean.shape[:-2])  # (M,) for several members, () for one
+    B, A = init.shape[-2:]
+    C, T = B * repeats, transitions
+    f32 = dict(dtype=torch.float32)
+    return (mean.new_empty(lead + (C, max(0, T - record_from), A), **f32),
+            mean.new_empty(lead + (T, C), dtype=torch.bool), mean.new_empty(lead + (T, C), **f32),
+            mean.new_empty(lead + (C,), **f32))
 
-    @staticmethod
-    def forward(options, count, *args):
-        return tuple(_launch(options, *args))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output)
+def _hmc_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+    ctx.list_lengths = (len(inputs[8]), None if all(b is None for b in inputs[9]) else len(inputs[9]))
 
-    @staticmethod
-    def vmap(info, in_dims, options, count, *args):
-        def stacked(t, dim):
-            if t is None:
-                return None
-            if dim is None:  # shared by every member (a seed): the same tensor for each
-                return t if t.dim() == 1 and t.dtype == torch.int64 else t.expand(info.batch_size, *t.shape)
-            return t.movedim(dim, 0)
 
-        dims = in_dims[2:]
-        args = [stacked(t, d) for t, d in zip(args, dims)]
-        seed_index = count - 1
-        if args[seed_index] is not None and dims[seed_index] is not None:
-            args[seed_index] = args[seed_index][0]  # one in-kernel stream; members differ by their counters
-        out = tuple(_launch(options, *args))
-        return out, tuple(0 for _ in out)
+def _hmc_backward(ctx, *_grads):
+    # the samples carry no gradient (hmc_sample runs under no_grad); a list of biases that are all
+    # None is one leaf of the inputs' structure
+    n_weights, n_biases = ctx.list_lengths
+    return (None,) * 8 + ([None] * n_weights, None if n_biases is None else [None] * n_biases) + (None,) * 13
+
+
+hmc_chains_op.register_autograd(_hmc_backward, setup_context=_hmc_setup)
+
+
+@hmc_chains_op.register_vmap
+def _(info, in_dims, mean, std, init, state_half, step_size, momentum, uniform, seed, weights, biases, *options):
+    """Under ``torch.func.vmap`` over members (a stacked agent, misa_fast.agents.members): the chains
+    of every member in one launch, each member reading its own critics and policy statistics."""
+    def stacked(t, dim):
+        if t is None:
+            return None
+        if dim is None:  # shared by every member: the same tensor for each
+            return t.expand(info.batch_size, *t.shape)
+        return t.movedim(dim, 0)
+
+    dims = list(in_dims)
+    w_dims = dims[8] if isinstance(dims[8], (list, tuple)) else [dims[8]] * len(weights)
+    b_dims = dims[9] if isinstance(dims[9], (list, tuple)) else [dims[9]] * len(biases)
+    operands = [stacked(t, d) for t, d in zip((mean, std, init, state_half, step_size, momentum, uniform), dims)]
+    if seed is not None and dims[7] is not None:
+        seed = seed.movedim(dims[7], 0)[0]  # one in-kernel stream; the members differ by their counters
+    out = hmc_chains_op(*operands, seed, [stacked(w, d) for w, d in zip(weights, w_dims)],
+                        [stacked(b, d) for b, d in zip(biases, b_dims)], *options)
+    return out, (0, 0, 0, 0)

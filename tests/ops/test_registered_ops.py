@@ -79,6 +79,55 @@ def test_opcheck_sampled_q_two_members_leaky_relu(where):
     torch.library.opcheck(OPS.sampled_q_log_mean_exp.default, args)
 
 
+def hmc_operands(M=None, B=2, S=3, A=2, H=8, E=2, T=3, seed_noise=False):
+    """Operands of torch.ops.misa_fast.hmc_chains: B chains over T transitions (one leapfrog step),
+    two hidden layers; a leading member dimension M when given."""
+    g = torch.Generator().manual_seed(5)
+    lead = () if M is None else (M,)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*lead, *shape, generator=g) * scale).to(DEV)
+
+    weights = [rand(E, H, S + A, scale=0.5), rand(E, H, H, scale=0.3), rand(E, 1, H, scale=0.3)]
+    biases = [rand(E, H, scale=0.1), rand(E, H, scale=0.1), rand(E, 1, scale=0.1)]
+    mean, std = rand(B, A, scale=0.3), rand(B, A).abs().add(0.2)
+    init = rand(B, A, scale=0.3).clamp(-0.9, 0.9)
+    state_half = rand(E, B, H, scale=0.5)
+    step = torch.full((*lead, B), 0.2, device=DEV)
+    if seed_noise:
+        noise = (None, None, torch.tensor([7], dtype=torch.int64, device=DEV))
+    else:
+        noise = (rand(T, B, A), torch.rand(*lead, T, B, generator=g).to(DEV), None)
+    tensors = (mean, std, init, state_half, step, *noise, weights, biases)
+    options = (T, 1, 1, 1, 1, 0.65, 0.5, 0.999, "ieee", False, 2.0, "elu", 1.0)
+    return tensors, options
+
+
+@needs_kernels
+@pytest.mark.parametrize("members,seed_noise", [(None, False), (2, True)])
+def test_opcheck_hmc_chains(members, seed_noise):
+    tensors, options = hmc_operands(M=members, seed_noise=seed_noise)
+    torch.library.opcheck(OPS.hmc_chains.default, (*tensors, *options))
+
+
+@needs_kernels
+def test_hmc_chains_vmap_rule_is_one_launch_equal_to_each_member(monkeypatch):
+    from misa_fast.kernels import hmc_kernels as hk
+
+    tensors, options = hmc_operands(M=3)
+    launches = []
+    real = hk.hmc_chains
+    monkeypatch.setattr(hk, "hmc_chains", lambda *a, **k: launches.append(a[0].shape) or real(*a, **k))
+    without_seed = tensors[:7] + tensors[8:]
+    mapped = torch.func.vmap(lambda *t: OPS.hmc_chains(*t[:7], None, list(t[7]), list(t[8]), *options))(*without_seed)
+    assert len(launches) == 1
+    for m in range(3):
+        single = OPS.hmc_chains(*[t[m] for t in tensors[:5]], *[t[m] for t in tensors[5:7]], None,
+                                [w[m] for w in tensors[8]], [b[m] for b in tensors[9]], *options)
+        for got, want in zip(mapped, single):
+            assert torch.equal(got[m], want)
+
+
 def test_reference_operator_matches_the_public_reference(monkeypatch):
     """Where no kernel runs, the operator computes what sampled_q_log_mean_exp_reference computes."""
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
@@ -211,3 +260,53 @@ def test_compiled_log_mean_exp_is_the_operator():
     assert operator_calls(graphs[0].graph) == [OPS.log_mean_exp.default]
     torch.testing.assert_close(value, eager, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(value, x)[0], torch.autograd.grad(eager, x)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampled-Q operator under the several-seeds vmap
+# ----------------------------------------------------------------------------------------------
+def member_critics(M, E=2, S=3, A=2, hidden=(8, 8)):
+    g = torch.Generator().manual_seed(11)
+    dims = [S + A, *hidden, 1]
+    weights = [(torch.randn(M, E, o, i, generator=g) / math.sqrt(i)).to(DEV).requires_grad_()
+               for i, o in zip(dims[:-1], dims[1:])]
+    biases = [(0.1 * torch.randn(M, E, o, generator=g)).to(DEV).requires_grad_() for o in dims[1:]]
+    return weights, biases
+
+
+@needs_kernels
+@pytest.mark.parametrize("shared_log_weights", [False, True])
+def test_sampled_q_under_member_vmap_is_one_call_equal_to_each_members_run(monkeypatch, shared_log_weights):
+    """Inside misa_fast.agents.members' vmap the log-partition is one operator call for all members
+    (the kernel, not the torch reference), and each member's value and gradients are those of its
+    own single run, bitwise."""
+    from misa_fast.ops import sampled_q as sq
+    from misa_fast.ops.dispatch import member_map
+
+    M, B, K, S, A = 3, 3, 4, 3, 2
+    weights, biases = member_critics(M)
+    g = torch.Generator().manual_seed(12)
+    obs = torch.randn(M, B, S, generator=g).to(DEV)
+    sampled = (torch.rand(M, B, K, A, generator=g) * 2 - 1).to(DEV)
+    log_w = torch.randn(B, K, generator=g).to(DEV) if shared_log_weights else torch.randn(M, B, K, generator=g).to(DEV)
+
+    def one_member(w0, b0, w1, b1, w2, b2, o, a, lw):
+        layers = StackedLayers([(w0, b0), (w1, b1), (w2, b2)], "elu")
+        return sampled_q_log_mean_exp(o, a, layers, lw, normalizer="none", temperature=0.7, precision="ieee")
+
+    calls = []
+    real = sq._kernel_forward
+    monkeypatch.setattr(sq, "_kernel_forward", lambda *a: calls.append(a[3][0].shape[0]) or real(*a))
+    layer_args = [t for wb in zip(weights, biases) for t in wb]
+    with use_backend("triton"), member_map():
+        mapped = torch.func.vmap(one_member, in_dims=(0,) * 8 + (None if shared_log_weights else 0,))(
+            *layer_args, obs, sampled, log_w)
+    assert calls == [M]  # one call, every member
+    mapped_grads = torch.autograd.grad(mapped.sum(), layer_args)
+    for m in range(M):
+        member = [t[m].detach().requires_grad_() for t in layer_args]
+        with use_backend("triton"):
+            single = one_member(*member, obs[m], sampled[m], log_w if shared_log_weights else log_w[m])
+        assert torch.equal(mapped[m], single)
+        for got, want in zip(mapped_grads, torch.autograd.grad(single.sum(), member)):
+            assert torch.equal(got[m], want)
