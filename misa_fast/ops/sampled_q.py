@@ -166,7 +166,7 @@ def _critic_q(obs: torch.Tensor, actions: torch.Tensor, critic: Critic, dtype: t
     layers = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in critic.layers]
     w0, b0 = layers[0]
     hs = F.linear(obs.to(dtype), w0[:, :S], b0)  # (B, H0)
-    w0_actions = w0[:, S:]
+    w0_actions = w0[:, S:].contiguous()  # sliced once, not once per block (and its gradient once)
     block = B
     if obs.device.type == "cpu" and not torch.compiler.is_compiling():
         block = max(1, _CPU_BLOCK_ELEMENTS // (K * max(w.shape[0] for w, _ in layers)))
@@ -174,7 +174,8 @@ def _critic_q(obs: torch.Tensor, actions: torch.Tensor, critic: Critic, dtype: t
     for hs_block, act_block in zip(hs.split(block), actions.to(dtype).split(block)):
         rows = hs_block.shape[0] * K
         z = hs_block.unsqueeze(1) + F.linear(act_block, w0_actions)  # (b, K, H0)
-        h = _activate_fresh(z.view(rows, -1), critic.activations[0])
+        # in place on z itself: on a view of it autograd would copy the gradient (CopySlices)
+        h = _activate_fresh(z, critic.activations[0]).view(rows, -1)
         for (w, b), act in zip(layers[1:-1], critic.activations[1:]):
             h = _activate_fresh(F.linear(h, w, b), act)
         w, b = layers[-1]
