@@ -230,12 +230,16 @@ def record_launches() -> Iterator[LaunchLog]:
         for module in KERNEL_MODULES:
             for name in _jit_kernels(module):
                 patch(module, name, _Recorder(module.__name__, name, log))
-        # every module that imported the dispatcher by name (dispatch itself included)
-        real_resolve = dispatch.resolve_backend
+        # every module that imported the dispatcher by name (dispatch itself included); the
+        # registered operators launch their kernels where kernel_runs_on says a kernel runs
+        replacements = {"resolve_backend": (dispatch.resolve_backend, resolve_as_if_cuda),
+                        "kernel_runs_on": (dispatch.kernel_runs_on, lambda *tensors: True)}
         for mod in list(sys.modules.values()):
-            if getattr(mod, "__name__", "").startswith("misa_fast") and \
-                    getattr(mod, "resolve_backend", None) is real_resolve:
-                patch(mod, "resolve_backend", resolve_as_if_cuda)
+            if not getattr(mod, "__name__", "").startswith("misa_fast"):
+                continue
+            for name, (real, replacement) in replacements.items():
+                if getattr(mod, name, None) is real:
+                    patch(mod, name, replacement)
         yield log
     finally:
         for obj, attr, value in reversed(saved):
@@ -296,8 +300,8 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
 
 def _members_step(log: LaunchLog, env: str, count: int = 2) -> None:
     """What the loss computation of ``count`` seeds trained together launches (misa-fast train
-    --seeds): the HMC chains of every member in one launch (the other ops run the torch reference
-    under the member vmap)."""
+    --seeds) and its backward pass: the HMC chains and the sampled-Q log-partition of every member
+    in one launch (grid axis for the member, member strides)."""
     from misa_fast.agents.members import stack_agents, stack_tree
     from misa_fast.agents.misa import MISA
     from misa_fast.agents.misa_config import preset
@@ -308,7 +312,8 @@ def _members_step(log: LaunchLog, env: str, count: int = 2) -> None:
     gen = torch.Generator().manual_seed(0)
     batch = stack_tree([_random_batch(obs_dim, act_dim, gen) for _ in range(count)])
     with log.labelled(f"{_describe_agent(env, {})}, {count} seeds in one launch", True):
-        stacked.member_losses(batch, stacked.draw_noise(BATCH))
+        out = stacked.member_losses(batch, stacked.draw_noise(BATCH))
+        sum(loss.sum() for loss in out.losses.values()).backward()
 
 
 def _describe_agent(env: str, overrides: dict) -> str:
