@@ -361,6 +361,10 @@ def _check_serialized_program(program, refuse: Callable[[str], Exception]) -> No
         target = value.get("target")
         if "inputs" in value and isinstance(target, str) and target not in _SERIALIZED_OPERATORS:
             raise refuse(f"a call to {target}")
+        # An operator passed as an argument (a higher-order operator would call it).
+        operator_argument = value.get("as_operator")
+        if operator_argument is not None and operator_argument not in _SERIALIZED_OPERATORS:
+            raise refuse(f"the operator argument {str(operator_argument)[:80]}")
         if value.get("custom_obj_values") or "as_custom_obj" in value:
             raise refuse("a custom object")
         expression = value.get("expr_str")
@@ -380,6 +384,12 @@ def _check_graph_operators(path: Path, module: torch.nn.Module) -> None:
             if node.op == "call_module" and node.target == "_guards_fn":
                 continue  # what module() makes of the guard code, which the archive check found empty
             target = node.target
+            if isinstance(target, torch._ops.HigherOrderOperator) and not (
+                    len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr"
+                    and isinstance(getattr(graph_module, node.args[1].target, None), torch.fx.GraphModule)):
+                # the region it runs must be one of the graphs checked here, not some callable
+                raise UnsafeCheckpointError(f"{path}: refused: its graph runs {target} on something other than a "
+                                            "graph of its own; nothing in it was run")
             allowed = node.op == "call_function" and (
                 (isinstance(target, torch._ops.OpOverload) and str(target) in EXPORTED_POLICY_OPERATORS)
                 or (isinstance(target, torch._ops.HigherOrderOperator)

@@ -120,6 +120,12 @@ def test_an_archive_whose_graph_writes_in_place_is_refused(tmp_path):
     assert not torch.equal(observations, torch.zeros(2, crafted.OBS_DIM))
 
 
+def test_an_operator_passed_to_a_region_is_checked_too(tmp_path):
+    policy = crafted.crafted_operator_argument(tmp_path)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="operator argument torch.ops.aten.from_file"):
+        ckpt.load_exported_policy(policy)
+
+
 @pytest.mark.parametrize("entry", ["data/aotinductor/model/model.so", "data/weights/model.pt",
                                    "data/constants/custom_obj_0", "extra/notes.txt", "models/other.json"])
 def test_entries_torch_would_load_or_unpickle_are_refused(tmp_path, entry):
