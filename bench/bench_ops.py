@@ -8,6 +8,11 @@ plain-torch loop a CQL agent runs (one critic call per proposal).
 
     pytest bench/bench_ops.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
     pytest bench/bench_ops.py --benchmark-disable          # smoke run (CI, CPU: seconds)
+    OMP_NUM_THREADS=1 python bench/bench_ops.py corl-cpu 41  # the CPU CQL case, both side by side
+
+The last form times the op's CPU torch path and the plain loop alternately, call after call, in one
+process (a shared or throttled machine then slows both alike) and prints each one's median and the
+median of the per-pair ratios.
 
 The CUDA cases are marked ``gpu`` (skipped without a device). Each timed call runs the op
 ``INNER`` times and synchronises once, so the per-call figure includes the host-side launch cost
@@ -265,8 +270,9 @@ def test_cql_corl_cuda(benchmark, impl):
 @pytest.mark.parametrize("impl", ["op-torch-path", "plain-loop"])
 def test_cql_corl_cpu(benchmark, impl):
     """The same problem on the CPU: the op's torch path (it reads the modules' Linear and ReLU
-    layers and shares the first layer's state half across the 30 samples) against the plain loop.
-    Not a GPU figure."""
+    layers, shares the first layer's state half across the 30 samples and runs the MLP on blocks of
+    states whose activations stay in cache) against the plain loop. Not a GPU figure; for the two
+    side by side in one process: ``python bench/bench_ops.py corl-cpu``."""
     benchmark.group = "cql-corl-cpu-B256-3x256relu-K30-fwd+bwd"
     _corl_case(benchmark, "cpu", impl, 1, 5)
 
@@ -434,3 +440,47 @@ def test_hmc_cpu_reference(benchmark, mode):
     per_call = _run(benchmark, op, 1, False, rounds=5)
     if per_call:
         benchmark.extra_info.update(ms=per_call * 1e3)
+
+
+# ----------------------------------------------------------------------------------------------
+# side by side (python bench/bench_ops.py corl-cpu [pairs])
+# ----------------------------------------------------------------------------------------------
+def corl_cpu_side_by_side(pairs: int = 41) -> dict:
+    """Median ms of the CPU CQL case (forward + backward) for the op's torch path and the plain loop,
+    timed alternately (the order flips every pair), and the median of the per-pair ratios."""
+    import statistics
+    import time
+
+    S, A = DIMS["halfcheetah"]
+    critics, obs, actions, log_w = corl_problem(S, A, "cpu")
+    params = [p for c in critics for p in c.parameters()]
+    impls = {
+        "op-torch-path": lambda: sampled_q_log_mean_exp(obs, actions, critics, log_w, "none", temperature=CORL_TEMP,
+                                                        backend="torch"),
+        "plain-loop": lambda: corl_plain_penalty_lse(critics, obs, actions, log_w),
+    }
+
+    def seconds(fn):
+        start = time.perf_counter()
+        torch.autograd.grad(fn().sum(), params)
+        return time.perf_counter() - start
+
+    for fn in impls.values():  # warm-up (the critic reading, the allocator)
+        for _ in range(3):
+            seconds(fn)
+    times = {name: [] for name in impls}
+    for i in range(pairs):
+        for name in (list(impls) if i % 2 == 0 else list(impls)[::-1]):
+            times[name].append(seconds(impls[name]))
+    ratios = [a / b for a, b in zip(times["op-torch-path"], times["plain-loop"])]
+    return {**{f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()},
+            "op_over_plain": statistics.median(ratios), "pairs": pairs,
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "corl-cpu":
+        sys.exit("usage: python bench/bench_ops.py corl-cpu [pairs]   (the pytest cases: pytest bench/bench_ops.py)")
+    print(corl_cpu_side_by_side(int(sys.argv[2]) if len(sys.argv) > 2 else 41))
