@@ -165,25 +165,42 @@ def read_hdf5(path: str | os.PathLike) -> LazyArrays:
     return LazyArrays({key: loader(key) for key in shapes}, shapes, attributes)
 
 
-def read_npz(path: str | os.PathLike) -> dict:
-    """An ``.npz`` holding the D4RL keys (``np.savez(path, **raw)``)."""
+def read_npz(path: str | os.PathLike) -> LazyArrays:
+    """An ``.npz`` holding the D4RL keys (``np.savez(path, **raw)``), each array read when first
+    looked up (a compressed file may declare arrays far bigger than itself). Arrays of pickled
+    Python objects are refused (UnsafeDataError) before anything is read."""
+
+    def corrupted(err: Exception) -> DataError:
+        return DataError(f"{path}: cannot read this .npz file ({err}); it is probably truncated or corrupted")
+
+    def loader(key):
+        def load():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    return _plain(f[key])
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+                raise corrupted(err) from err
+        return load
+
+    shapes = {}
     try:
-        with np.load(path, allow_pickle=False) as f:
-            raw = {}
-            for key in f.files:
-                try:
-                    raw[key] = _plain(f[key])
-                except ValueError as err:
-                    if "allow_pickle" not in str(err):
-                        raise
-                    # numpy's own words advise the unsafe switch: they are not passed on.
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                key = member[:-4] if member.endswith(".npy") else member
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                if dtype.hasobject:
                     raise UnsafeDataError(f"{path}: refused: '{key}' holds pickled Python objects, which a dataset "
-                                          "never needs (numbers only); nothing in it was run") from None
-            return raw
+                                          "never needs (numbers only); nothing in it was read")
+                shapes[key] = shape
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         if isinstance(err, UserError):
             raise
-        raise DataError(f"{path}: cannot read this .npz file ({err}); it is probably truncated or corrupted") from err
+        raise corrupted(err) from err
+    return LazyArrays({key: loader(key) for key in shapes}, shapes)
 
 
 def read_minari_dataset(path: str | os.PathLike) -> dict:

@@ -182,6 +182,20 @@ def test_keys_are_read_only_when_used(tmp_path, reads):
     assert "/unused/huge" not in reads and "/observations" in reads
 
 
+def test_npz_arrays_are_read_only_when_used(tmp_path, monkeypatch):
+    arrays = {**crafted.dataset_arrays(), "unused": np.zeros(1 << 20, dtype=np.uint8)}
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, **arrays)
+    read = []
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__",
+                        lambda self, key: read.append(key) or real_getitem(self, key))
+    raw = load_dataset(path)
+    assert "unused" in raw and raw.shape("unused") == (1 << 20,)
+    prepare(path, env_id="Hopper-v4")
+    assert "unused" not in read and "observations" in read
+
+
 # ------------------------------------------------------------------------------ Minari metadata
 @pytest.mark.parametrize("metadata, words", [
     (["not", "fields"], "not a list"),
