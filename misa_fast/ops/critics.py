@@ -169,6 +169,8 @@ def _linear_problem(m: nn.Linear) -> Optional[str]:
     cls = _linear_class(m)
     if cls.forward is not nn.Linear.forward or cls.__call__ is not nn.Module.__call__:
         return f"{cls.__name__} is an nn.Linear subclass with its own forward"
+    if "forward" in m.__dict__:
+        return f"{cls.__name__} has its own forward (assigned to the instance)"
     hooks = _hooks(m)
     if hooks:
         return f"{cls.__name__} has a {hooks}"
@@ -206,6 +208,8 @@ def _read_module(module: nn.Module, activation: Optional[Activation]):
             hooks = _hooks(m)
             if hooks:
                 return f"{where} has a {hooks}"
+            if path and "forward" in m.__dict__:  # the critic's own forward is what the check calls
+                return f"{where} has its own forward (assigned to the instance)"
         if not _is_leaf(m):
             own = [n for n, t in list(m._parameters.items()) + list(m._buffers.items()) if t is not None]
             if own:
@@ -322,7 +326,8 @@ def _unit_signature(m: nn.Module) -> tuple:
     if isinstance(m, nn.Linear):
         params = (m._parameters.get("weight"), m._parameters.get("bias"))
         shapes = tuple(None if p is None else (tuple(p.shape), p.dtype) for p in params)
-        return id(m), type(m), m.training, bool(_hooks(m)), shapes, m.in_features, m.out_features
+        return (id(m), type(m), m.training, bool(_hooks(m)), shapes, m.in_features, m.out_features,
+                m.__dict__.get("forward"))
     spec = activation_spec(m)  # an activation's setting (LeakyReLU slope, ELU alpha, GELU approximation)
     p = getattr(m, "p", None) if type(m) in _DROPOUTS else None
     return (id(m), type(m), m.training, bool(_hooks(m)), spec, p, m.__dict__.get("forward"),

@@ -134,6 +134,11 @@ def _lora(critic):
     return lambda: lora.lora_b.data.normal_(0.0, 1.0)  # the adapter trains away from zero
 
 
+def _instance_forward(critic):
+    layer = critic.network[2]
+    return lambda: setattr(layer, "forward", lambda x: nn.Linear.forward(layer, x).clamp(max=0.0))
+
+
 def _forward_hook(critic):
     hooks = []
     return lambda: hooks.append(critic.network[2].register_forward_hook(lambda m, args, out: 1.5 * out))
@@ -156,6 +161,7 @@ UNMODELLED = {
     "legacy_weight_norm": (_legacy_weight_norm, "weight_norm"),
     "legacy_spectral_norm": (_legacy_spectral_norm, "spectral_norm"),
     "lora_subclass": (_lora, "own forward"),
+    "instance_forward": (_instance_forward, "own forward"),
     "forward_hook": (_forward_hook, "forward hook"),
     "forward_pre_hook": (_forward_pre_hook, "forward pre-hook"),
     "global_forward_hook": (_global_forward_hook, "global forward hook"),
