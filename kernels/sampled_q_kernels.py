@@ -286,12 +286,32 @@ def _sq_fwd_kernel(
     K, S, A, H0, H1, H2, HI, HC, norm, temp, inv_temp, ALPHA,
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk,
     s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
+    s_m_obs, s_m_act, s_m_lw, s_m_w0, s_m_b0, s_m_w1, s_m_b1, s_m_w2, s_m_b2, s_m_wc, s_m_bc, s_m_wl, s_m_bl,
+    s_m_q, s_m_lse, s_m_out,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    scr = scr_ptr + b * (NMID * BLOCK_H * BLOCK_K)
+    member = tl.program_id(1).to(tl.int64)
+    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
+    obs_ptr += member * s_m_obs
+    act_ptr += member * s_m_act
+    logw_ptr += member * s_m_lw
+    w0_ptr += member * s_m_w0
+    b0_ptr += member * s_m_b0
+    w1_ptr += member * s_m_w1
+    b1_ptr += member * s_m_b1
+    w2_ptr += member * s_m_w2
+    b2_ptr += member * s_m_b2
+    wc_ptr += member * s_m_wc
+    bc_ptr += member * s_m_bc
+    wl_ptr += member * s_m_wl
+    bl_ptr += member * s_m_bl
+    q_ptr += member * s_m_q
+    lse_ptr += member * s_m_lse
+    out_ptr += member * s_m_out
+    scr = scr_ptr + (member * tl.num_programs(0) + b) * (NMID * BLOCK_H * BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     offs_a = tl.arange(0, BLOCK_A)
     sh = _state_half(obs_ptr, b, S, H0, s_ob, s_os, w0_ptr, b0_ptr, s_w0o, s_w0i, BLOCK_S, BLOCK_H)
@@ -347,14 +367,36 @@ def _sq_bwd_head_kernel(
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
     s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     s_part, off_wc, off_bc, off_wl, off_bl,
+    s_m_obs, s_m_act, s_m_lw, s_m_q, s_m_lse, s_m_g, s_m_w0, s_m_b0, s_m_w1, s_m_b1, s_m_w2, s_m_b2, s_m_wc,
+    s_m_bc, s_m_wl, s_m_part,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
-    """The last hidden layer's dWc rows, dbc, dWl and dbl for row chunk pid_c and state group pid_g."""
+    """The last hidden layer's dWc rows, dbc, dWl and dbl for row chunk pid_c and state group pid_g
+    of member program_id(2)."""
     pid_c = tl.program_id(0)
     pid_g = tl.program_id(1)
-    scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_c).to(tl.int64) * (NMID * BLOCK_H * BLOCK_K)
+    member = tl.program_id(2).to(tl.int64)
+    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
+    obs_ptr += member * s_m_obs
+    act_ptr += member * s_m_act
+    logw_ptr += member * s_m_lw
+    q_ptr += member * s_m_q
+    lse_ptr += member * s_m_lse
+    g_ptr += member * s_m_g
+    w0_ptr += member * s_m_w0
+    b0_ptr += member * s_m_b0
+    w1_ptr += member * s_m_w1
+    b1_ptr += member * s_m_b1
+    w2_ptr += member * s_m_w2
+    b2_ptr += member * s_m_b2
+    wc_ptr += member * s_m_wc
+    bc_ptr += member * s_m_bc
+    wl_ptr += member * s_m_wl
+    part_ptr += member * s_m_part
+    program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_c
+    scr = scr_ptr + program * (NMID * BLOCK_H * BLOCK_K)
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
     offs_h = tl.arange(0, BLOCK_H)
@@ -404,16 +446,38 @@ def _sq_bwd_mid_kernel(
     s_ob, s_os, s_ab, s_ak, s_aa, s_lb, s_lk, s_g,
     s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     s_part, off_w, off_b,
+    s_m_obs, s_m_act, s_m_lw, s_m_q, s_m_lse, s_m_g, s_m_w0, s_m_b0, s_m_w1, s_m_b1, s_m_w2, s_m_b2, s_m_wc,
+    s_m_bc, s_m_wl, s_m_part,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, NMID: tl.constexpr, LAYER: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
 ):
     """Middle layer LAYER (1 or 2): rows pid_r * BLOCK_R.. of its dW and db over state group pid_g.
     Recomputes the forward (pre-activations in scratch tiles 0, 1) and the backward from the top
-    down to the layer; the layer's dz goes through scratch tile NMID to be read by rows."""
+    down to the layer; the layer's dz goes through scratch tile NMID to be read by rows. Member
+    program_id(2)."""
     pid_r = tl.program_id(0)
     pid_g = tl.program_id(1)
-    scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_r).to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    member = tl.program_id(2).to(tl.int64)
+    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
+    obs_ptr += member * s_m_obs
+    act_ptr += member * s_m_act
+    logw_ptr += member * s_m_lw
+    q_ptr += member * s_m_q
+    lse_ptr += member * s_m_lse
+    g_ptr += member * s_m_g
+    w0_ptr += member * s_m_w0
+    b0_ptr += member * s_m_b0
+    w1_ptr += member * s_m_w1
+    b1_ptr += member * s_m_b1
+    w2_ptr += member * s_m_w2
+    b2_ptr += member * s_m_b2
+    wc_ptr += member * s_m_wc
+    bc_ptr += member * s_m_bc
+    wl_ptr += member * s_m_wl
+    part_ptr += member * s_m_part
+    program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_r
+    scr = scr_ptr + program * ((NMID + 1) * BLOCK_H * BLOCK_K)
     ds = scr + NMID * BLOCK_H * BLOCK_K
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
@@ -471,13 +535,36 @@ def _sq_bwd_trunk_kernel(
     s_w0o, s_w0i, s_w1o, s_w1i, s_w2o, s_w2i, s_wco, s_wci, s_wl, s_qb,
     s_dob, s_dos, s_dab, s_dak, s_daa,
     s_part, off_w0, off_b0, off_wl, off_bl,
+    s_m_obs, s_m_act, s_m_lw, s_m_q, s_m_lse, s_m_g, s_m_w0, s_m_b0, s_m_w1, s_m_b1, s_m_w2, s_m_b2, s_m_wc,
+    s_m_bc, s_m_wl, s_m_part,
+    s_m_dobs, s_m_dact,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr,
     NEED_DOBS: tl.constexpr, NEED_DACT: tl.constexpr, ACCUM_DIN: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
-    scr = scr_ptr + pid_g.to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    member = tl.program_id(1).to(tl.int64)
+    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
+    obs_ptr += member * s_m_obs
+    act_ptr += member * s_m_act
+    logw_ptr += member * s_m_lw
+    q_ptr += member * s_m_q
+    lse_ptr += member * s_m_lse
+    g_ptr += member * s_m_g
+    w0_ptr += member * s_m_w0
+    b0_ptr += member * s_m_b0
+    w1_ptr += member * s_m_w1
+    b1_ptr += member * s_m_b1
+    w2_ptr += member * s_m_w2
+    b2_ptr += member * s_m_b2
+    wc_ptr += member * s_m_wc
+    bc_ptr += member * s_m_bc
+    wl_ptr += member * s_m_wl
+    part_ptr += member * s_m_part
+    dobs_ptr += member * s_m_dobs
+    dact_ptr += member * s_m_dact
+    scr = scr_ptr + (member * tl.num_programs(0) + pid_g) * ((NMID + 1) * BLOCK_H * BLOCK_K)
     ds = scr + NMID * BLOCK_H * BLOCK_K
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
@@ -564,7 +651,9 @@ def _interpreting() -> bool:
 
 @dataclass
 class CriticSpec:
-    """One critic's layers the way the kernels see them (views of the caller's tensors)."""
+    """One critic's layers the way the kernels see them (views of the caller's tensors). For several
+    members (seeds) every tensor may carry a leading member dimension M (a missing bias, filled with
+    zeros, does not: it is the same for every member)."""
 
     w0: torch.Tensor  # (H0, S + A)
     b0: torch.Tensor  # (H0,)
@@ -580,7 +669,7 @@ class CriticSpec:
     @property
     def widths(self) -> Tuple[int, int]:
         """(H1, H2): the middle widths (H0 where absent)."""
-        hs = [w.shape[0] for w, _ in self.mids] + [self.H0, self.H0]
+        hs = [w.shape[-2] for w, _ in self.mids] + [self.H0, self.H0]
         return hs[0], hs[1]
 
 
@@ -614,16 +703,18 @@ def unsupported_reason(S: int, A: int, shapes: Sequence[Tuple[int, ...]]) -> Opt
 
 
 def critic_spec(layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> CriticSpec:
+    """One critic's ``(weight (out, in), bias (out,) or None)`` layers, or those of M members
+    (weights (M, out, in), biases (M, out) or None)."""
     layers = list(layers)
     if not 2 <= len(layers) <= MAX_DEPTH + 1:
         raise ValueError(f"the fused kernel takes critics with 1 to {MAX_DEPTH} hidden layers")
     w0, b0 = layers[0]
-    H0 = w0.shape[0]
+    H0 = w0.shape[-2]
     wl, bl = layers[-1]
-    mids = [(w, _bias(b, w.shape[0], w)) for w, b in layers[1:-2]]
+    mids = [(w, _bias(b, w.shape[-2], w)) for w, b in layers[1:-2]]
     if len(layers) >= 3:
         wc, bc = layers[-2]
-        HC, HI = wc.shape[0], wc.shape[1]
+        HC, HI = wc.shape[-2], wc.shape[-1]
         bc = _bias(bc, HC, wc)
     else:
         wc = bc = None
@@ -666,8 +757,19 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: in
     return blocks, num_warps, 1
 
 
+def _member_stride(t: Optional[torch.Tensor], dims: int) -> int:
+    """The stride between members of ``t`` (``dims`` dimensions per member): 0 without a member
+    dimension or with one member, so that one run's launch is the same binary whatever its layout."""
+    return t.stride(0) if t is not None and t.dim() > dims and t.shape[0] > 1 else 0
+
+
+def _members(t: torch.Tensor, dims: int) -> int:
+    return t.shape[0] if t.dim() > dims else 1
+
+
 def _layer_args(spec: CriticSpec):
-    """Pointers, widths and strides of the layers (unused ones point at layer 0)."""
+    """Pointers, widths, strides and member strides (w0, b0, w1, b1, w2, b2, wc, bc, wl, bl) of the
+    layers (unused ones point at layer 0)."""
     mids = list(spec.mids) + [(spec.w0, spec.b0)] * (2 - len(spec.mids))
     (w1, b1), (w2, b2) = mids
     wc = spec.wc if spec.wc is not None else spec.w0
@@ -675,13 +777,15 @@ def _layer_args(spec: CriticSpec):
     H1, H2 = spec.widths
     ptrs = (spec.w0, spec.b0, w1, b1, w2, b2, wc, bc, spec.wl)
     dims = (spec.H0, H1, H2, spec.HI, spec.HC)
-    strides = (spec.w0.stride(0), spec.w0.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-               wc.stride(0), wc.stride(1), spec.wl.stride(1))
-    return ptrs, dims, strides
+    strides = (spec.w0.stride(-2), spec.w0.stride(-1), w1.stride(-2), w1.stride(-1), w2.stride(-2), w2.stride(-1),
+               wc.stride(-2), wc.stride(-1), spec.wl.stride(-1))
+    member_strides = tuple(_member_stride(t, n) for t, n in ((spec.w0, 2), (spec.b0, 1), (w1, 2), (b1, 1), (w2, 2),
+                                                              (b2, 1), (wc, 2), (bc, 1), (spec.wl, 2), (spec.bl, 1)))
+    return ptrs, dims, strides, member_strides
 
 
 def _h_max(spec: CriticSpec) -> int:
-    return max([spec.H0] + [w.shape[0] for w, _ in spec.mids])
+    return max([spec.H0] + [w.shape[-2] for w, _ in spec.mids])
 
 
 def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch.Tensor], spec: CriticSpec,
@@ -689,23 +793,30 @@ def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch
                   activation: Tuple[int, float] = (0, 1.0), temperature: float = 1.0) -> None:
     """One critic. obs (B, S), actions (B, K, A), logw None or (B, K) (any strides, 0 allowed);
     ``activation`` = (ACTIVATIONS code, alpha / slope). Writes q (B, K) (unit stride along K), lse (B,)
-    of q / T + logw, out (B,) = T * lse - norm (fp32)."""
-    B, K, A = actions.shape
-    S = obs.shape[1]
+    of q / T + logw, out (B,) = T * lse - norm (fp32).
+
+    Several members (seeds) in one launch (grid axis 1): obs (M, B, S), actions (M, B, K, A), logw
+    (M, B, K), the critic's layers of :func:`critic_spec` with a member dimension, q (M, B, K), lse
+    and out (M, B); each member reads its own tensors through the member strides."""
+    M = _members(obs, 2)
+    B, K, A = actions.shape[-3:]
+    S = obs.shape[-1]
     n_mid = len(spec.mids)
     blocks, num_warps, num_stages = launch_config("fwd", K, S, A, spec.H0, spec.HC, n_mid, _h_max(spec))
-    ptrs, dims, strides = _layer_args(spec)
+    ptrs, dims, strides, member_strides = _layer_args(spec)
     lw = logw if logw is not None else q
-    s_lb, s_lk = (logw.stride(0), logw.stride(1)) if logw is not None else (0, 0)
-    scr = (torch.empty((B * n_mid * blocks["BLOCK_H"] * blocks["BLOCK_K"],), device=q.device, dtype=torch.float32)
-           if n_mid else q)
-    _sq_fwd_kernel[(B,)](
+    s_lb, s_lk = (logw.stride(-2), logw.stride(-1)) if logw is not None else (0, 0)
+    scr = (torch.empty((M * B * n_mid * blocks["BLOCK_H"] * blocks["BLOCK_K"],), device=q.device,
+                       dtype=torch.float32) if n_mid else q)
+    _sq_fwd_kernel[(B, M)](
         obs, actions, lw,
         *ptrs, spec.bl,
         q, lse, out, scr,
         K, S, A, *dims, float(norm), float(temperature), 1.0 / float(temperature), float(activation[1]),
-        obs.stride(0), obs.stride(1), actions.stride(0), actions.stride(1), actions.stride(2), s_lb, s_lk,
-        *strides, q.stride(0),
+        obs.stride(-2), obs.stride(-1), actions.stride(-3), actions.stride(-2), actions.stride(-1), s_lb, s_lk,
+        *strides, q.stride(-2),
+        _member_stride(obs, 2), _member_stride(actions, 3), _member_stride(logw, 2), *member_strides,
+        _member_stride(q, 2), _member_stride(lse, 1), _member_stride(out, 1),
         **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, NMID=n_mid, PREC=precision,
         ACT=activation[0], num_warps=num_warps, num_stages=num_stages,
     )
@@ -737,10 +848,17 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
     are skipped (their slices are left undefined). ``dobs`` (B, S) / ``dact`` (B, K, A), fp32, if
     given, receive the input gradients summed over the active critics. ``groups`` overrides the
     number of state groups (programs along B).
+
+    Several members (seeds) in the same launches (a grid axis for the member): obs (M, B, S),
+    actions (M, B, K, A), logw (M, B, K), specs of member-stacked layers (:func:`critic_spec`), q
+    (M, E, B, K), lse and g (M, E, B), dobs (M, B, S), dact (M, B, K, A); the gradients are then
+    (M, E, ...), each member's computed exactly as its own launch would.
     """
     E = len(specs)
-    B, K, A = actions.shape
-    S = obs.shape[1]
+    members = obs.dim() == 3
+    M = _members(obs, 2)
+    B, K, A = actions.shape[-3:]
+    S = obs.shape[-1]
     spec0 = specs[0]
     H0, HC, HI, chunk, n_mid = spec0.H0, spec0.HC, spec0.HI, spec0.wc is not None, len(spec0.mids)
     H1, H2 = spec0.widths
@@ -752,15 +870,19 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
     act, alpha = int(activation[0]), float(activation[1])
     inv_t = 1.0 / float(temperature)
     dev = q.device
-    lw_strides = (logw.stride(0), logw.stride(1)) if logw is not None else (0, 0)
+    lw_strides = (logw.stride(-2), logw.stride(-1)) if logw is not None else (0, 0)
     need_dobs, need_dact = dobs is not None, dact is not None
     do = dobs if need_dobs else q
     da = dact if need_dact else q
-    s_do = (dobs.stride(0), dobs.stride(1)) if need_dobs else (0, 0)
-    s_da = (dact.stride(0), dact.stride(1), dact.stride(2)) if need_dact else (0, 0, 0)
+    s_do = (dobs.stride(-2), dobs.stride(-1)) if need_dobs else (0, 0)
+    s_da = (dact.stride(-3), dact.stride(-2), dact.stride(-1)) if need_dact else (0, 0, 0)
+    m_din = (_member_stride(dobs, 2) if need_dobs else 0, _member_stride(dact, 3) if need_dact else 0)
+
+    def critic(t, c):  # critic c's slice of q / lse / g, with its member dimension
+        return t[:, c] if members else t[c]
 
     # parameter-major layouts: [dW0 of critic 0..E-1 | db0 0..E-1 | ...] so that every gradient is
-    # one contiguous (E, ...) block of the reduced buffer
+    # one contiguous (E, ...) block of the reduced buffer (of each member's: (M, groups, size))
     n_w0, n_wc = H0 * (S + A), HC * HI
     if chunk:
         trunk_sizes = [n_w0, H0]
@@ -773,18 +895,21 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
     head_offs = [E * sum(head_sizes[:i]) for i in range(len(head_sizes) + 1)]
 
     def scratch(programs: int, blocks) -> torch.Tensor:
-        n = programs * (n_mid + 1) * blocks["BLOCK_H"] * blocks["BLOCK_K"] if n_mid else 1
+        n = M * programs * (n_mid + 1) * blocks["BLOCK_H"] * blocks["BLOCK_K"] if n_mid else 1
         return torch.empty((n,), device=dev, dtype=torch.float32)
+
+    def partials(G: int, size: int) -> torch.Tensor:
+        return torch.empty((M, G, size), device=dev, dtype=torch.float32)
 
     blocks2, nw2, ns2 = launch_config("trunk", K, S, A, H0, HC, n_mid, H_max)
     G2, spp2 = _groups(B, 1, groups, 128)
-    part2 = torch.empty((G2, trunk_offs[-1]), device=dev, dtype=torch.float32)
+    part2 = partials(G2, trunk_offs[-1])
     scr2 = scratch(G2, blocks2)
     if chunk:
         blocks1, nw1, ns1 = launch_config("head", K, S, A, H0, HC, n_mid, H_max)
         n_chunks = triton.cdiv(HC, blocks1["BLOCK_C"])
         G1, spp1 = _groups(B, n_chunks, groups, 128)
-        part1 = torch.empty((G1, head_offs[-1]), device=dev, dtype=torch.float32)
+        part1 = partials(G1, head_offs[-1])
         scr1 = scratch(G1 * n_chunks, blocks1)
     mids = []
     for m, (n_out, n_in) in enumerate(mid_shapes):
@@ -793,63 +918,81 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
         G3, spp3 = _groups(B, n_rows, groups, 128)
         sizes = [n_out * n_in, n_out]
         mids.append(dict(blocks=blocks3, nw=nw3, ns=ns3, n_rows=n_rows, G=G3, spp=spp3, sizes=sizes,
-                         part=torch.empty((G3, E * sum(sizes)), device=dev, dtype=torch.float32),
-                         scr=scratch(G3 * n_rows, blocks3)))
+                         part=partials(G3, E * sum(sizes)), scr=scratch(G3 * n_rows, blocks3)))
 
     wrote_inputs = False
     for c, spec in enumerate(specs):
         if not active[c]:
             continue
-        ptrs, dims, strides = _layer_args(spec)
-        lw = logw if logw is not None else q[c]
-        common = (obs.stride(0), obs.stride(1), actions.stride(0), actions.stride(1), actions.stride(2),
-                  *lw_strides, g.stride(1), *strides, q.stride(1))
+        ptrs, dims, strides, layer_members = _layer_args(spec)
+        qc, lsec, gc = critic(q, c), critic(lse, c), critic(g, c)
+        lw = logw if logw is not None else qc
+        common = (obs.stride(-2), obs.stride(-1), actions.stride(-3), actions.stride(-2), actions.stride(-1),
+                  *lw_strides, gc.stride(-1), *strides, qc.stride(-2))
+        inputs_members = (_member_stride(obs, 2), _member_stride(actions, 3), _member_stride(logw, 2),
+                          _member_stride(qc, 2), _member_stride(lsec, 1), _member_stride(gc, 1), *layer_members[:9])
+
+        def members_of(part):  # the member strides of the inputs, the layers but bl, and ``part``
+            return (*inputs_members, _member_stride(part, 2))
+
         to = [trunk_offs[i] + c * trunk_sizes[i] for i in range(len(trunk_sizes))]
         off_wl, off_bl = (to[2], to[3]) if not chunk else (0, 0)
-        _sq_bwd_trunk_kernel[(G2,)](
-            obs, actions, lw, q[c], lse[c], g[c],
+        _sq_bwd_trunk_kernel[(G2, M)](
+            obs, actions, lw, qc, lsec, gc,
             *ptrs,
             part2, do, da, scr2,
             B, K, S, A, *dims, spp2, inv_t, alpha,
             *common, *s_do, *s_da,
-            part2.stride(0), to[0], to[1], off_wl, off_bl,
+            part2.stride(1), to[0], to[1], off_wl, off_bl,
+            *members_of(part2), *m_din,
             **blocks2, HAS_LOGW=logw is not None, HAS_CHUNK=chunk, NMID=n_mid, PREC=precision,
             NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs, ACT=act,
             num_warps=nw2, num_stages=ns2,
         )
         wrote_inputs = True
         for m, md in enumerate(mids):
-            _sq_bwd_mid_kernel[(md["n_rows"], md["G"])](
-                obs, actions, lw, q[c], lse[c], g[c],
+            _sq_bwd_mid_kernel[(md["n_rows"], md["G"], M)](
+                obs, actions, lw, qc, lsec, gc,
                 *ptrs,
                 md["part"], md["scr"],
                 B, K, S, A, *dims, md["spp"], inv_t, alpha,
                 *common,
-                md["part"].stride(0), c * md["sizes"][0], E * md["sizes"][0] + c * md["sizes"][1],
+                md["part"].stride(1), c * md["sizes"][0], E * md["sizes"][0] + c * md["sizes"][1],
+                *members_of(md["part"]),
                 **md["blocks"], HAS_LOGW=logw is not None, NMID=n_mid, LAYER=m + 1, PREC=precision, ACT=act,
                 num_warps=md["nw"], num_stages=md["ns"],
             )
         if chunk:
             ho = [head_offs[i] + c * head_sizes[i] for i in range(len(head_sizes))]
-            _sq_bwd_head_kernel[(n_chunks, G1)](
-                obs, actions, lw, q[c], lse[c], g[c],
+            _sq_bwd_head_kernel[(n_chunks, G1, M)](
+                obs, actions, lw, qc, lsec, gc,
                 *ptrs,
                 part1, scr1,
                 B, K, S, A, *dims, spp1, inv_t, alpha,
                 *common,
-                part1.stride(0), *ho,
+                part1.stride(1), *ho,
+                *members_of(part1),
                 **blocks1, HAS_LOGW=logw is not None, NMID=n_mid, PREC=precision, ACT=act,
                 num_warps=nw1, num_stages=ns1,
             )
 
-    t2 = part2.sum(0) if G2 > 1 else part2[0]
-    grads = [t2[trunk_offs[0]:trunk_offs[1]].view(E, H0, S + A), t2[trunk_offs[1]:trunk_offs[2]].view(E, H0)]
+    lead = (M,) if members else ()
+
+    def reduced(part, G):  # (M, size) summed over the state groups; (size,) for one run
+        t = part.sum(1) if G > 1 else part[:, 0]
+        return t if members else t[0]
+
+    def block(t, lo, hi, *shape):
+        return t[..., lo:hi].view(*lead, E, *shape)
+
+    t2 = reduced(part2, G2)
+    grads = [block(t2, trunk_offs[0], trunk_offs[1], H0, S + A), block(t2, trunk_offs[1], trunk_offs[2], H0)]
     if not chunk:
-        return grads + [t2[trunk_offs[2]:trunk_offs[3]].view(E, 1, H0), t2[trunk_offs[3]:trunk_offs[4]].view(E, 1)]
+        return grads + [block(t2, trunk_offs[2], trunk_offs[3], 1, H0), block(t2, trunk_offs[3], trunk_offs[4], 1)]
     for md, (n_out, n_in) in zip(mids, mid_shapes):
-        t = md["part"].sum(0) if md["G"] > 1 else md["part"][0]
+        t = reduced(md["part"], md["G"])
         nw = E * md["sizes"][0]
-        grads += [t[:nw].view(E, n_out, n_in), t[nw:].view(E, n_out)]
-    t1 = part1.sum(0) if G1 > 1 else part1[0]
-    return grads + [t1[head_offs[0]:head_offs[1]].view(E, HC, HI), t1[head_offs[1]:head_offs[2]].view(E, HC),
-                    t1[head_offs[2]:head_offs[3]].view(E, 1, HC), t1[head_offs[3]:head_offs[4]].view(E, 1)]
+        grads += [block(t, 0, nw, n_out, n_in), block(t, nw, E * sum(md["sizes"]), n_out)]
+    t1 = reduced(part1, G1)
+    return grads + [block(t1, head_offs[0], head_offs[1], HC, HI), block(t1, head_offs[1], head_offs[2], HC),
+                    block(t1, head_offs[2], head_offs[3], 1, HC), block(t1, head_offs[3], head_offs[4], 1)]

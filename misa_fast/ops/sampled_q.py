@@ -232,8 +232,9 @@ _FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Every tensor of the operator carries a leading member dimension M (1 for a single run): the vmap
 # rule of a stacked agent's members (misa_fast.agents.members) folds the vmapped dimension into it,
 # so that all members run in the launches of one call, at the precision a single run uses.
-def _member_layers(weights, biases, m: int, c: int):
-    return [(w[m, c], None if b is None else b[m, c]) for w, b in zip(weights, biases)]
+def _critic_layers(weights, biases, c: int):
+    """Critic c's layers, with their member dimension."""
+    return [(w[:, c], None if b is None else b[:, c]) for w, b in zip(weights, biases)]
 
 
 def _kernel_supports(obs, actions, log_weights, weights, biases, activation: str) -> bool:
@@ -306,18 +307,17 @@ def sampled_q_op(
 
 def _kernel_forward(obs, actions, log_weights, weights, biases, normalizer, temperature, activation,
                     activation_param, precision):
+    """One launch per critic for every member (the kernels' grid axis for the member)."""
     k = _kernels()
     M, E = weights[0].shape[:2]
     B, K = actions.shape[1], actions.shape[2]
     out = obs.new_empty((M, E, B), dtype=torch.float32)
     lse = torch.empty_like(out)
     q = obs.new_empty((M, E, B, K), dtype=torch.float32)
-    for m in range(M):
-        for c in range(E):
-            k.sampled_q_fwd(obs[m], actions[m], None if log_weights is None else log_weights[m],
-                            k.critic_spec(_member_layers(weights, biases, m, c)), normalizer,
-                            k.PRECISIONS[precision], q[m, c], lse[m, c], out[m, c],
-                            activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
+    for c in range(E):
+        k.sampled_q_fwd(obs, actions, log_weights, k.critic_spec(_critic_layers(weights, biases, c)), normalizer,
+                        k.PRECISIONS[precision], q[:, c], lse[:, c], out[:, c],
+                        activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
     return out, q, lse
 
 
@@ -383,29 +383,26 @@ def sampled_q_backward_op(
 
 def _kernel_backward(grad_out, obs, actions, log_weights, weights, biases, q, lse, temperature, activation,
                      activation_param, precision, groups, needs):
+    """The backward kernels' launches, each for every member."""
     k = _kernels()
-    M, E = weights[0].shape[:2]
+    E = weights[0].shape[1]
     L = len(weights)
-    need_obs, need_act = needs[0], needs[1]
-    dobs = torch.empty(obs.shape, device=obs.device, dtype=torch.float32) if need_obs else None
-    dact = torch.empty(actions.shape, device=actions.device, dtype=torch.float32) if need_act else None
-    layer_grads = [torch.empty(t.shape, device=t.device, dtype=torch.float32) if need and t is not None else None
-                   for t, need in zip([*weights, *biases], needs[2:])]
-    g = grad_out.float()
-    for m in range(M):
-        specs = [k.critic_spec(_member_layers(weights, biases, m, c)) for c in range(E)]
-        grads = k.sampled_q_bwd(obs[m], actions[m], None if log_weights is None else log_weights[m], specs, q[m],
-                                lse[m], g[m], k.PRECISIONS[precision], dobs=None if dobs is None else dobs[m],
-                                dact=None if dact is None else dact[m], groups=groups,
-                                activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
-        # the kernel's order: weight then bias of each layer
-        for j in range(L):
-            for slot, gr in ((j, grads[2 * j]), (L + j, grads[2 * j + 1])):
-                if layer_grads[slot] is not None:
-                    layer_grads[slot][m] = gr.view(layer_grads[slot].shape[1:])
-    out = [dobs, dact, *layer_grads]
+    dobs = torch.empty(obs.shape, device=obs.device, dtype=torch.float32) if needs[0] else None
+    dact = torch.empty(actions.shape, device=actions.device, dtype=torch.float32) if needs[1] else None
+    specs = [k.critic_spec(_critic_layers(weights, biases, c)) for c in range(E)]
+    grads = k.sampled_q_bwd(obs, actions, log_weights, specs, q, lse, grad_out.float(), k.PRECISIONS[precision],
+                            dobs=dobs, dact=dact, groups=groups,
+                            activation=(k.ACTIVATIONS[activation], activation_param), temperature=temperature)
+    # the kernel's order: weight then bias of each layer, each (M, E, ...)
+    layer_grads = [grads[2 * j] for j in range(L)] + [grads[2 * j + 1] for j in range(L)]
     inputs = [obs, actions, *weights, *biases]
-    return [obs.new_empty(0) if d is None else d.to(t.dtype) for d, t in zip(out, inputs)]
+
+    def own(grad, like):  # views of one reduced buffer are copied: an operator's outputs may not alias
+        out = grad.to(like.dtype).view(like.shape)
+        return out.clone() if out.data_ptr() == grad.data_ptr() else out
+
+    return [obs.new_empty(0) if not need or t is None else (d.to(t.dtype) if i < 2 else own(d, t))
+            for i, (d, t, need) in enumerate(zip([dobs, dact, *layer_grads], inputs, needs))]
 
 
 @sampled_q_backward_op.register_fake

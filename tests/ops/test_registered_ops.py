@@ -278,8 +278,8 @@ def member_critics(M, E=2, S=3, A=2, hidden=(8, 8)):
 @pytest.mark.parametrize("shared_log_weights", [False, True])
 def test_sampled_q_under_member_vmap_is_one_call_equal_to_each_members_run(monkeypatch, shared_log_weights):
     """Inside misa_fast.agents.members' vmap the log-partition is one operator call for all members
-    (the kernel, not the torch reference), and each member's value and gradients are those of its
-    own single run, bitwise."""
+    (the kernel, not the torch reference: a launch per critic, as one run makes), and each member's
+    value and gradients are those of its own single run, bitwise."""
     from misa_fast.ops import sampled_q as sq
     from misa_fast.ops.dispatch import member_map
 
@@ -294,14 +294,18 @@ def test_sampled_q_under_member_vmap_is_one_call_equal_to_each_members_run(monke
         layers = StackedLayers([(w0, b0), (w1, b1), (w2, b2)], "elu")
         return sampled_q_log_mean_exp(o, a, layers, lw, normalizer="none", temperature=0.7, precision="ieee")
 
-    calls = []
-    real = sq._kernel_forward
-    monkeypatch.setattr(sq, "_kernel_forward", lambda *a: calls.append(a[3][0].shape[0]) or real(*a))
+    from misa_fast.kernels import sampled_q_kernels as k
+
+    calls, launches = [], []
+    real_forward, real_launch = sq._kernel_forward, k.sampled_q_fwd
+    monkeypatch.setattr(sq, "_kernel_forward", lambda *a: calls.append(a[3][0].shape[0]) or real_forward(*a))
+    monkeypatch.setattr(k, "sampled_q_fwd", lambda *a, **kw: launches.append(a[0].shape[0]) or real_launch(*a, **kw))
     layer_args = [t for wb in zip(weights, biases) for t in wb]
     with use_backend("triton"), member_map():
         mapped = torch.func.vmap(one_member, in_dims=(0,) * 8 + (None if shared_log_weights else 0,))(
             *layer_args, obs, sampled, log_w)
     assert calls == [M]  # one call, every member
+    assert launches == [M, M]  # one launch per critic (E = 2), every member in it
     mapped_grads = torch.autograd.grad(mapped.sum(), layer_args)
     for m in range(M):
         member = [t[m].detach().requires_grad_() for t in layer_args]
