@@ -7,10 +7,11 @@ Precedence, first match wins:
 3. the environment variable ``MISA_FAST_OPS`` (read at every call, default ``"auto"``).
 
 ``"auto"`` picks Triton when every tensor argument lives on a CUDA device and Triton (plus the
-kernel package) imports, the torch reference otherwise. Inside ``torch.func.vmap`` (the stacked
-seeds of ``misa-fast train --seeds``, :func:`member_batched`) the HMC sampler launches its kernel
-once for every member (a vmap rule); the other ops take the torch reference, which vmap batches (a
-raw kernel launch cannot read a member's view of a stacked tensor). ``"triton"`` forces the kernels: on CPU
+kernel package) imports, the torch reference otherwise. The Triton path calls the registered
+operators (``torch.ops.misa_fast.log_mean_exp``, ``.sampled_q_log_mean_exp``, ``.hmc_chains``):
+what a compiled or exported graph holds, and inside ``torch.func.vmap`` (the stacked seeds of
+``misa-fast train --seeds``, :func:`member_batched`) their vmap rules launch each kernel once for
+every member, at the precision one run uses. ``"triton"`` forces the kernels: on CPU
 tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
 are imported), which is how the tests exercise them without a GPU. ``"torch"`` forces the reference.
 """
@@ -109,8 +110,8 @@ def member_batched(*tensors: Optional[torch.Tensor]) -> bool:
 
 def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor], members: bool = False) -> str:
     """Return ``"triton"`` or ``"torch"`` for a call on ``tensors`` (``None`` entries ignored).
-    ``members``: the op launches its kernel for every member at once under vmap (the HMC sampler);
-    the others take the torch reference there."""
+    ``members``: the op launches its kernel for every member at once under vmap (a vmap rule of its
+    operator); an op without one takes the torch reference there."""
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
