@@ -306,6 +306,7 @@ class _Reading:
     activations: Optional[List[Activation]] = None
     why: Optional[str] = None
     concat_call: Optional[bool] = None
+    informative: bool = True  # False: a constant output proved nothing, check again next call
 
 
 # id(module) -> _Reading; a finalizer drops the entry when the module dies (before its id can be
@@ -322,15 +323,27 @@ def _remember(module: nn.Module, reading: _Reading) -> None:
     _CACHE[key] = reading
 
 
+def _instance_forward(m: nn.Module):
+    """A forward assigned to the instance, by weak reference where it can be one (a bound method
+    of the module would otherwise keep it alive from the cache); None without one."""
+    forward = m.__dict__.get("forward")
+    if forward is None:
+        return None
+    try:
+        return weakref.ref(forward)  # equal while the same function is alive; a dead one equals nothing
+    except TypeError:
+        return forward
+
+
 def _unit_signature(m: nn.Module) -> tuple:
     if isinstance(m, nn.Linear):
         params = (m._parameters.get("weight"), m._parameters.get("bias"))
         shapes = tuple(None if p is None else (tuple(p.shape), p.dtype) for p in params)
         return (id(m), type(m), m.training, bool(_hooks(m)), shapes, m.in_features, m.out_features,
-                m.__dict__.get("forward"))
+                _instance_forward(m))
     spec = activation_spec(m)  # an activation's setting (LeakyReLU slope, ELU alpha, GELU approximation)
     p = getattr(m, "p", None) if type(m) in _DROPOUTS else None
-    return (id(m), type(m), m.training, bool(_hooks(m)), spec, p, m.__dict__.get("forward"),
+    return (id(m), type(m), m.training, bool(_hooks(m)), spec, p, _instance_forward(m),
             tuple(m._parameters), tuple(m._buffers))
 
 
@@ -377,9 +390,8 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
                         why=(f"its forward does not compute the MLP of its Linear and activation modules on "
                              f"concat(s, a) (largest difference {diff:.3g} at output scale {scale:.3g} on "
                              f"{o.shape[0]} rows)"))
-    reading = _Reading(sig, [weakref.ref(m) for m in linears], list(acts), concat_call=concat)
-    reading.informative = spread > 1e-6 * max(scale, 1.0)  # a constant output proves nothing: check again
-    return reading
+    return _Reading(sig, [weakref.ref(m) for m in linears], list(acts), concat_call=concat,
+                    informative=spread > 1e-6 * max(scale, 1.0))
 
 
 def _module_critic(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
@@ -392,7 +404,7 @@ def _module_critic(module: nn.Module, activation: Optional[Activation], obs, act
         linears = [ref() for ref in reading.linears]
     if linears is None or any(m is None for m in linears):
         reading = _read_and_check(module, activation, obs, actions, sig)
-        if reading.linears is None or getattr(reading, "informative", True):
+        if reading.linears is None or reading.informative:
             _remember(module, reading)
         if reading.linears is None:
             return Critic(module=module, why=reading.why, concat_call=reading.concat_call, reading=reading)

@@ -8,6 +8,7 @@ Kernel calls run in the Triton interpreter on CPU: tiny B, K and widths keep the
 """
 import gc
 import math
+import types
 import warnings
 import weakref
 
@@ -272,13 +273,15 @@ def test_a_hook_on_a_stacked_ensemble_runs_its_forward():
 # ----------------------------------------------------------------------------------------------
 # the reading cache
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["read", "opaque", "parametrized"])
+@pytest.mark.parametrize("kind", ["read", "opaque", "parametrized", "bound_forward"])
 def test_a_dropped_critic_is_freed(kind):
     critic = Critic()
     if kind == "opaque":
         critic.network[1] = nn.Mish()
     elif kind == "parametrized":
         nn.utils.parametrizations.weight_norm(critic.network[2])
+    elif kind == "bound_forward":  # a forward assigned to the instance, bound to the critic itself
+        critic.forward = types.MethodType(lambda self, obs, actions: Critic.forward(self, obs, actions), critic)
     obs, actions = problem()
     obs, actions = obs.cpu(), actions.cpu()
     out = sampled_q_log_mean_exp(obs, actions, [critic], backend="torch")
