@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from misa_fast.errors import UserError
+
 _NO_HMC = {"use_hmc": False}
 
 
@@ -95,10 +97,23 @@ def family_of(cfg) -> str:
     return "misa" if isinstance(cfg, MISAConfig) else "td3"
 
 
-def agent_from_checkpoint(state: dict, device: str = "cpu"):
-    """The trained agent of a checkpoint written by ``misa-fast train`` or ``finetune``."""
-    algo = get(state["run"]["algo"])
-    cfg = config_class(algo.family).from_dict({**state["agent_config"], "device": str(device)})
+def agent_from_checkpoint(state: dict, device: str = "cpu", source: str = "the checkpoint"):
+    """The trained agent of a checkpoint written by ``misa-fast train`` or ``finetune``. A state
+    that does not describe one (an unknown algorithm, a config or networks that do not fit) is a
+    UserError naming ``source``."""
+    try:
+        algo = get(state["run"]["algo"])
+        cfg = config_class(algo.family).from_dict({**state["agent_config"], "device": str(device)})
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{source}: not the settings of a misa-fast agent ({' '.join(str(err).split())})") from None
     agent = make_agent(cfg)
-    agent.load_state_dict(state["agent"])
+    load_agent_state(agent, state["agent"], source)
     return agent
+
+
+def load_agent_state(agent, agent_state, source: str) -> None:
+    """``agent.load_state_dict`` with a state that does not fit the agent refused in one line."""
+    try:
+        agent.load_state_dict(agent_state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise UserError(f"{source}: its networks do not fit its config ({' '.join(str(err).split())[:300]})") from None

@@ -68,7 +68,7 @@ def load_policy(path: Path):
                if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(f"{path}: not a checkpoint of misa-fast train or finetune (missing {', '.join(missing)})")
-    policy = agent_from_checkpoint(state).policy.eval()
+    policy = agent_from_checkpoint(state, source=str(path)).policy.eval()
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():

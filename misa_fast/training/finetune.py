@@ -144,7 +144,7 @@ def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device,
     info = info.in_env(env_id)  # recorded make() kwargs and reference returns only in the recorded env
     checks.check_environment(env_id, info.env_kwargs, info.obs_dim, info.act_dim,
                              f"--env {cfg.env}" if cfg.env else f"the checkpoint's environment {env_id}")
-    agent = algos.agent_from_checkpoint(state, device)
+    agent = algos.agent_from_checkpoint(state, device, source=str(own if resuming else source_path))
     agent_cfg = agent.config
     threads = apply_threads(choose_threads(cfg.threads, agent_cfg, device))
     print(f"misa-fast finetune: {threads.describe()}", file=sys.stderr)

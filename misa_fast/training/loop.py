@@ -387,7 +387,7 @@ def _train_claimed(run: RunConfig, seeds: list, outs: list, guard: InterruptGuar
     for i, member in enumerate(members):
         member.agent = algos.make_agent(member.cfg)
         if member.state is not None:
-            member.agent.load_state_dict(member.state["agent"])
+            algos.load_agent_state(member.agent, member.state["agent"], str(member.out / ckpt.CHECKPOINT_NAME))
         member.source = streams.member(i) if streams is not None else make_source(
             run.data_source, data, member.cfg.batch_size, member.seed, device,
             state=None if member.state is None else member.state["sampler"])

@@ -311,3 +311,23 @@ def test_finetune_checkpoints_the_current_step_on_sigterm(tmp_path):
     assert_one_line(2, lines, "misa-fast finetune --checkpoint", "--resume")
     env_steps = ckpt.load(online / ckpt.CHECKPOINT_NAME)["env_steps"]
     assert env_steps > 0 and f"step {env_steps}:" in lines[0]
+
+
+@pytest.mark.parametrize("damage", ["algo", "weights", "config"])
+def test_a_checkpoint_that_does_not_describe_its_agent_is_one_line(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    train(tiny_run(out, 10))
+    state = ckpt.load(out / ckpt.CHECKPOINT_NAME)
+    if damage == "algo":
+        state["run"]["algo"] = "no-such-algo"
+    elif damage == "weights":
+        name = next(k for k, v in state["agent"]["policy"].items() if v.ndim == 2)
+        state["agent"]["policy"][name] = state["agent"]["policy"][name][:, :1]
+    else:
+        state["agent_config"]["num_critics"] = "two"
+    ckpt.save_atomic(state, out / ckpt.CHECKPOINT_NAME)
+    code, lines = run_cli(capsys, "eval", "--checkpoint", out, "--episodes", 1)
+    assert_one_line(code, lines, str(out))
+    if damage == "weights":
+        code, lines = run_cli(capsys, "train", "--out", out, "--resume", "--steps", 20, *QUIET)
+        assert_one_line(code, lines, str(out / ckpt.CHECKPOINT_NAME), "do not fit")
