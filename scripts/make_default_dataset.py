@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from misa_fast.data import registry  # noqa: E402
-from misa_fast.data.d4rl import write_hdf5  # noqa: E402
+from misa_fast.data.hdf5 import write_hdf5  # noqa: E402
 from misa_fast.envs.make_dataset import build_dataset, describe  # noqa: E402
 from misa_fast.envs.rollout import evaluate  # noqa: E402
 

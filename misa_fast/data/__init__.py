@@ -7,19 +7,13 @@ transforms, normalized scores, and the small dataset that ships inside the packa
     data, info = prepare()                     # the embedded default (Pendulum-v1) dataset
     data, info = prepare("mujoco/hopper/medium-v0")  # a Minari id (Minari's cache; needs minari to download)
 """
-from misa_fast.data.d4rl import (
-    load_dataset,
-    qlearning_dataset,
-    read_hdf5,
-    read_minari,
-    read_minari_dataset,
-    read_npz,
-    validate_dataset,
-    write_hdf5,
-)
 from misa_fast.data.download import default_dataset_path, download_file, resolve_dataset
-from misa_fast.data.minari import is_minari_id, resolve_minari_id
+from misa_fast.data.hdf5 import read_hdf5, write_hdf5
+from misa_fast.data.load import load_dataset
+from misa_fast.data.minari import is_minari_id, read_minari, read_minari_dataset, resolve_minari_id
+from misa_fast.data.npz import read_npz
 from misa_fast.data.prepare import DataInfo, prepare
+from misa_fast.data.raw import qlearning_dataset, validate_dataset
 from misa_fast.data.registry import D4RL_URLS, DEFAULT_DATASET, data_dir, domain_of, env_id_for
 from misa_fast.data.scores import normalized_score, reference_returns
 from misa_fast.data.transforms import (

@@ -1,11 +1,13 @@
-"""Minari dataset ids (``mujoco/hopper/medium-v0``, ``D4RL/antmaze/umaze-v1``) as datasets.
+"""Minari datasets, whole: ids (``mujoco/hopper/medium-v0``, ``D4RL/antmaze/umaze-v1``) resolved to
+directories, their metadata, spaces and reference scores, and their episodes read as a raw dataset.
 
 An id names a directory of Minari's local cache (``$MINARI_DATASETS_PATH``, default
 ``~/.minari/datasets``); a missing one is downloaded with the ``minari`` package's own API when the
-machine is online. A Minari directory holds ``data/main_data.hdf5`` (episodes, read by
-``d4rl.read_minari``) and ``data/metadata.json``, from which this module takes what the episodes do
-not say: the observation and action spaces (only flat Boxes can be learned from), the environment
-to evaluate in (its env spec) and the reference returns of the normalized score.
+machine is online. A Minari directory holds ``data/main_data.hdf5`` (the episodes, read here with
+h5py under the checks of :mod:`misa_fast.data.hdf5`: the minari package is not needed to read) and
+``data/metadata.json``, from which this module takes what the episodes do not say: the observation
+and action spaces (only flat Boxes can be learned from), the environment to evaluate in (its env
+spec) and the reference returns of the normalized score.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import json
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 
-from misa_fast.data import registry
+from misa_fast.data import registry, transforms
 from misa_fast.data.errors import DataError
+from misa_fast.data.hdf5 import checked_datasets
+from misa_fast.data.raw import plain_value
 from misa_fast.data.registry import LOCOMOTION_NAMESPACES, environment_part, is_minari_id, namespace_part  # noqa: F401
 
 
@@ -231,3 +236,108 @@ def reference_scores(metadata: dict) -> tuple[float, float] | None:
         raise DataError(f"metadata fields 'ref_min_score' ({low}) and 'ref_max_score' ({high}) must be finite "
                         f"with ref_min_score < ref_max_score: no normalized score can be computed from them")
     return low, high
+
+
+def read_minari_dataset(path: str | os.PathLike) -> dict:
+    """``read_minari`` plus what a Minari directory's ``data/metadata.json`` says, when it has one:
+    its spaces are checked (flat Box observations and actions; Dict observations only where the
+    domain's evaluation keys are known), actions are converted to the [-1, 1] units policies act
+    in, and ``metadata/`` entries record the dataset id, the evaluation environment
+    (``env_id``, ``env_kwargs``) and the reference returns (``ref_min_score``, ``ref_max_score``,
+    absent when the dataset has none; ``scores_from_dataset`` says not to use the domain's)."""
+    metadata = read_metadata(path)
+    if metadata is None:  # an h5py-only directory: episodes and nothing else
+        return read_minari(path)
+
+    where = Path(path) / "data" / "metadata.json"
+    try:  # every field is checked before any episode is read
+        dataset_id = str(metadata.get("dataset_id") or Path(path).name)
+        check_storage_format(metadata, dataset_id)
+        action_space = check_action_space(metadata, dataset_id)
+        keys = observation_keys(metadata, dataset_id, registry.DICT_OBSERVATION_KEYS)
+        bounds = action_bounds(action_space, dataset_id)
+        env_id, env_kwargs = evaluation_env(metadata)
+        scores = reference_scores(metadata)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+    raw = read_minari(path, observation_keys=keys)
+    spaces = {"actions": action_space,
+              "observations": None if keys else space_of(metadata, "observation_space")}
+    for key, space in spaces.items():  # a space the episodes contradict describes other data
+        declared = (space or {}).get("shape")
+        if declared and np.ndim(raw[key]) == 2 and int(np.prod(declared)) != np.shape(raw[key])[1]:
+            raise DataError(f"{where}: the {key[:-1].replace('_', ' ')} space has shape {tuple(declared)}, but the "
+                            f"episodes' {key} have width {np.shape(raw[key])[1]}")
+    width = np.shape(raw["actions"])[-1]
+    if bounds is not None:  # stored in the environment's units; policies act in [-1, 1]
+        if bounds[0].size not in (1, width):
+            raise DataError(f"{where}: the action space's bounds have {bounds[0].size} entries for actions of "
+                            f"width {width}")
+        raw["actions"] = transforms.unscale_actions(raw["actions"], *bounds)
+    raw["metadata/dataset_name"] = dataset_id
+    raw["metadata/scores_from_dataset"] = True
+    if env_id:
+        raw["metadata/env_id"] = env_id
+        raw["metadata/env_kwargs"] = env_kwargs
+    if scores is not None:
+        raw["metadata/ref_min_score"], raw["metadata/ref_max_score"] = scores
+    return raw
+
+
+def read_minari(path: str | os.PathLike, observation_keys: tuple | None = None) -> dict:
+    """A local Minari dataset directory (``data/main_data.hdf5`` with ``episode_<id>`` groups),
+    flattened to D4RL rows. Minari stores T+1 observations per episode of T steps: rows get
+    obs[:-1] as observations and obs[1:] as next_observations; terminations/truncations become
+    terminals/timeouts. Dict observations are concatenated in sorted key order (only
+    ``observation_keys``, in that order, when given). Per-step infos are kept when aligned with
+    the rows (Minari's infos include the reset info: T+1 entries).
+    Reading needs only h5py, not the minari package."""
+    main = Path(path) / "data" / "main_data.hdf5"
+    if not main.is_file():
+        raise FileNotFoundError(f"{path}: not a Minari dataset directory (expected {main})")
+    columns: dict[str, list] = {}
+    try:
+        with h5py.File(main, "r") as f:
+            checked_datasets(main, f)  # refuses links and data stored in other files before reading any
+            episodes = sorted((k for k in f if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
+            if not episodes:
+                raise DataError(f"{main}: no 'episode_<id>' groups found")
+            for key in episodes:
+                for column, values in _minari_episode(f[key], f"{main}:{key}", observation_keys).items():
+                    columns.setdefault(column, []).append(values)
+            metadata = {f"metadata/{k}": plain_value(v) for k, v in f.attrs.items()}
+    except (OSError, RuntimeError) as err:
+        raise DataError(f"{main}: cannot read this HDF5 file ({err}); it is probably truncated or corrupted") from err
+    raw = {column: np.concatenate(parts) for column, parts in columns.items() if len(parts) == len(episodes)}
+    # Every row holds its own true s', so the q-learning view takes s' from next_observations.
+    return {**raw, **metadata, "metadata/format": "minari"}
+
+
+def _minari_episode(group: h5py.Group, where: str, observation_keys: tuple | None = None) -> dict:
+    for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+        if key not in group:
+            raise DataError(f"{where}: missing key '{key}' (Minari episodes hold observations, actions, "
+                             f"rewards, terminations and truncations)")
+    obs = _flat_observations(group["observations"], observation_keys)
+    actions = group["actions"][()]
+    steps = len(actions)
+    if len(obs) != steps + 1:
+        raise DataError(f"{where}: 'observations' has {len(obs)} rows, expected {steps + 1} "
+                         f"(one more than the {steps} actions)")
+    episode = {
+        "observations": obs[:-1], "next_observations": obs[1:], "actions": actions,
+        "rewards": group["rewards"][()], "terminals": group["terminations"][()],
+        "timeouts": group["truncations"][()],
+    }
+    if "infos" in group:
+        for key, item in group["infos"].items():
+            if isinstance(item, h5py.Dataset) and len(item) in (steps, steps + 1):
+                episode[f"infos/{key}"] = item[()][:steps]
+    return episode
+
+
+def _flat_observations(item, keys: tuple | None = None) -> np.ndarray:
+    if isinstance(item, h5py.Dataset):
+        obs = item[()]
+        return obs.reshape(len(obs), -1)
+    return np.concatenate([_flat_observations(item[k]) for k in (keys or sorted(item))], axis=1)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from misa_fast.data import registry, transforms
-from misa_fast.data.d4rl import load_dataset, qlearning_dataset
 from misa_fast.data.errors import DataError
+from misa_fast.data.load import load_dataset
+from misa_fast.data.raw import qlearning_dataset
 
 # How far past [-1, 1] a stored action may be and still count as rounding (it is clipped like the
 # rest); beyond it the data is in other units, and training on clipped values would be nonsense.

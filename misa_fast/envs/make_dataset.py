@@ -33,7 +33,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from misa_fast.data.d4rl import write_hdf5
+from misa_fast.data.hdf5 import write_hdf5
 from misa_fast.envs.rollout import evaluate, make_env, unscale_actions
 
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "full-replay")

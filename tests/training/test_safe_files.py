@@ -165,7 +165,7 @@ def test_a_pickle_checkpoint_refusal_never_advises_the_unsafe_switch(tmp_path, l
 
 
 def test_an_npz_refusal_never_advises_allow_pickle(tmp_path):
-    from misa_fast.data.d4rl import read_npz
+    from misa_fast.data.npz import read_npz
 
     path = tmp_path / "data.npz"
     np.savez(path, observations=np.array([crafted.ShellPayload(tmp_path / "MARKER")], dtype=object))
