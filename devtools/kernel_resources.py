@@ -137,7 +137,7 @@ HMC_MODES = ("faithful", "adaptive", "parallel")
 HMC_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 SAMPLED_Q_PRECISIONS = ("ieee", "tf32", "bf16")
 # log_mean_exp callers: SPOT's importance-weighted density (B, L samples; official L = 1) and the
-# MI bound estimates of misa_fast.agents.estimators (per state over K, then over the batch).
+# MI bound estimates of misa_fast.agents.mi_bounds (per state over K, then over the batch).
 LOG_MEAN_EXP_SHAPES = {
     "spot iwae L=1": ((256, 1), 1),
     "spot iwae L=10": ((256, 10), 1),

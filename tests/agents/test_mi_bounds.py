@@ -1,4 +1,4 @@
-"""MI lower bounds (misa_fast.agents.estimators): closed-form Gaussian MI, the orderings of Theorem 4.1 that
+"""MI lower bounds (misa_fast.agents.mi_bounds): closed-form Gaussian MI, the orderings of Theorem 4.1 that
 hold deterministically for the sample estimates, what does (and does not) relate BA to the energy
 bounds, gradients, a hand computation, and shape errors.
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from misa_fast import nets
-from misa_fast.agents.estimators import MIBounds, estimate_bounds, mi_bounds
+from misa_fast.agents.mi_bounds import MIBounds, estimate_bounds, mi_bounds
 
 BOUNDS = MIBounds._fields
 
