@@ -65,7 +65,9 @@ def sampled_q_log_mean_exp(
     (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
     recomputes the state half in-kernel and never materialises the (B*K, H) activations; otherwise
     it is the eager torch code below, sharing the precomputed state half."""
-    if ops.resolve_backend(None, obs, actions) == "triton":  # falls back itself for unsupported shapes
+    # members=True: under a stacked agent's member vmap the operator's vmap rule launches the kernel
+    # once for every member, at the precision a single run uses
+    if ops.resolve_backend(None, obs, actions, members=True) == "triton":  # falls back itself for unsupported shapes
         return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision,
                                           return_q=return_q)
     q = sampled_q(layers, obs, actions, state_half)

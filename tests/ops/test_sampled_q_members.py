@@ -82,3 +82,39 @@ def test_one_member_launch_is_the_single_run_launch():
     _, _, _, member_strides = k._layer_args(spec)
     assert set(member_strides) == {0}
     assert k._member_stride(obs[:1], 2) == 0 and k._member_stride(obs, 2) == obs.stride(0)
+
+
+def test_misa_group_on_the_fused_path_launches_every_member_at_once(monkeypatch):
+    """Two MISA seeds trained together (misa-fast train --seeds) with the Triton backend: the
+    log-partition runs the kernel for both members in each launch (not the torch reference), and
+    each member's first update is its single run's (to fp32 rounding, as the torch path)."""
+    from misa_fast.agents import MISA, members
+    from misa_fast.agents.misa_config import preset
+    from misa_fast.kernels import sampled_q_kernels as k
+    from misa_fast.ops import use_backend
+
+    batch, obs_dim, act_dim, hidden = 4, 3, 2, 8
+    cfg = preset("locomotion").replace(obs_dim=obs_dim, act_dim=act_dim, policy_hidden=(hidden, hidden),
+                                       critic_hidden=(hidden, hidden), num_samples=2, batch_size=batch,
+                                       hmc_burn_in=1, hmc_step_size=0.2, hmc_precision="ieee",
+                                       sampled_q_precision="ieee", device=DEV)
+    seeds = (3, 4)
+    singles = [MISA(cfg.replace(seed=s)) for s in seeds]
+    stacked = members.stack_agents([MISA(cfg.replace(seed=s)) for s in seeds])
+    g = torch.Generator().manual_seed(0)
+    batches = [{"observations": torch.randn(batch, obs_dim, generator=g).to(DEV),
+                "actions": (torch.rand(batch, act_dim, generator=g) * 2 - 1).to(DEV),
+                "rewards": torch.randn(batch, generator=g).to(DEV),
+                "next_observations": torch.randn(batch, obs_dim, generator=g).to(DEV),
+                "terminals": torch.zeros(batch, device=DEV)} for _ in seeds]
+    launches = []
+    real = k.sampled_q_fwd
+    monkeypatch.setattr(k, "sampled_q_fwd", lambda *a, **kw: launches.append(tuple(a[0].shape)) or real(*a, **kw))
+    with use_backend("triton"):
+        group_metrics = stacked.update(members.stack_tree(batches))
+        assert launches and all(shape == (len(seeds), batch, obs_dim) for shape in launches), launches
+        single_metrics = [agent.update(b) for agent, b in zip(singles, batches)]
+    for m, metrics in enumerate(single_metrics):
+        for name, value in metrics.items():
+            torch.testing.assert_close(group_metrics[name][m], value, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=name)
