@@ -139,8 +139,9 @@ def _compute_dtype(obs, actions, cset: CriticSet, log_weights=None) -> torch.dty
 # reference
 # ----------------------------------------------------------------------------------------------
 # On the CPU the MLP's elementwise work (bias, activation, their backward) is memory-bound: it runs on
-# blocks of states whose hidden activations stay in cache (about 1 MiB of fp32), as a loop over
-# proposals would, and the activation is applied in place where its backward needs only its result.
+# blocks of states whose hidden activations stay in cache (about 1 MiB of fp32 per intra-op thread,
+# each thread taking its share of the rows), as a loop over proposals would, and the activation is
+# applied in place where its backward needs only its result.
 _CPU_BLOCK_ELEMENTS = 1 << 18
 
 
@@ -169,7 +170,8 @@ def _critic_q(obs: torch.Tensor, actions: torch.Tensor, critic: Critic, dtype: t
     w0_actions = w0[:, S:].contiguous()  # sliced once, not once per block (and its gradient once)
     block = B
     if obs.device.type == "cpu" and not torch.compiler.is_compiling():
-        block = max(1, _CPU_BLOCK_ELEMENTS // (K * max(w.shape[0] for w, _ in layers)))
+        per_block = _CPU_BLOCK_ELEMENTS * torch.get_num_threads()
+        block = max(1, per_block // (K * max(w.shape[0] for w, _ in layers)))
     qs = []
     for hs_block, act_block in zip(hs.split(block), actions.to(dtype).split(block)):
         rows = hs_block.shape[0] * K
