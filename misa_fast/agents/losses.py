@@ -9,7 +9,7 @@ Shapes: E critics, B states, K samples per state, A action dims. Per-critic quan
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,6 +44,13 @@ def sampled_q(layers: Layers, obs: Tensor, actions: Tensor, state_half: Optional
     return ensemble_q(layers, nets.state_half(layers, obs) if state_half is None else state_half, actions)
 
 
+class LogPartition(NamedTuple):
+    """What :func:`sampled_q_log_mean_exp` returns."""
+
+    values: Tensor  # (E, B): logsumexp_k (Q_i(s, a_k) + log_weights_k) - norm per critic and state
+    q: Optional[Tensor]  # (E, B, K): the detached per-sample Q values it came from; None unless asked for
+
+
 def sampled_q_log_mean_exp(
     layers: Layers,
     obs: Tensor,
@@ -53,13 +60,14 @@ def sampled_q_log_mean_exp(
     log_weights: Optional[Tensor] = None,
     precision: str = "tf32",
     return_q: bool = False,
-):
+) -> LogPartition:
     """logsumexp_k (Q_i(s, a_k) + log_weights_k) - norm for every critic and state: (E, B). Each
     critic uses its own Q. ``log_weights`` (B, K): CQL's importance weights, -log proposal density.
     ``precision``: the fused kernel's dot precision ("tf32", "ieee" or "bf16"; see
     :func:`misa_fast.ops.sampled_q_log_mean_exp`); the torch path below is fp32 whatever it says.
     ``return_q``: also return the per-sample Q values (E, B, K), detached (the fused op's own, not a
-    second evaluation): the SNIS weights of the actor's correction term.
+    second evaluation): the SNIS weights of the actor's correction term. Asked for only where
+    needed: the fused kernel then also writes them out.
 
     The single place the agent evaluates a log-partition. Where the ops dispatch picks Triton
     (CUDA tensors, or forced with ``MISA_FAST_OPS=triton``) this is the fused kernel, which
@@ -68,12 +76,12 @@ def sampled_q_log_mean_exp(
     # members=True: under a stacked agent's member vmap the operator's vmap rule launches the kernel
     # once for every member, at the precision a single run uses
     if ops.resolve_backend(None, obs, actions, members=True) == "triton":  # falls back itself for unsupported shapes
-        return ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision,
-                                          return_q=return_q)
+        out = ops.sampled_q_log_mean_exp(obs, actions, layers, log_weights, normalizer=norm, precision=precision,
+                                         return_q=return_q)
+        return LogPartition(*out) if return_q else LogPartition(out, None)
     q = sampled_q(layers, obs, actions, state_half)
     v = q if log_weights is None else q + log_weights
-    out = torch.logsumexp(v, dim=2) - norm
-    return (out, q.detach()) if return_q else out
+    return LogPartition(torch.logsumexp(v, dim=2) - norm, q.detach() if return_q else None)
 
 
 def cql_proposals(
@@ -93,6 +101,14 @@ def cql_proposals(
     return actions, log_weights
 
 
+class EnergyGap(NamedTuple):
+    """What :func:`energy_gap` returns, per critic."""
+
+    gap: Tensor  # (E,): E_s[log-partition] - E_D[Q(s, a)], the critic regulariser
+    partition: Tensor  # (E,): the log-partition term alone
+    q_samples: Optional[Tensor]  # (E, B, K), detached: the Q values of the log-partition; None unless asked for
+
+
 def energy_gap(
     bound: str,
     q_data: Tensor,
@@ -104,12 +120,12 @@ def energy_gap(
     log_weights: Optional[Tensor] = None,
     precision: str = "tf32",
     return_q: bool = False,
-):
+) -> EnergyGap:
     """The critic regulariser "diff" per critic, E_s[log-partition] - E_D[Q(s, a)], and the
     log-partition term alone (both (E,)); with ``return_q`` ("misa" bound only) also the detached
-    per-sample Q values (E, B, K) the log-partition was computed from. ``sample_actions`` (B, K, A) are
-    policy samples at s
-    (for "cql", the proposals of :func:`cql_proposals` with their ``log_weights``).
+    per-sample Q values (E, B, K) the log-partition was computed from, else ``q_samples`` is None.
+    ``sample_actions`` (B, K, A) are policy samples at s (for "cql", the proposals of
+    :func:`cql_proposals` with their ``log_weights``).
 
     misa (eq. 10): mean_s [log mean_k exp Q(s, a_k)]      (normalised by ``norm``)
     dv   (eq. 9):  log mean_{s,k} exp Q(s, a_k)
@@ -122,18 +138,16 @@ def energy_gap(
     data_term = q_data.mean(dim=1)
     if return_q and bound != "misa":
         raise ValueError(f"return_q needs the 'misa' bound (per-state samples), got {bound!r}")
+    q_samples = None
     if bound == "misa":
-        partition = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half,
+        per_state = sampled_q_log_mean_exp(layers, obs, sample_actions, norm, state_half,
                                            precision=precision, return_q=return_q)
-        if return_q:
-            partition, q_samples = partition
-            return partition.mean(dim=1) - data_term, partition.mean(dim=1), q_samples
-        partition = partition.mean(dim=1)
+        partition, q_samples = per_state.values.mean(dim=1), per_state.q
     elif bound == "cql":
         if log_weights is None:
             raise ValueError("energy bound 'cql' needs the proposals' log_weights")
         partition = sampled_q_log_mean_exp(layers, obs, sample_actions, 0.0, state_half, log_weights,
-                                           precision).mean(dim=1)
+                                           precision).values.mean(dim=1)
     elif bound == "dv":
         q = sampled_q(layers, obs, sample_actions, state_half).flatten(1)
         partition = torch.logsumexp(q, dim=1) - math.log(q.shape[1])
@@ -141,7 +155,7 @@ def energy_gap(
         partition = torch.exp(sampled_q(layers, obs, sample_actions, state_half) - 1.0).mean(dim=(1, 2))
     else:
         raise ValueError(f"unknown energy bound {bound!r}")
-    return partition - data_term, partition
+    return EnergyGap(partition - data_term, partition, q_samples)
 
 
 def alpha_prime_value(log_alpha_prime: Tensor, lo: float, hi: float) -> Tensor:
@@ -173,6 +187,13 @@ def critic_loss(td: Tensor, penalty: Tensor) -> Tensor:
 # actor and temperature
 # Below this mean Kish ESS per state the SNIS estimate rests on one or two samples: the trainer warns.
 SNIS_ESS_WARN = 2.0
+
+
+class SNISSamples(NamedTuple):
+    """The inputs of the SNIS estimate of the actor's correction term (eq. 15), both detached."""
+
+    pre_tanh: Tensor  # (B, K, A): the K policy samples at s before tanh (exact log pi where tanh saturates)
+    weights: Tensor  # (B, K): their self-normalised weights, :func:`snis_weights`
 
 
 def snis_weights(q_samples: Tensor) -> Tensor:

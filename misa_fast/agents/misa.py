@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from misa_fast import nets, ops
 from misa_fast.agents import losses
 from misa_fast.agents import members as members_lib
+from misa_fast.agents.losses import SNISSamples
 from misa_fast.agents.misa_config import MISAConfig
 from misa_fast.ops import hmc_reference as hmc_lib
 
@@ -83,6 +84,21 @@ class LossOutput(NamedTuple):
     losses: Dict[str, Tensor]  # name -> scalar loss, keys of LOSS_OWNER
     metrics: Dict[str, Tensor]  # name -> detached 0-dim tensor
     hmc: Optional[hmc_lib.HMCResult]
+
+
+class CriticLosses(NamedTuple):
+    """The critic side of one update (``MISA._critic_losses``)."""
+
+    losses: Dict[str, Tensor]  # critic_loss; energy_loss (MISA-T) and alpha_prime_loss (Lagrange) where used
+    metrics: Dict[str, Tensor]
+    snis: Optional[SNISSamples]  # the actor's SNIS inputs under unbiased_estimator="snis", else None
+
+
+class ActorLosses(NamedTuple):
+    """The actor side of one update (``MISA._actor_losses``)."""
+
+    losses: Dict[str, Tensor]  # actor_loss; alpha_loss with auto_alpha
+    metrics: Dict[str, Tensor]
 
 
 class MISA:
@@ -181,26 +197,29 @@ class MISA:
         mean, std = self.policy.dist_params(obs)
         state_half = self.critic.first_layer_state_half(obs)
         energy_half = state_half if self.energy is None else self.energy.first_layer_state_half(obs)
-        losses_out: Dict[str, Tensor] = {}
-        metrics: Dict[str, Tensor] = {}
-        snis = self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
-                                   losses_out, metrics)
+        critic = self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise)
+        metrics = dict(critic.metrics)
         hmc_result = self._hmc_samples(actions, mean, std, energy_half, noise, metrics)
-        self._actor_losses(actions, mean, std, state_half, noise, hmc_result, losses_out, metrics, snis)
+        actor = self._actor_losses(actions, mean, std, state_half, noise, hmc_result, critic.snis)
+        # Losses in a fixed order (critic side, then actor side): their sum is the one backward pass.
+        losses_out = {**critic.losses, **actor.losses}
+        metrics.update(actor.metrics)
         metrics.update(losses_out)
         metrics = {name: value.detach() for name, value in metrics.items()}
         return LossOutput(losses_out, metrics, hmc_result)
 
-    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise,
-                       losses_out, metrics):
+    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half,
+                       noise) -> CriticLosses:
         """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss). With a
         separate energy network (MISA-T) the regulariser trains T_psi instead and the critics see
         only the TD error.
 
-        Returns, under ``unbiased_estimator="snis"``, the K policy samples' pre-tanh values (B, K, A)
-        and their SNIS weights softmax_k(min_i Q_i(s, a_k)) (B, K) from the Q values of this
-        log-partition term (the energy network's for MISA-T), both detached; else None."""
+        Under ``unbiased_estimator="snis"`` the result also carries the K policy samples' pre-tanh
+        values (B, K, A) and their SNIS weights softmax_k(min_i Q_i(s, a_k)) (B, K) from the Q values
+        of this log-partition term (the energy network's for MISA-T), both detached."""
         cfg = self.config
+        losses_out: Dict[str, Tensor] = {}
+        metrics: Dict[str, Tensor] = {}
         # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
         with torch.no_grad():
             next_mean, next_std = self.policy.dist_params(next_obs)
@@ -225,13 +244,13 @@ class MISA:
             if self.energy is not None:
                 energy_layers = self.energy.stacked_layers()
                 energy_data = nets.ensemble_q(energy_layers, energy_half, actions)
-            gap, partition, *q_samples = losses.energy_gap(
+            regulariser = losses.energy_gap(
                 cfg.energy_bound, energy_data, energy_layers, obs, sample_actions, norm, energy_half, log_weights,
                 snis_q_precision(cfg) if cfg.snis_term else cfg.sampled_q_precision, return_q=cfg.snis_term)
+            gap = regulariser.gap
             if cfg.snis_term:  # the same samples and Q values: no second critic evaluation
-                weights = losses.snis_weights(q_samples[0])
-                snis = (sample_pre_tanh, weights)
-                metrics.update(losses.snis_diagnostics(weights))
+                snis = SNISSamples(sample_pre_tanh, losses.snis_weights(regulariser.q_samples))
+                metrics.update(losses.snis_diagnostics(snis.weights))
             alpha_prime = None
             if cfg.lagrange:
                 alpha_prime = losses.alpha_prime_value(self.log_alpha_prime, cfg.alpha_prime_min, cfg.alpha_prime_max)
@@ -240,7 +259,7 @@ class MISA:
                 )
                 metrics["alpha_prime"] = alpha_prime
             metrics["lme_gap"] = gap.mean()
-            metrics["log_partition"] = partition.mean()
+            metrics["log_partition"] = regulariser.partition.mean()
             if self.energy is not None:
                 # T_psi maximises the bound E_D[T] - E_s[log-partition], i.e. minimises the gap.
                 losses_out["energy_loss"] = gap.sum()
@@ -255,7 +274,7 @@ class MISA:
             metrics[f"q{i + 1}_td_loss"] = td[i]
             metrics[f"q{i + 1}_data"] = q_data[i].mean()
         metrics["q_target"] = target.mean()
-        return snis
+        return CriticLosses(losses_out, metrics, snis)
 
     def _hmc_samples(self, actions, mean, std, energy_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
         """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics; T_psi for MISA-T), started
@@ -288,10 +307,13 @@ class MISA:
         metrics.update(hmc_lib.chain_diagnostics(result, mean, std, actions))
         return result
 
-    def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result, losses_out, metrics, snis=None):
-        """Actor loss (BA term, Q, HMC correction) and the SAC temperature loss. ``snis``: (pre-tanh
-        samples, weights) of the SNIS correction term, from ``_critic_losses``."""
+    def _actor_losses(self, actions, mean, std, state_half, noise, hmc_result,
+                      snis: Optional[SNISSamples] = None) -> ActorLosses:
+        """Actor loss (BA term, Q, HMC correction) and the SAC temperature loss. ``snis``: the
+        samples and weights of the SNIS correction term, from ``_critic_losses``."""
         cfg = self.config
+        losses_out: Dict[str, Tensor] = {}
+        metrics: Dict[str, Tensor] = {}
         new_actions, log_pi_new = nets.tanh_gaussian_sample(mean, std, noise.policy)
         # Q(s, a~) through detached critic weights: only the policy gets this gradient.
         q_new = nets.ensemble_q(self.critic.stacked_layers(detach=True), state_half.detach(), new_actions)
@@ -304,8 +326,8 @@ class MISA:
         log_pi_data = nets.tanh_gaussian_log_prob(mean, std, actions) if cfg.use_ba else None
         log_pi_mcmc = mcmc_weights = None
         if snis is not None:  # eq. 15 by SNIS: sum_k w_k log pi_theta(a_k|s) over the log-partition's samples
-            sample_pre_tanh, mcmc_weights = snis
-            log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1), sample_pre_tanh)
+            mcmc_weights = snis.weights
+            log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1), snis.pre_tanh)
         elif hmc_result is not None:  # samples carry no gradient; log pi of them does (eq. 15)
             if hmc_result.pre_tanh is not None:  # exact, even where tanh saturates to +-1
                 log_pi_mcmc = nets.tanh_gaussian_log_prob_pre_tanh(mean.unsqueeze(1), std.unsqueeze(1),
@@ -324,6 +346,7 @@ class MISA:
         metrics["alpha"] = alpha
         if cfg.auto_alpha:
             losses_out["alpha_loss"] = losses.alpha_loss(self.log_alpha, log_pi_new, self.target_entropy)
+        return ActorLosses(losses_out, metrics)
 
     def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None,
                check_finite: Optional[bool] = None) -> Dict[str, Tensor]:

@@ -84,7 +84,7 @@ def test_sampled_q_matches_hand_computation(tiny):
 def test_sampled_q_log_mean_exp(tiny, norm_kind):
     critic, obs, _, sample_actions = tiny
     norm = losses.log_norm(norm_kind, K, B)
-    lme = losses.sampled_q_log_mean_exp(critic.stacked_layers(), obs, sample_actions, norm)
+    lme = losses.sampled_q_log_mean_exp(critic.stacked_layers(), obs, sample_actions, norm).values
     q = _np_sampled_q(critic, obs, sample_actions)
     expected = np.log(np.exp(q).sum(axis=2)) - (math.log(K) if norm_kind == "k" else math.log(B))
     assert lme.shape == (2, B)
@@ -96,7 +96,7 @@ def test_energy_gap_each_bound(tiny, bound):
     critic, obs, data_actions, sample_actions = tiny
     layers, half = critic.stacked_layers(), critic.first_layer_state_half(obs)
     q_data = nets.ensemble_q(layers, half, data_actions)
-    gap, partition = losses.energy_gap(bound, q_data, layers, obs, sample_actions, math.log(K), half)
+    gap, partition, _ = losses.energy_gap(bound, q_data, layers, obs, sample_actions, math.log(K), half)
     q = _np_sampled_q(critic, obs, sample_actions)
     q_d = np.stack([_np_q(critic, i, obs.numpy(), data_actions.numpy()) for i in range(2)])
     if bound == "misa":
@@ -119,7 +119,7 @@ def test_misa_gap_is_a_lower_bound_ordering(tiny):
     layers, half = critic.stacked_layers(), critic.first_layer_state_half(obs)
     q_data = nets.ensemble_q(layers, half, data_actions)
     gaps = {
-        b: losses.energy_gap(b, q_data, layers, obs, sample_actions, math.log(K), half)[0]
+        b: losses.energy_gap(b, q_data, layers, obs, sample_actions, math.log(K), half).gap
         for b in ("misa", "dv", "f")
     }
     assert torch.all(gaps["misa"] <= gaps["dv"] + 1e-6) and torch.all(gaps["dv"] <= gaps["f"] + 1e-6)
