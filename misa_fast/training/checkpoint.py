@@ -131,6 +131,16 @@ def _serialized(save: Callable[[io.BytesIO], object]) -> memoryview:
     return buffer.getbuffer()
 
 
+def load_checked(path: os.PathLike, keys: Sequence[str], what: str, map_location="cpu") -> dict:
+    """:func:`load`, then refuses (one line naming the file) a state that lacks any of ``keys``:
+    a checkpoint of another command, or a file that is not one. ``what`` says what was expected."""
+    state = load(path, map_location=map_location)
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path}: not {what} (missing {', '.join(missing)})")
+    return state
+
+
 def _legacy_numpy_globals() -> list:
     """The numpy globals that rebuild an array or scalar of numbers, under both module spellings
     numpy has pickled them with (``numpy.core`` before 2.0, ``numpy._core`` since)."""

@@ -80,12 +80,6 @@ def check_options(cfg: FinetuneConfig) -> None:
     checks.check_device(cfg.device)
 
 
-def _load_checked(path: Path, keys: tuple, what: str) -> dict:
-    state = ckpt.load(path)
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise UserError(f"{path}: not {what} (missing {', '.join(missing)})")
-    return state
 
 
 def _checkpoint_path(path: str) -> Path:
@@ -135,8 +129,8 @@ def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device,
     resuming = rundir.prepare(out, cfg.resume, cfg.overwrite)
     if not resuming and not source_path.exists():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {source_path}")
-    state = (_load_checked(own, OWN_KEYS, "a checkpoint of misa-fast finetune") if resuming else
-             _load_checked(source_path, SOURCE_KEYS, "a checkpoint of misa-fast train"))
+    state = (ckpt.load_checked(own, OWN_KEYS, "a checkpoint of misa-fast finetune") if resuming else
+             ckpt.load_checked(source_path, SOURCE_KEYS, "a checkpoint of misa-fast train"))
     offline_run = state["run"] if not resuming else state["offline_run"]
     algo = algos.get(offline_run["algo"])
     info = DataInfo.from_dict(state["data_info"])

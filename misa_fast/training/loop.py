@@ -211,6 +211,33 @@ class Member:
         self.stopped: Optional[dict] = None  # {"term", "step", "message"} once a non-finite loss stopped it
 
 
+@dataclass
+class Training:
+    """What the stages of one ``train`` call share: the run as it will be trained (after a
+    resume, the checkpoint's), its members, the data and where the loop starts."""
+
+    run: RunConfig
+    seeds: list
+    device: torch.device
+    members: list
+    first_state: Optional[dict] = None  # the checkpoint a resume starts from
+    saved: Optional[RunConfig] = None  # its run settings
+    dataset_given: bool = False  # a resume given a new location of its data
+    data: Optional[dict] = None
+    info: object = None
+    fingerprint: str = ""
+    streams: object = None  # the members' index streams over one copy of the data (several seeds)
+    threads: object = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.run.seeds is not None
+
+    @property
+    def start_step(self) -> int:
+        return int(self.first_state["step"]) if self.first_state is not None else 0
+
+
 # Keys a training checkpoint must hold to be resumed.
 CHECKPOINT_KEYS = ("step", "run", "agent_config", "data_info", "agent", "sampler", "rng")
 
@@ -222,13 +249,7 @@ def _load_member_state(out: Path, run: RunConfig, grouped: bool) -> Optional[dic
             print(f"misa-fast train: no checkpoint in {out}; starting a new " + ("member" if grouped else "run"),
                   file=sys.stderr)
         return None
-    path = out / ckpt.CHECKPOINT_NAME
-    state = ckpt.load(path)
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise UserError(f"{path}: not a checkpoint of misa-fast train (missing {', '.join(missing)}); start a new "
-                        "run with --overwrite or another --out")
-    return state
+    return ckpt.load_checked(out / ckpt.CHECKPOINT_NAME, CHECKPOINT_KEYS, "a checkpoint of misa-fast train")
 
 
 def _stopped_record(out: Path) -> Optional[dict]:
@@ -243,10 +264,15 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     """Runs (or resumes) a training run; returns a summary dict. Raises NonFiniteTraining if a loss
     goes non-finite (the last good checkpoint is left untouched).
 
-    Every option is checked before the first step (misa_fast.training.checks); each run directory
-    is locked for the life of the call and never overwritten without ``resume`` or ``overwrite``
-    (misa_fast.training.rundir); Ctrl-C or SIGTERM writes a checkpoint at the current step and
-    raises :class:`~misa_fast.training.interrupts.Interrupted` (misa_fast.training.interrupts).
+    The stages, in order: the options are checked (misa_fast.training.checks) and each run
+    directory is locked for the life of the call (misa_fast.training.rundir); the members are
+    loaded, fresh or from their checkpoints (:func:`load_members`); the data is prepared and
+    checked against the evaluation environment and the memory one update needs
+    (:func:`load_data`); the agents and batch sources are built (:func:`build_members`); SPOT
+    pretrains its VAE; the loop steps, logs, checkpoints and evaluates (:func:`step_loop`); the
+    policies are exported and the summaries written (:func:`finish`). Ctrl-C or SIGTERM during the
+    loop writes a checkpoint at the current step and raises
+    :class:`~misa_fast.training.interrupts.Interrupted`.
 
     With ``run.seeds`` (``--seeds 0-4``) it trains those seeds in one process, every update one
     computation for all of them (misa_fast.agents.members), each seed writing the run directory a
@@ -259,6 +285,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     (``checkpoint_path`` is None otherwise): ``misa-fast sweep`` reports to Ray Tune from it. With
     several seeds it is called once per evaluation with ``row`` the members' mean and
     ``checkpoint_path`` the first member's checkpoint."""
+    from misa_fast.agents import NonFiniteLossError
     from misa_fast.agents import algorithms as algos
     from misa_fast.data import DEFAULT_DATASET
     from misa_fast.training.runtime import tune_host_allocator
@@ -271,7 +298,47 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     with contextlib.ExitStack() as held, InterruptGuard("train") as guard:
         for out in outs:
             held.enter_context(rundir.claim(out, "train"))
-        return _train_claimed(run, seeds, outs, guard, on_evaluation)
+        training = load_members(run, seeds, outs)
+        load_data(training)
+        build_members(training)
+        pretrain(training)
+        try:
+            step = step_loop(training, guard, on_evaluation)
+        except NonFiniteLossError as err:
+            applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
+                       if getattr(err, "applied", False) else "no parameter was updated")
+            raise NonFiniteTraining(f"stopped at step {err.step}: non-finite {err.term}; {applied}. "
+                                    f"{_last_checkpoint(training.members[0])}") from err
+        return finish(training, step)
+
+
+# --------------------------------------------------------------------------------- stage: members
+def load_members(run: RunConfig, seeds: list, outs: list) -> Training:
+    """The members of the run, each fresh or from its checkpoint; for a resume, the run its
+    checkpoints record (see :func:`_resumed_run`). Seeds a non-finite loss stopped in an earlier
+    session are left out."""
+    grouped = run.seeds is not None
+    members = []
+    for seed, out in zip(seeds, outs):
+        record = _stopped_record(out) if run.resume and grouped else None
+        member = Member(seed, out, run, None if record is not None and not (out / ckpt.CHECKPOINT_NAME).exists()
+                        else _load_member_state(out, run, grouped))
+        member.stopped = record
+        members.append(member)
+    for m in members:
+        if m.stopped:
+            print(f"misa-fast train: seed {m.seed} stopped at step {m.stopped['step']} (non-finite "
+                  f"{m.stopped['term']}) and is not resumed", file=sys.stderr)
+    members = [m for m in members if not m.stopped]
+    if not members:
+        raise NonFiniteTraining("every seed of the group was stopped by a non-finite loss; nothing to resume")
+    training = Training(run=run, seeds=seeds, device=resolve_device(run.device), members=members)
+    training.first_state = next((m.state for m in members if m.state is not None), None)
+    if training.first_state is not None:
+        training.run, training.saved, training.dataset_given = _resumed_run(run, members, training.first_state)
+    if not grouped:
+        training.run = dataclasses.replace(training.run, out=str(members[0].out))
+    return training
 
 
 def _resumed_run(run: RunConfig, members: list, first_state: dict):
@@ -308,120 +375,96 @@ def _resumed_run(run: RunConfig, members: list, first_state: dict):
     return resumed, saved, dataset_given
 
 
-def _check_before_training(run: RunConfig, info, cfg, device, members: int) -> None:
-    """The checks that need the data: the evaluation environment against the data's widths and
-    the memory one update needs."""
-    from misa_fast.data import DEFAULT_DATASET
-
-    where = (f"--env {run.env}" if run.env else
-             f"the evaluation environment {info.env_id} that {run.dataset or DEFAULT_DATASET} names")
-    checks.check_environment(info.env_id, info.env_kwargs, info.obs_dim, info.act_dim, where)
-    checks.check_memory(cfg, info.obs_dim, info.act_dim, device, members)
-
-
-def _train_claimed(run: RunConfig, seeds: list, outs: list, guard: InterruptGuard, on_evaluation) -> dict:
-    from misa_fast.agents import NonFiniteLossError
+# ------------------------------------------------------------------------------------ stage: data
+def load_data(training: Training) -> None:
+    """Prepares the data, gives each member its configuration (a resumed member's from its
+    checkpoint, whose data must be the same transitions) and checks the evaluation environment
+    against the data's widths and the memory one update needs, all before any agent is built."""
     from misa_fast.agents import algorithms as algos
     from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
     from misa_fast.data.prepare import fingerprint
 
-    grouped = run.seeds is not None
-    device = resolve_device(run.device)
-    dataset = run.dataset or DEFAULT_DATASET
-    members = []
-    for seed, out in zip(seeds, outs):
-        record = _stopped_record(out) if run.resume and grouped else None
-        member = Member(seed, out, run, None if record is not None and not (out / ckpt.CHECKPOINT_NAME).exists()
-                        else _load_member_state(out, run, grouped))
-        member.stopped = record
-        members.append(member)
-    if any(m.stopped for m in members):
-        for m in members:
-            if m.stopped:
-                print(f"misa-fast train: seed {m.seed} stopped at step {m.stopped['step']} (non-finite "
-                      f"{m.stopped['term']}) and is not resumed", file=sys.stderr)
-        members = [m for m in members if not m.stopped]
-        if not members:
-            raise NonFiniteTraining("every seed of the group was stopped by a non-finite loss; nothing to resume")
-
-    first_state = next((m.state for m in members if m.state is not None), None)
-    dataset_given, saved = False, None
-    if first_state is not None:
-        run, saved, dataset_given = _resumed_run(run, members, first_state)
-        dataset = run.dataset or DEFAULT_DATASET
-    if not grouped:
-        run = dataclasses.replace(run, out=str(members[0].out))
-
+    run, device = training.run, training.device
     if run.obs_norm is None:
-        run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
+        run = training.run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
+    dataset = run.dataset or DEFAULT_DATASET
     try:
         data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env, rescale_actions=run.rescale_actions)
     except FileNotFoundError as err:
-        if first_state is None or dataset_given:
+        if training.first_state is None or training.dataset_given:
             raise
         raise FileNotFoundError(f"{err}; if the data moved, pass its new location with --dataset") from err
-    data_fingerprint = fingerprint(data)
-    for member in members:
+    training.data, training.fingerprint = data, fingerprint(data)
+    for member in training.members:
         # Each member's record of its run is the single run it equals: its seed, its directory.
         member.run = dataclasses.replace(run, seed=member.seed, seeds=None, out=str(member.out))
         if member.state is not None:
-            check_same_data(member.state, info, data_fingerprint, saved.dataset, run.dataset, member.out)
+            check_same_data(member.state, info, training.fingerprint, training.saved.dataset, run.dataset,
+                            member.out)
             info = DataInfo.from_dict(member.state["data_info"])
             config_cls = algos.config_class(algos.get(run.algo).family)
             member.cfg = config_cls.from_dict({**member.state["agent_config"], "device": str(device)})
         else:
             member.cfg = build_agent_config(member.run, info.name, info.obs_dim, info.act_dim, device)
-    cfg = members[0].cfg
-    _check_before_training(run, info, cfg, device, len(members))
+    training.info = info
+    where = (f"--env {run.env}" if run.env else f"the evaluation environment {info.env_id} that {dataset} names")
+    checks.check_environment(info.env_id, info.env_kwargs, info.obs_dim, info.act_dim, where)
+    checks.check_memory(training.members[0].cfg, info.obs_dim, info.act_dim, device, len(training.members))
+
+
+# ------------------------------------------------------------------------------- stage: the agents
+def build_members(training: Training) -> None:
+    """Each member's agent (its checkpoint loaded), batch source, config.json and progress log."""
+    from misa_fast.agents import algorithms as algos
+
+    run, info, device, members = training.run, training.info, training.device, training.members
     note = info.no_reference_scores_note()
     if note:
         print(f"misa-fast train: {note}", file=sys.stderr)
-    threads = apply_threads(choose_threads(run.threads, cfg, device))
-    print(f"misa-fast train: {threads.describe()}", file=sys.stderr)
-
-    start_step = int(first_state["step"]) if first_state is not None else 0
-    streams = None
+    cfg = members[0].cfg
+    training.threads = apply_threads(choose_threads(run.threads, cfg, device))
+    print(f"misa-fast train: {training.threads.describe()}", file=sys.stderr)
     if len(members) > 1:  # one copy of the data, every member's own index stream
-        streams = make_member_streams(run.data_source, data, cfg.batch_size, [m.seed for m in members], device,
-                                      [None if m.state is None else m.state["sampler"] for m in members])
+        training.streams = make_member_streams(run.data_source, training.data, cfg.batch_size,
+                                               [m.seed for m in members], device,
+                                               [None if m.state is None else m.state["sampler"] for m in members])
     for i, member in enumerate(members):
         member.agent = algos.make_agent(member.cfg)
         if member.state is not None:
             algos.load_agent_state(member.agent, member.state["agent"], str(member.out / ckpt.CHECKPOINT_NAME))
-        member.source = streams.member(i) if streams is not None else make_source(
-            run.data_source, data, member.cfg.batch_size, member.seed, device,
+        member.source = training.streams.member(i) if training.streams is not None else make_source(
+            run.data_source, training.data, member.cfg.batch_size, member.seed, device,
             state=None if member.state is None else member.state["sampler"])
         (member.out / "config.json").write_text(json.dumps(
             {"run": dataclasses.asdict(member.run), "agent": member.cfg.to_dict(), "data": info.to_dict(),
-             "data_source": member.source.kind, "device": str(device), "threads": threads.threads,
-             **({"seeds": seeds} if grouped else {})}, indent=2, default=str))
-        member.log = ProgressLog(member.out, start_step if member.state is not None else None, run.tensorboard)
-    if first_state is not None:
-        ckpt.set_rng_state(first_state["rng"])
+             "data_source": member.source.kind, "device": str(device), "threads": training.threads.threads,
+             **({"seeds": training.seeds} if training.grouped else {})}, indent=2, default=str))
+        member.log = ProgressLog(member.out, training.start_step if member.state is not None else None,
+                                 run.tensorboard)
+    if training.first_state is not None:
+        ckpt.set_rng_state(training.first_state["rng"])
 
-    def save(member: Member, step: int, agent_state: dict) -> None:
-        ckpt.save_atomic({"step": step, "run": dataclasses.asdict(member.run), "agent_config": member.cfg.to_dict(),
-                          "data_info": info.to_dict(), "data_fingerprint": data_fingerprint,
-                          "agent": agent_state, "sampler": member.source.state_dict(), "rng": ckpt.rng_state(),
-                          "last_eval": member.last_eval},
-                         member.out / ckpt.CHECKPOINT_NAME)
 
-    if getattr(members[0].agent, "needs_pretraining", False):  # SPOT's VAE: once per run, checkpointed when done
-        print(f"misa-fast train: phase 1 of 2: SPOT pretrains its VAE for {members[0].agent.pretrain_steps:,} steps "
-              f"before the {run.steps:,} training steps of --steps (done once per run; `--set vae_steps=N` shortens "
-              "it)" + (f"; one seed after another ({len(members)})" if len(members) > 1 else ""), file=sys.stderr)
-        for member in members:
-            member.agent.pretrain_vae(member.source, member.agent.pretrain_steps, progress=run.progress)
-            save(member, start_step, member.agent.state_dict())
+def save_checkpoint(training: Training, member: Member, step: int, agent_state: dict) -> None:
+    ckpt.save_atomic({"step": step, "run": dataclasses.asdict(member.run), "agent_config": member.cfg.to_dict(),
+                      "data_info": training.info.to_dict(), "data_fingerprint": training.fingerprint,
+                      "agent": agent_state, "sampler": member.source.state_dict(), "rng": ckpt.rng_state(),
+                      "last_eval": member.last_eval},
+                     member.out / ckpt.CHECKPOINT_NAME)
 
-    try:
-        step = _step_loop(run, members, streams, info, device, start_step, save, guard, on_evaluation, grouped)
-    except NonFiniteLossError as err:
-        applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
-                   if getattr(err, "applied", False) else "no parameter was updated")
-        raise NonFiniteTraining(f"stopped at step {err.step}: non-finite {err.term}; {applied}. "
-                                f"{_last_checkpoint(members[0])}") from err
-    return _finish(run, members, info, device, step, grouped, seeds)
+
+def pretrain(training: Training) -> None:
+    """SPOT's VAE: once per run, checkpointed when done (other learners have nothing to pretrain)."""
+    members = training.members
+    if not getattr(members[0].agent, "needs_pretraining", False):
+        return
+    print(f"misa-fast train: phase 1 of 2: SPOT pretrains its VAE for {members[0].agent.pretrain_steps:,} steps "
+          f"before the {training.run.steps:,} training steps of --steps (done once per run; `--set vae_steps=N` "
+          "shortens it)" + (f"; one seed after another ({len(members)})" if len(members) > 1 else ""),
+          file=sys.stderr)
+    for member in members:
+        member.agent.pretrain_vae(member.source, member.agent.pretrain_steps, progress=training.run.progress)
+        save_checkpoint(training, member, training.start_step, member.agent.state_dict())
 
 
 def _last_checkpoint(member: "Member", sentence: bool = True) -> str:
@@ -432,91 +475,102 @@ def _last_checkpoint(member: "Member", sentence: bool = True) -> str:
     return text[0].upper() + text[1:] + "." if sentence else text
 
 
-def _step_loop(run: RunConfig, members: list, streams, info, device, start_step: int, save,
-               guard: InterruptGuard, on_evaluation, grouped: bool) -> int:
-    """Steps from ``start_step`` to ``run.steps``: logs, checkpoints, then evaluates. Returns the
-    last step done. A signal received while stepping ends the step, checkpoints it and raises
-    Interrupted."""
+# ------------------------------------------------------------------------------- stage: the loop
+def step_loop(training: Training, guard: InterruptGuard, on_evaluation) -> int:
+    """Steps from the start step to ``run.steps``; at a checkpoint step the checkpoint is written
+    before the evaluation. Returns the last step done. A signal received while stepping ends the
+    step, checkpoints it and raises Interrupted."""
     from tqdm.auto import tqdm
 
-    from misa_fast.agents import NonFiniteLossError
-
-    group = _MemberGroup(members, run.backend, streams)
+    run = training.run
+    group = _MemberGroup(training.members, run.backend, training.streams)
     if run.backend == "compiled" and run.progress:
         print("misa-fast train: --backend compiled: the first step compiles (10-60 s on a 2-core CPU"
-              + (", minutes for several seeds: their whole HMC chain is one graph" if grouped else "")
+              + (", minutes for several seeds: their whole HMC chain is one graph" if training.grouped else "")
               + "; inductor caches it for later runs)", file=sys.stderr)
-    label = f"{run.algo} {info.name}" + (f" seeds {run.seeds}" if grouped else "")
-    bar = tqdm(total=run.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
+    label = f"{run.algo} {training.info.name}" + (f" seeds {run.seeds}" if training.grouped else "")
+    bar = tqdm(total=run.steps, initial=training.start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not run.progress, desc=label)
     checkpoint_every = run.checkpoint_every or run.eval_every
-    window_start, window_steps = time.perf_counter(), 0
-    step = start_step
-    snis_warned = False
+    window = [time.perf_counter(), 0]  # start, steps: evaluation and checkpoint time is not training time
+    step, snis_warned = training.start_step, False
     try:
         with guard.deferring():
-            for step in range(start_step + 1, run.steps + 1):
+            for step in range(training.start_step + 1, run.steps + 1):
                 # A signal before the step makes it a checkpoint step (the graph backend's deferred
-                # finite check included); one that arrives during it is acted on at the next step.
+                # finite check included); one that arrives during it is acted on after the step.
                 stopping = guard.pending is not None and step < run.steps
                 saved_now = step % checkpoint_every == 0 or step == run.steps or stopping
-                try:
-                    metrics = group.step(checked=saved_now)
-                except NonFiniteLossError as err:
-                    err.step = step
-                    raise
-                for member, term in group.take_stopped():
-                    member.stopped = {"term": term, "step": step,
-                                      "message": f"stopped at step {step}: non-finite {term}; "
-                                                 f"{_last_checkpoint(member, sentence=False)}"}
-                    _write_summary(member, step - 1, device, stopped=member.stopped)
-                    bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds "
-                              "go on", file=sys.stderr)
+                metrics = _one_step(training, group, step, saved_now, bar)
                 if metrics is None:  # every member stopped
                     break
-                window_steps += 1
+                window[1] += 1
                 bar.update(1)
                 evaluate_now = (step % run.eval_every == 0 or step == run.steps) and not stopping
-                rows = [{} for _ in group.members]
-                # Every row carries the training metrics, so the CSV header (fixed by the first row) has them.
-                if evaluate_now or step % run.log_every == 0:
-                    elapsed = time.perf_counter() - window_start
-                    for row, values in zip(rows, group.member_metrics(metrics)):
-                        row.update(values, steps_per_s=window_steps / max(elapsed, 1e-9))
+                rows = _training_rows(group, metrics, window, evaluate_now or step % run.log_every == 0)
+                agent_states = group.member_states() if saved_now or evaluate_now else None
                 if saved_now:  # before the evaluation: an evaluation that fails costs no training
-                    agent_states = group.member_states()
-                    for member, agent_state in zip(group.members, agent_states):
-                        save(member, step, agent_state)
-                if stopping:
+                    _save_all(training, group, step, agent_states)
+                if guard.pending is not None and saved_now and step < run.steps:
                     _log_rows(group.members, rows, step, bar)
-                    raise Interrupted(guard.pending, _interrupted_message(run, group.members, step, grouped))
+                    raise Interrupted(guard.pending, _interrupted_message(run, group.members, step))
                 if evaluate_now:
-                    if not saved_now:
-                        agent_states = group.member_states()
-                    _evaluate(group, agent_states, rows, info, run, step, grouped, bar)
-                    if saved_now:  # the checkpoint records this evaluation too (a resume reports it)
-                        for member, agent_state in zip(group.members, agent_states):
-                            save(member, step, agent_state)
+                    _evaluate(group, agent_states, rows, training.info, run, step, bar)
+                    if saved_now:  # again: the checkpoint records this evaluation (a resume reports it)
+                        _save_all(training, group, step, agent_states)
                 snis_warned = _log_rows(group.members, rows, step, bar, snis_warned)
                 if evaluate_now and on_evaluation is not None:
                     on_evaluation(step, _mean_row(rows),
                                   group.members[0].out / ckpt.CHECKPOINT_NAME if saved_now else None)
-                if guard.pending is not None and saved_now and step < run.steps:  # arrived after the step
-                    raise Interrupted(guard.pending, _interrupted_message(run, group.members, step, grouped))
-                if any(rows):  # evaluation and checkpoint time is not training time
-                    window_start, window_steps = time.perf_counter(), 0
+                if any(rows):
+                    window[:] = [time.perf_counter(), 0]
     finally:
         bar.close()
-        for member in members:
+        for member in training.members:
             member.source.close()
             member.log.close()
-        if streams is not None:
-            streams.close()
+        if training.streams is not None:
+            training.streams.close()
     return step
 
 
-def _evaluate(group: "_MemberGroup", agent_states: list, rows: list, info, run: RunConfig, step: int,
-              grouped: bool, bar) -> None:
+def _one_step(training: Training, group: "_MemberGroup", step: int, checked: bool, bar):
+    """One update of every member still training; a member a non-finite loss stops is recorded
+    (its summary.json) and dropped, the others go on. None once every member has stopped."""
+    from misa_fast.agents import NonFiniteLossError
+
+    try:
+        metrics = group.step(checked=checked)
+    except NonFiniteLossError as err:
+        err.step = step
+        raise
+    for member, term in group.take_stopped():
+        member.stopped = {"term": term, "step": step,
+                          "message": f"stopped at step {step}: non-finite {term}; "
+                                     f"{_last_checkpoint(member, sentence=False)}"}
+        _write_summary(member, step - 1, training.device, stopped=member.stopped)
+        bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds go on",
+                  file=sys.stderr)
+    return metrics
+
+
+def _training_rows(group: "_MemberGroup", metrics: dict, window: list, due: bool) -> list:
+    """Each member's progress.csv row of this step: the training metrics when a row is due (every
+    row carries them, so the CSV header fixed by the first row has them), else empty."""
+    rows = [{} for _ in group.members]
+    if due:
+        elapsed = time.perf_counter() - window[0]
+        for row, values in zip(rows, group.member_metrics(metrics)):
+            row.update(values, steps_per_s=window[1] / max(elapsed, 1e-9))
+    return rows
+
+
+def _save_all(training: Training, group: "_MemberGroup", step: int, agent_states: list) -> None:
+    for member, agent_state in zip(group.members, agent_states):
+        save_checkpoint(training, member, step, agent_state)
+
+
+def _evaluate(group: "_MemberGroup", agent_states: list, rows: list, info, run: RunConfig, step: int, bar) -> None:
     if group.stacked:
         for member, agent_state in zip(group.members, agent_states):
             member.agent.policy.load_state_dict(agent_state["policy"])
@@ -527,7 +581,7 @@ def _evaluate(group: "_MemberGroup", agent_states: list, rows: list, info, run: 
                             "mean_normalized": result["mean_normalized"]}
         row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
                    eval_normalized=result["mean_normalized"])
-    bar.set_postfix_str(_scores_postfix(group.members, grouped))
+    bar.set_postfix_str(_scores_postfix(group.members, run.seeds is not None))
 
 
 def _log_rows(members: list, rows: list, step: int, bar, snis_warned: bool = True) -> bool:
@@ -543,7 +597,8 @@ def _log_rows(members: list, rows: list, step: int, bar, snis_warned: bool = Tru
     return snis_warned
 
 
-def _interrupted_message(run: RunConfig, members: list, step: int, grouped: bool) -> str:
+def _interrupted_message(run: RunConfig, members: list, step: int) -> str:
+    grouped = run.seeds is not None
     if not grouped or run.out:
         where = Path(run.out) if grouped else members[0].out
         command = rundir.resume_command("train", where, steps=run.steps, seeds=run.seeds if grouped else None)
@@ -554,12 +609,14 @@ def _interrupted_message(run: RunConfig, members: list, step: int, grouped: bool
     return f"interrupted at step {step}: checkpoint written in {where}; continue with: {command}"
 
 
-def _finish(run: RunConfig, members: list, info, device, step: int, grouped: bool, seeds: list) -> dict:
+# ----------------------------------------------------------------------------- stage: the finish
+def finish(training: Training, step: int) -> dict:
     """Exports each member's policy, plots its curve and writes its summary."""
     from misa_fast.training.plots import plot_progress
 
+    run, info = training.run, training.info
     summaries = []
-    for member in members:
+    for member in training.members:
         if member.stopped:
             summaries.append({"out": str(member.out), "seed": member.seed, "stopped": member.stopped,
                               "last_eval": member.last_eval})
@@ -567,11 +624,11 @@ def _finish(run: RunConfig, members: list, info, device, step: int, grouped: boo
         ckpt.export_policy(member.agent.policy, info.obs_dim, member.out / ckpt.POLICY_NAME, info.obs_mean,
                            info.obs_std)
         plot_progress(member.out / "progress.csv", member.out / "learning_curve.png",
-                      title=f"{run.algo} on {info.name}" + (f", seed {member.seed}" if grouped else ""))
-        summaries.append(_write_summary(member, step, device))
-    if not grouped:
+                      title=f"{run.algo} on {info.name}" + (f", seed {member.seed}" if training.grouped else ""))
+        summaries.append(_write_summary(member, step, training.device))
+    if not training.grouped:
         return summaries[0]
-    return {"out": run.out, "seeds": seeds, "steps": step, "members": summaries}
+    return {"out": run.out, "seeds": training.seeds, "steps": step, "members": summaries}
 
 
 def _write_summary(member: Member, step: int, device, stopped: Optional[dict] = None) -> dict:
