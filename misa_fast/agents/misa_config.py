@@ -201,7 +201,7 @@ def _validate(cfg: MISAConfig) -> None:
                  "actor_q_scale"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("min_q_weight", "bc_weight", "unbiased_weight", "lagrange_tau", "alpha_prime_min"):
+    for name in ("min_q_weight", "bc_weight", "unbiased_weight", "alpha_prime_min"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config key {name!r} must be >= 0, got {getattr(cfg, name)}")
     # HMC moves actions in [-1, 1] (or the policy-whitened pre-tanh space): steps beyond this only reject.
