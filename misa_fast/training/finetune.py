@@ -22,7 +22,7 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +35,7 @@ from misa_fast.training import checkpoint as ckpt
 from misa_fast.training import checks, rundir
 from misa_fast.training.interrupts import Interrupted, InterruptGuard
 from misa_fast.training.loop import NonFiniteTraining
+from misa_fast.training.progress import metrics_to_floats
 
 
 @dataclass
@@ -112,17 +113,56 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return _finetune_claimed(cfg, source_path, out, device, guard)
 
 
-def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device, guard: InterruptGuard) -> dict:
-    from tqdm.auto import tqdm
+@dataclass
+class Finetuning:
+    """What the stages of one ``finetune`` call share: the agent, its data description, the buffer
+    and its batches, the environment and the online counters that a checkpoint records."""
 
-    from misa_fast.agents import NonFiniteLossError
+    cfg: FinetuneConfig
+    out: Path
+    state: dict
+    resuming: bool
+    offline_run: dict
+    agent: object
+    info: object
+    env_id: str
+    buffer: object = None
+    batches: object = None
+    env: object = None
+    log: object = None
+    env_steps: int = 0
+    episodes: int = 0
+    last_eval: Optional[dict] = None
+    obs: object = None
+    episode_return: float = 0.0
+    episode_length: int = 0
+    explore_generator: object = None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / ckpt.CHECKPOINT_NAME
+
+
+def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device, guard: InterruptGuard) -> dict:
+    run = load_agent(cfg, source_path, out, device)
+    build_buffer(run, device)
+    start_environment(run)
+    try:
+        with guard.deferring():
+            online_loop(run, guard)
+    finally:
+        run.batches.close()
+        run.env.close()
+        run.log.close()
+    return finish(run)
+
+
+def load_agent(cfg: FinetuneConfig, source_path: Path, out: Path, device) -> Finetuning:
+    """The agent to fine-tune (from the offline checkpoint, or the fine-tuning's own on --resume),
+    with its environment made once and checked against the data's widths."""
     from misa_fast.agents import algorithms as algos
-    from misa_fast.data import DEFAULT_DATASET, DataInfo, prepare
-    from misa_fast.envs.rollout import make_env, scale_actions
-    from misa_fast.replay.buffer import ReplayBuffer
-    from misa_fast.training.evaluation import evaluate_policy
-    from misa_fast.training.plots import plot_progress
-    from misa_fast.training.progress import ProgressLog, metrics_to_floats
+    from misa_fast.data import DataInfo
     from misa_fast.training.runtime import apply_threads, choose_threads
 
     own = out / ckpt.CHECKPOINT_NAME
@@ -132,130 +172,172 @@ def _finetune_claimed(cfg: FinetuneConfig, source_path: Path, out: Path, device,
     state = (ckpt.load_checked(own, OWN_KEYS, "a checkpoint of misa-fast finetune") if resuming else
              ckpt.load_checked(source_path, SOURCE_KEYS, "a checkpoint of misa-fast train"))
     offline_run = state["run"] if not resuming else state["offline_run"]
-    algo = algos.get(offline_run["algo"])
     info = DataInfo.from_dict(state["data_info"])
     env_id = cfg.env or state.get("env_id") or info.env_id
     info = info.in_env(env_id)  # recorded make() kwargs and reference returns only in the recorded env
     checks.check_environment(env_id, info.env_kwargs, info.obs_dim, info.act_dim,
                              f"--env {cfg.env}" if cfg.env else f"the checkpoint's environment {env_id}")
     agent = algos.agent_from_checkpoint(state, device, source=str(own if resuming else source_path))
-    agent_cfg = agent.config
-    threads = apply_threads(choose_threads(cfg.threads, agent_cfg, device))
+    threads = apply_threads(choose_threads(cfg.threads, agent.config, device))
     print(f"misa-fast finetune: {threads.describe()}", file=sys.stderr)
+    return Finetuning(cfg=cfg, out=out, state=state, resuming=resuming, offline_run=offline_run, agent=agent,
+                      info=info, env_id=env_id)
 
-    if resuming:
+
+def build_buffer(run: Finetuning, device) -> None:
+    """The replay buffer: the offline data with room for every online row (or the saved buffer on
+    --resume), its prefetcher, config.json and the progress log."""
+    from misa_fast.data import DEFAULT_DATASET, prepare
+    from misa_fast.replay.buffer import ReplayBuffer
+    from misa_fast.training.progress import ProgressLog
+
+    cfg, info, state = run.cfg, run.info, run.state
+    if run.resuming:
         saved = state["buffer"]
         # Room for every online row of the (possibly longer) resumed run: nothing is ever evicted.
         capacity = max(saved["capacity"], info.n_transitions + cfg.steps)
-        buffer = ReplayBuffer(capacity, info.obs_dim, info.act_dim)
-        buffer.add(**saved["data"])
+        run.buffer = ReplayBuffer(capacity, info.obs_dim, info.act_dim)
+        run.buffer.add(**saved["data"])
         # A full saved buffer reports write position 0; its rows were never overwritten (capacity is
         # offline + online rows), so in the larger buffer they simply end at ``size``.
-        buffer.load_state_dict({**{k: v for k, v in saved.items() if k != "data"}, "capacity": capacity,
-                                "position": buffer.position})
+        run.buffer.load_state_dict({**{k: v for k, v in saved.items() if k != "data"}, "capacity": capacity,
+                                    "position": run.buffer.position})
         ckpt.set_rng_state(state["rng"])
-        env_steps, episodes, last_eval = state["env_steps"], state["episodes"], state["last_eval"]
+        run.env_steps, run.episodes, run.last_eval = state["env_steps"], state["episodes"], state["last_eval"]
     else:
+        offline_run = run.offline_run
         data, _ = prepare(offline_run["dataset"] or DEFAULT_DATASET, obs_norm=offline_run["obs_norm"],
                           rescale_actions=bool(offline_run.get("rescale_actions", False)))
-        buffer = ReplayBuffer.from_arrays(data, capacity=len(data["rewards"]) + cfg.steps, seed=cfg.seed)
+        run.buffer = ReplayBuffer.from_arrays(data, capacity=len(data["rewards"]) + cfg.steps, seed=cfg.seed)
         del data
         torch.manual_seed(cfg.seed)
-        env_steps, episodes, last_eval = 0, 0, None
-    (out / "config.json").write_text(json.dumps({"finetune": dataclasses.asdict(cfg), "offline_run": offline_run,
-                                                 "agent": agent_cfg.to_dict(), "env_id": env_id},
-                                                indent=2, default=str))
+    (run.out / "config.json").write_text(json.dumps(
+        {"finetune": dataclasses.asdict(cfg), "offline_run": run.offline_run, "agent": run.agent.config.to_dict(),
+         "env_id": run.env_id}, indent=2, default=str))
+    run.log = ProgressLog(run.out, run.env_steps if run.resuming else None, cfg.tensorboard,
+                          extra_columns=("online_return", "online_length", "online_normalized"))
+    run.batches = run.buffer.prefetcher(run.agent.config.batch_size, device=device)
 
-    env = make_env(env_id, **info.env_kwargs)
-    low, high = env.action_space.low, env.action_space.high
-    explore_generator = torch.Generator(device=agent.device).manual_seed(cfg.seed + env_steps)
-    obs, _ = env.reset(seed=cfg.seed + episodes)
-    episode_return, episode_length = 0.0, 0
-    log = ProgressLog(out, env_steps if resuming else None, cfg.tensorboard,
-                      extra_columns=("online_return", "online_length", "online_normalized"))
-    batches = buffer.prefetcher(agent_cfg.batch_size, device=device)
 
-    def save() -> None:
-        ckpt.save_atomic({"env_steps": env_steps, "episodes": episodes, "offline_run": offline_run,
-                          "finetune": dataclasses.asdict(cfg), "agent_config": agent_cfg.to_dict(),
-                          "data_info": info.to_dict(), "env_id": env_id, "agent": agent.state_dict(),
-                          "buffer": batches.state_dict(include_data=True), "rng": ckpt.rng_state(),
-                          "last_eval": last_eval, "run": offline_run, "step": agent.step}, own)
+def start_environment(run: Finetuning) -> None:
+    from misa_fast.envs.rollout import make_env
 
-    bar = tqdm(total=cfg.steps, initial=env_steps, unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=not cfg.progress, desc=f"finetune {algo.name} {env_id}")
-    window_start, window_steps = time.perf_counter(), 0
-    metrics: dict = {}
+    run.env = make_env(run.env_id, **run.info.env_kwargs)
+    run.explore_generator = torch.Generator(device=run.agent.device).manual_seed(run.cfg.seed + run.env_steps)
+    run.obs, _ = run.env.reset(seed=run.cfg.seed + run.episodes)
+
+
+def save_checkpoint(run: Finetuning) -> None:
+    ckpt.save_atomic({"env_steps": run.env_steps, "episodes": run.episodes, "offline_run": run.offline_run,
+                      "finetune": dataclasses.asdict(run.cfg), "agent_config": run.agent.config.to_dict(),
+                      "data_info": run.info.to_dict(), "env_id": run.env_id, "agent": run.agent.state_dict(),
+                      "buffer": run.batches.state_dict(include_data=True), "rng": ckpt.rng_state(),
+                      "last_eval": run.last_eval, "run": run.offline_run, "step": run.agent.step}, run.checkpoint)
+
+
+def online_loop(run: Finetuning, guard: InterruptGuard) -> None:
+    """One environment step and one update per iteration until ``--steps``; at an evaluation the
+    checkpoint is written before the policy is evaluated. A signal received while stepping
+    checkpoints the current step and raises Interrupted."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    bar = tqdm(total=cfg.steps, initial=run.env_steps, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not cfg.progress, desc=f"finetune {run.offline_run['algo']} {run.env_id}")
+    window = [time.perf_counter(), 0]  # start, updates: evaluation time is not training time
     try:
-        with guard.deferring():
-            while env_steps < cfg.steps:
-                obs_in = info.normalize(np.asarray(obs, dtype=np.float32)[None])
-                action = agent.act_explore(obs_in, cfg.exploration_noise, generator=explore_generator)[0]
-                action = np.clip(action, -info.action_clip, info.action_clip)
-                next_obs, reward, terminated, truncated, _ = env.step(scale_actions(action[None], low, high)[0])
-                buffer.add(obs_in, action[None], [online_reward(reward, info)],
-                           info.normalize(np.asarray(next_obs, dtype=np.float32)[None]), [float(terminated)])
-                env_steps += 1
-                episode_return += float(reward)
-                episode_length += 1
-                row = {}
-                if terminated or truncated:
-                    episodes += 1
-                    row.update(online_return=episode_return, online_length=episode_length)
-                    score = _normalized(info, env_id, episode_return)
-                    if score is not None:
-                        row["online_normalized"] = score
-                    obs, _ = env.reset(seed=cfg.seed + episodes)
-                    episode_return, episode_length = 0.0, 0
-                else:
-                    obs = next_obs
-                if env_steps > cfg.start_updates_after:
-                    try:
-                        metrics = agent.update(next(batches))
-                    except NonFiniteLossError as err:
-                        kept = (f"the last good checkpoint ({own}) was left untouched" if own.exists() else
-                                f"no checkpoint had been written yet in {out}")
-                        raise NonFiniteTraining(f"stopped at environment step {env_steps}: non-finite {err.term}; "
-                                                f"{kept}") from err
-                    window_steps += 1
-                bar.update(1)
-                evaluate_now = env_steps % cfg.eval_every == 0 or env_steps == cfg.steps
-                if evaluate_now or env_steps % cfg.log_every == 0:
-                    elapsed = time.perf_counter() - window_start
-                    row.update(metrics_to_floats(metrics), steps_per_s=window_steps / max(elapsed, 1e-9))
-                if evaluate_now:
-                    save()  # before the evaluation: an evaluation that fails costs no training
-                    result = evaluate_policy(agent, info, cfg.eval_episodes,
-                                             seed=cfg.seed + checks.EVAL_SEED_OFFSET)
-                    last_eval = {"step": env_steps, "mean_return": result["mean_return"],
-                                 "std_return": result["std_return"], "mean_normalized": result["mean_normalized"]}
-                    row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
-                               eval_normalized=result["mean_normalized"])
-                    bar.set_postfix(score=f"{result['mean_normalized']:.1f}" if result["mean_normalized"] is not None
-                                    else f"ret {result['mean_return']:.1f}")
-                if row:
-                    log.write(env_steps, row)
-                if evaluate_now:
-                    save()  # again: the checkpoint records the evaluation (a resume reports it)
-                    window_start, window_steps = time.perf_counter(), 0
-                if guard.pending is not None and env_steps < cfg.steps:
-                    if not evaluate_now:
-                        save()
-                    if row:
-                        log.write(env_steps, row)
-                    raise Interrupted(guard.pending, f"interrupted at environment step {env_steps}: checkpoint written "
-                                                     f"in {out}; continue with: misa-fast finetune --checkpoint "
-                                                     f"{cfg.checkpoint} --out {out} --steps {cfg.steps} --resume")
+        while run.env_steps < cfg.steps:
+            row = _environment_step(run)
+            if run.env_steps > cfg.start_updates_after:
+                _update(run)
+                window[1] += 1
+            bar.update(1)
+            evaluate_now = run.env_steps % cfg.eval_every == 0 or run.env_steps == cfg.steps
+            if evaluate_now or run.env_steps % cfg.log_every == 0:
+                elapsed = time.perf_counter() - window[0]
+                row.update(metrics_to_floats(run.metrics), steps_per_s=window[1] / max(elapsed, 1e-9))
+            if evaluate_now:
+                save_checkpoint(run)  # before the evaluation: an evaluation that fails costs no training
+                _evaluate(run, row, bar)
+                window[:] = [time.perf_counter(), 0]
+            if row:
+                run.log.write(run.env_steps, row)
+            if evaluate_now:
+                save_checkpoint(run)  # again: the checkpoint records the evaluation (a resume reports it)
+            if guard.pending is not None and run.env_steps < cfg.steps:
+                if not evaluate_now:
+                    save_checkpoint(run)
+                raise Interrupted(guard.pending, f"interrupted at environment step {run.env_steps}: checkpoint "
+                                                 f"written in {run.out}; continue with: misa-fast finetune "
+                                                 f"--checkpoint {cfg.checkpoint} --out {run.out} --steps {cfg.steps} "
+                                                 "--resume")
     finally:
         bar.close()
-        batches.close()
-        env.close()
-        log.close()
 
-    ckpt.export_policy(agent.policy, info.obs_dim, out / ckpt.POLICY_NAME, info.obs_mean, info.obs_std)
-    plot_progress(out / "progress.csv", out / "learning_curve.png", title=f"{algo.name} fine-tuned in {env_id}")
-    summary = {"out": str(out), "env_steps": env_steps, "episodes": episodes, "last_eval": last_eval}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+def _environment_step(run: Finetuning) -> dict:
+    """Acts once (exploration noise), adds the transition to the buffer; returns the progress row
+    so far (the episode's return and score when it ended)."""
+    from misa_fast.envs.rollout import scale_actions
+
+    info, space = run.info, run.env.action_space
+    obs_in = info.normalize(np.asarray(run.obs, dtype=np.float32)[None])
+    action = run.agent.act_explore(obs_in, run.cfg.exploration_noise, generator=run.explore_generator)[0]
+    action = np.clip(action, -info.action_clip, info.action_clip)
+    next_obs, reward, terminated, truncated, _ = run.env.step(scale_actions(action[None], space.low, space.high)[0])
+    run.buffer.add(obs_in, action[None], [online_reward(reward, info)],
+                   info.normalize(np.asarray(next_obs, dtype=np.float32)[None]), [float(terminated)])
+    run.env_steps += 1
+    run.episode_return += float(reward)
+    run.episode_length += 1
+    row = {}
+    if terminated or truncated:
+        run.episodes += 1
+        row.update(online_return=run.episode_return, online_length=run.episode_length)
+        score = _normalized(info, run.env_id, run.episode_return)
+        if score is not None:
+            row["online_normalized"] = score
+        run.obs, _ = run.env.reset(seed=run.cfg.seed + run.episodes)
+        run.episode_return, run.episode_length = 0.0, 0
+    else:
+        run.obs = next_obs
+    return row
+
+
+def _update(run: Finetuning) -> None:
+    from misa_fast.agents import NonFiniteLossError
+
+    try:
+        run.metrics = run.agent.update(next(run.batches))
+    except NonFiniteLossError as err:
+        kept = (f"the last good checkpoint ({run.checkpoint}) was left untouched" if run.checkpoint.exists() else
+                f"no checkpoint had been written yet in {run.out}")
+        raise NonFiniteTraining(f"stopped at environment step {run.env_steps}: non-finite {err.term}; "
+                                f"{kept}") from err
+
+
+def _evaluate(run: Finetuning, row: dict, bar) -> None:
+    from misa_fast.training.evaluation import evaluate_policy
+
+    result = evaluate_policy(run.agent, run.info, run.cfg.eval_episodes, seed=run.cfg.seed + checks.EVAL_SEED_OFFSET)
+    run.last_eval = {"step": run.env_steps, "mean_return": result["mean_return"],
+                     "std_return": result["std_return"], "mean_normalized": result["mean_normalized"]}
+    row.update(eval_return=result["mean_return"], eval_return_std=result["std_return"],
+               eval_normalized=result["mean_normalized"])
+    bar.set_postfix(score=f"{result['mean_normalized']:.1f}" if result["mean_normalized"] is not None
+                    else f"ret {result['mean_return']:.1f}")
+
+
+def finish(run: Finetuning) -> dict:
+    """Exports the policy, plots the curve and writes the summary."""
+    from misa_fast.training.plots import plot_progress
+
+    ckpt.export_policy(run.agent.policy, run.info.obs_dim, run.out / ckpt.POLICY_NAME, run.info.obs_mean,
+                       run.info.obs_std)
+    plot_progress(run.out / "progress.csv", run.out / "learning_curve.png",
+                  title=f"{run.offline_run['algo']} fine-tuned in {run.env_id}")
+    summary = {"out": str(run.out), "env_steps": run.env_steps, "episodes": run.episodes, "last_eval": run.last_eval}
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
