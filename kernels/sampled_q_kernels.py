@@ -291,27 +291,31 @@ def _sq_fwd_kernel(
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+    MEMBERS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    member = tl.program_id(1).to(tl.int64)
-    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
-    obs_ptr += member * s_m_obs
-    act_ptr += member * s_m_act
-    logw_ptr += member * s_m_lw
-    w0_ptr += member * s_m_w0
-    b0_ptr += member * s_m_b0
-    w1_ptr += member * s_m_w1
-    b1_ptr += member * s_m_b1
-    w2_ptr += member * s_m_w2
-    b2_ptr += member * s_m_b2
-    wc_ptr += member * s_m_wc
-    bc_ptr += member * s_m_bc
-    wl_ptr += member * s_m_wl
-    bl_ptr += member * s_m_bl
-    q_ptr += member * s_m_q
-    lse_ptr += member * s_m_lse
-    out_ptr += member * s_m_out
-    scr = scr_ptr + (member * tl.num_programs(0) + b) * (NMID * BLOCK_H * BLOCK_K)
+    if MEMBERS:  # one run compiles without the member offsets: the binary it had before members
+        member = tl.program_id(1).to(tl.int64)
+        # the member's tensors: member 0's pointers moved by the member strides
+        obs_ptr += member * s_m_obs
+        act_ptr += member * s_m_act
+        logw_ptr += member * s_m_lw
+        w0_ptr += member * s_m_w0
+        b0_ptr += member * s_m_b0
+        w1_ptr += member * s_m_w1
+        b1_ptr += member * s_m_b1
+        w2_ptr += member * s_m_w2
+        b2_ptr += member * s_m_b2
+        wc_ptr += member * s_m_wc
+        bc_ptr += member * s_m_bc
+        wl_ptr += member * s_m_wl
+        bl_ptr += member * s_m_bl
+        q_ptr += member * s_m_q
+        lse_ptr += member * s_m_lse
+        out_ptr += member * s_m_out
+        scr = scr_ptr + (member * tl.num_programs(0) + b) * (NMID * BLOCK_H * BLOCK_K)
+    else:
+        scr = scr_ptr + b * (NMID * BLOCK_H * BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     offs_a = tl.arange(0, BLOCK_A)
     sh = _state_half(obs_ptr, b, S, H0, s_ob, s_os, w0_ptr, b0_ptr, s_w0o, s_w0i, BLOCK_S, BLOCK_H)
@@ -371,32 +375,35 @@ def _sq_bwd_head_kernel(
     s_m_bc, s_m_wl, s_m_part,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_LOGW: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+    HAS_LOGW: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr, MEMBERS: tl.constexpr,
 ):
     """The last hidden layer's dWc rows, dbc, dWl and dbl for row chunk pid_c and state group pid_g
     of member program_id(2)."""
     pid_c = tl.program_id(0)
     pid_g = tl.program_id(1)
-    member = tl.program_id(2).to(tl.int64)
-    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
-    obs_ptr += member * s_m_obs
-    act_ptr += member * s_m_act
-    logw_ptr += member * s_m_lw
-    q_ptr += member * s_m_q
-    lse_ptr += member * s_m_lse
-    g_ptr += member * s_m_g
-    w0_ptr += member * s_m_w0
-    b0_ptr += member * s_m_b0
-    w1_ptr += member * s_m_w1
-    b1_ptr += member * s_m_b1
-    w2_ptr += member * s_m_w2
-    b2_ptr += member * s_m_b2
-    wc_ptr += member * s_m_wc
-    bc_ptr += member * s_m_bc
-    wl_ptr += member * s_m_wl
-    part_ptr += member * s_m_part
-    program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_c
-    scr = scr_ptr + program * (NMID * BLOCK_H * BLOCK_K)
+    if MEMBERS:  # one run compiles without the member offsets: the binary it had before members
+        member = tl.program_id(2).to(tl.int64)
+        # the member's tensors: member 0's pointers moved by the member strides
+        obs_ptr += member * s_m_obs
+        act_ptr += member * s_m_act
+        logw_ptr += member * s_m_lw
+        q_ptr += member * s_m_q
+        lse_ptr += member * s_m_lse
+        g_ptr += member * s_m_g
+        w0_ptr += member * s_m_w0
+        b0_ptr += member * s_m_b0
+        w1_ptr += member * s_m_w1
+        b1_ptr += member * s_m_b1
+        w2_ptr += member * s_m_w2
+        b2_ptr += member * s_m_b2
+        wc_ptr += member * s_m_wc
+        bc_ptr += member * s_m_bc
+        wl_ptr += member * s_m_wl
+        part_ptr += member * s_m_part
+        program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_c
+        scr = scr_ptr + program * (NMID * BLOCK_H * BLOCK_K)
+    else:
+        scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_c).to(tl.int64) * (NMID * BLOCK_H * BLOCK_K)
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
     offs_h = tl.arange(0, BLOCK_H)
@@ -451,6 +458,7 @@ def _sq_bwd_mid_kernel(
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, NMID: tl.constexpr, LAYER: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+    MEMBERS: tl.constexpr,
 ):
     """Middle layer LAYER (1 or 2): rows pid_r * BLOCK_R.. of its dW and db over state group pid_g.
     Recomputes the forward (pre-activations in scratch tiles 0, 1) and the backward from the top
@@ -458,26 +466,29 @@ def _sq_bwd_mid_kernel(
     program_id(2)."""
     pid_r = tl.program_id(0)
     pid_g = tl.program_id(1)
-    member = tl.program_id(2).to(tl.int64)
-    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
-    obs_ptr += member * s_m_obs
-    act_ptr += member * s_m_act
-    logw_ptr += member * s_m_lw
-    q_ptr += member * s_m_q
-    lse_ptr += member * s_m_lse
-    g_ptr += member * s_m_g
-    w0_ptr += member * s_m_w0
-    b0_ptr += member * s_m_b0
-    w1_ptr += member * s_m_w1
-    b1_ptr += member * s_m_b1
-    w2_ptr += member * s_m_w2
-    b2_ptr += member * s_m_b2
-    wc_ptr += member * s_m_wc
-    bc_ptr += member * s_m_bc
-    wl_ptr += member * s_m_wl
-    part_ptr += member * s_m_part
-    program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_r
-    scr = scr_ptr + program * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    if MEMBERS:  # one run compiles without the member offsets: the binary it had before members
+        member = tl.program_id(2).to(tl.int64)
+        # the member's tensors: member 0's pointers moved by the member strides
+        obs_ptr += member * s_m_obs
+        act_ptr += member * s_m_act
+        logw_ptr += member * s_m_lw
+        q_ptr += member * s_m_q
+        lse_ptr += member * s_m_lse
+        g_ptr += member * s_m_g
+        w0_ptr += member * s_m_w0
+        b0_ptr += member * s_m_b0
+        w1_ptr += member * s_m_w1
+        b1_ptr += member * s_m_b1
+        w2_ptr += member * s_m_w2
+        b2_ptr += member * s_m_b2
+        wc_ptr += member * s_m_wc
+        bc_ptr += member * s_m_bc
+        wl_ptr += member * s_m_wl
+        part_ptr += member * s_m_part
+        program = (member * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_r
+        scr = scr_ptr + program * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    else:
+        scr = scr_ptr + (pid_g * tl.num_programs(0) + pid_r).to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
     ds = scr + NMID * BLOCK_H * BLOCK_K
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
@@ -542,29 +553,33 @@ def _sq_bwd_trunk_kernel(
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOGW: tl.constexpr, HAS_CHUNK: tl.constexpr, NMID: tl.constexpr, PREC: tl.constexpr,
     NEED_DOBS: tl.constexpr, NEED_DACT: tl.constexpr, ACCUM_DIN: tl.constexpr, ACT: tl.constexpr,
+    MEMBERS: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
-    member = tl.program_id(1).to(tl.int64)
-    # the member's tensors: member 0's pointers moved by the member strides (all 0 for one run)
-    obs_ptr += member * s_m_obs
-    act_ptr += member * s_m_act
-    logw_ptr += member * s_m_lw
-    q_ptr += member * s_m_q
-    lse_ptr += member * s_m_lse
-    g_ptr += member * s_m_g
-    w0_ptr += member * s_m_w0
-    b0_ptr += member * s_m_b0
-    w1_ptr += member * s_m_w1
-    b1_ptr += member * s_m_b1
-    w2_ptr += member * s_m_w2
-    b2_ptr += member * s_m_b2
-    wc_ptr += member * s_m_wc
-    bc_ptr += member * s_m_bc
-    wl_ptr += member * s_m_wl
-    part_ptr += member * s_m_part
-    dobs_ptr += member * s_m_dobs
-    dact_ptr += member * s_m_dact
-    scr = scr_ptr + (member * tl.num_programs(0) + pid_g) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    if MEMBERS:  # one run compiles without the member offsets: the binary it had before members
+        member = tl.program_id(1).to(tl.int64)
+        # the member's tensors: member 0's pointers moved by the member strides
+        obs_ptr += member * s_m_obs
+        act_ptr += member * s_m_act
+        logw_ptr += member * s_m_lw
+        q_ptr += member * s_m_q
+        lse_ptr += member * s_m_lse
+        g_ptr += member * s_m_g
+        w0_ptr += member * s_m_w0
+        b0_ptr += member * s_m_b0
+        w1_ptr += member * s_m_w1
+        b1_ptr += member * s_m_b1
+        w2_ptr += member * s_m_w2
+        b2_ptr += member * s_m_b2
+        wc_ptr += member * s_m_wc
+        bc_ptr += member * s_m_bc
+        wl_ptr += member * s_m_wl
+        part_ptr += member * s_m_part
+        dobs_ptr += member * s_m_dobs
+        dact_ptr += member * s_m_dact
+        scr = scr_ptr + (member * tl.num_programs(0) + pid_g) * ((NMID + 1) * BLOCK_H * BLOCK_K)
+    else:
+        scr = scr_ptr + pid_g.to(tl.int64) * ((NMID + 1) * BLOCK_H * BLOCK_K)
     ds = scr + NMID * BLOCK_H * BLOCK_K
     b_start = pid_g * SPP
     b_end = tl.minimum(b_start + SPP, B)
@@ -759,7 +774,8 @@ def launch_config(kind: str, K: int, S: int, A: int, H0: int, HC: int, n_mid: in
 
 def _member_stride(t: Optional[torch.Tensor], dims: int) -> int:
     """The stride between members of ``t`` (``dims`` dimensions per member): 0 without a member
-    dimension or with one member, so that one run's launch is the same binary whatever its layout."""
+    dimension or with one member (whose launch compiles without member offsets: ``MEMBERS`` off),
+    so that one run's launch is the same binary whatever its layout."""
     return t.stride(0) if t is not None and t.dim() > dims and t.shape[0] > 1 else 0
 
 
@@ -818,7 +834,7 @@ def sampled_q_fwd(obs: torch.Tensor, actions: torch.Tensor, logw: Optional[torch
         _member_stride(obs, 2), _member_stride(actions, 3), _member_stride(logw, 2), *member_strides,
         _member_stride(q, 2), _member_stride(lse, 1), _member_stride(out, 1),
         **blocks, HAS_LOGW=logw is not None, HAS_CHUNK=spec.wc is not None, NMID=n_mid, PREC=precision,
-        ACT=activation[0], num_warps=num_warps, num_stages=num_stages,
+        ACT=activation[0], MEMBERS=M > 1, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -946,7 +962,7 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
             part2.stride(1), to[0], to[1], off_wl, off_bl,
             *members_of(part2), *m_din,
             **blocks2, HAS_LOGW=logw is not None, HAS_CHUNK=chunk, NMID=n_mid, PREC=precision,
-            NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs, ACT=act,
+            NEED_DOBS=need_dobs, NEED_DACT=need_dact, ACCUM_DIN=wrote_inputs, ACT=act, MEMBERS=M > 1,
             num_warps=nw2, num_stages=ns2,
         )
         wrote_inputs = True
@@ -960,7 +976,7 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
                 md["part"].stride(1), c * md["sizes"][0], E * md["sizes"][0] + c * md["sizes"][1],
                 *members_of(md["part"]),
                 **md["blocks"], HAS_LOGW=logw is not None, NMID=n_mid, LAYER=m + 1, PREC=precision, ACT=act,
-                num_warps=md["nw"], num_stages=md["ns"],
+                MEMBERS=M > 1, num_warps=md["nw"], num_stages=md["ns"],
             )
         if chunk:
             ho = [head_offs[i] + c * head_sizes[i] for i in range(len(head_sizes))]
@@ -972,7 +988,7 @@ def sampled_q_bwd(obs, actions, logw, specs: Sequence[CriticSpec], q, lse, g, pr
                 *common,
                 part1.stride(1), *ho,
                 *members_of(part1),
-                **blocks1, HAS_LOGW=logw is not None, NMID=n_mid, PREC=precision, ACT=act,
+                **blocks1, HAS_LOGW=logw is not None, NMID=n_mid, PREC=precision, ACT=act, MEMBERS=M > 1,
                 num_warps=nw1, num_stages=ns1,
             )
 

@@ -96,6 +96,16 @@ def test_every_family_and_arch_is_covered(table):
             for precision in ("ieee", "tf32", "tf32x3", "bf16"):
                 for source in ("noise", "rng"):
                     assert f"halfcheetah hmc {mode} {space} {precision} {source}" in users
+    # several seeds in one launch (misa-fast train --seeds): the HMC chains and the sampled-Q
+    # log-partition's forward and backward kernels of every member, with their member offsets
+    # (MEMBERS=1; antmaze's three hidden layers add the middle-layer kernel), on each architecture
+    for arch in ARCHS:
+        grouped = {r["kernel"] for r in rows if r["arch"] == arch
+                   and any("seeds in one launch" in u for u in r["used_by"])}
+        assert {"hmc_kernel", "sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel",
+                "sq_bwd_mid_kernel"} <= grouped, (arch, grouped)
+        stacked = {r["kernel"] for r in rows if r["arch"] == arch and "MEMBERS=1" in r["config"].split()}
+        assert {"sq_fwd_kernel", "sq_bwd_trunk_kernel", "sq_bwd_head_kernel", "sq_bwd_mid_kernel"} <= stacked, arch
     # both chain spaces were compiled (the SPLIT constexpr of the HMC kernel), on each architecture
     for arch in ARCHS:
         splits = {split for r in rows if r["arch"] == arch and r["kernel"] == "hmc_kernel"
