@@ -19,7 +19,7 @@ def check_positive(value, option: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{option} must be a whole number >= 1, got {value!r}")
+        raise UserError(f"{option}: expected a positive integer, got {value!r}")
 
 
 def check_seed(seed, option: str = "--seed") -> None:
