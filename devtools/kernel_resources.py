@@ -312,7 +312,7 @@ def _members_step(log: LaunchLog, env: str, count: int = 2) -> None:
     gen = torch.Generator().manual_seed(0)
     batch = stack_tree([_random_batch(obs_dim, act_dim, gen) for _ in range(count)])
     with log.labelled(f"{_describe_agent(env, {})}, {count} seeds in one launch", True):
-        out = stacked.member_losses(batch, stacked.draw_noise(BATCH))
+        out = stacked.compute_losses(batch, stacked.draw_noise(BATCH))
         sum(loss.sum() for loss in out.losses.values()).backward()
 
 

@@ -47,6 +47,8 @@ import torch
 from misa_fast import nets
 from misa_fast.agents import algorithms as algos
 from misa_fast.agents import losses
+from misa_fast.agents.learner import as_batch
+from misa_fast.agents.misa import MISANetworks, draw_update_noise, misa_losses
 from misa_fast.data import DataInfo, prepare
 from misa_fast.data.registry import DEFAULT_DATASET
 from misa_fast.ops import hmc_reference as hmc
@@ -136,12 +138,11 @@ def flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tens
 
 
 def snis_agent_term(problem: Problem, seed: int):
-    """The eq. 15 term of ``unbiased_estimator=snis`` through the agent's own ``compute_losses`` at
+    """The eq. 15 term of ``unbiased_estimator=snis`` through MISA's own loss function at
     the problem's states (and dataset actions), on the problem agent's parameters (the policy's
     gradient lands on ``problem.agent.policy``): returns (term / w_u with its graph, the per-state
     estimate sum_k w_k log pi(a_k|s) (B,), the mean Kish ESS of the weights)."""
     agent = problem.agent
-    saved = (agent.config, agent.generator)
     captured = {}
     original = losses.actor_loss
 
@@ -155,14 +156,16 @@ def snis_agent_term(problem: Problem, seed: int):
     n = problem.obs.shape[0]
     batch = {"observations": problem.obs, "actions": problem.actions, "rewards": torch.zeros(n),
              "next_observations": problem.obs, "terminals": torch.zeros(n)}
-    agent.config = problem.cfg.replace(unbiased_estimator="snis", use_hmc=True, batch_size=n)
-    agent.generator = torch.Generator().manual_seed(seed)
+    # The SNIS configuration's loss function on the problem agent's own tensors.
+    cfg = problem.cfg.replace(unbiased_estimator="snis", use_hmc=True, batch_size=n,
+                              obs_dim=agent.config.obs_dim, act_dim=agent.config.act_dim)
+    snis_losses = misa_losses(MISANetworks(cfg, agent.device))
+    noise = draw_update_noise(cfg, torch.Generator().manual_seed(seed), n)
     losses.actor_loss = spy
     try:
-        out = agent.compute_losses(batch)
+        out = snis_losses(agent.state_tensors(), as_batch(batch, agent.device), noise)
     finally:
         losses.actor_loss = original
-        agent.config, agent.generator = saved
     w_u = problem.cfg.unbiased_weight
     return captured["term"] / w_u, captured["per_state"], float(out.metrics["snis_ess"])
 

@@ -2,22 +2,27 @@
 tanh-Gaussian actor with the BA term and the HMC-corrected log-mean-exp gradient, SAC temperature,
 optional Lagrange multiplier on the regulariser.
 
-One ``update(batch)`` is, as in the official JAX code, a *simultaneous* step: every loss is computed
-at the current parameters (critic, alpha', actor, alpha), one backward pass of their sum gives each
-parameter group only its own loss's gradient (the loss functions detach everything else, and the
-actor sees the critics through detached weights), all optimizers step, then the target critics move
-by Polyak averaging towards the updated critics.
+Data plus pure functions (misa_fast.agents.learner): :class:`MISANetworks` holds every tensor the
+losses read and computes them in ``forward``; :func:`misa_losses` is the loss function
+``losses(tensors, batch, noise)`` (that forward through ``torch.func.functional_call``, the HMC
+sampler a parameter); :meth:`MISA.update` takes a loss function (its own by default, the compiled
+backend's compiled one, a group's vmapped one) and does the rest. One update is, as in the official
+JAX code, a *simultaneous* step: every loss is computed at the current parameters (critic, alpha',
+actor, alpha), one backward pass of their sum gives each parameter group only its own loss's
+gradient (the loss functions detach everything else, and the actor sees the critics through
+detached weights), all optimizers step, then the target critics move by Polyak averaging towards
+the updated critics.
 
 Randomness goes through ``self.generator`` (seeded from config.seed) in a fixed order, see
-``draw_noise``; ``state_dict`` saves it with everything else, so a resumed run is bit-identical on
-CPU.
+:func:`draw_update_noise`; ``state_dict`` saves it with everything else, so a resumed run is
+bit-identical on CPU.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
-from typing import Dict, Mapping, NamedTuple, Optional
+from typing import Callable, Dict, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -25,7 +30,7 @@ from torch import Tensor, nn
 
 from misa_fast import nets, ops
 from misa_fast.agents import losses
-from misa_fast.agents import members as members_lib
+from misa_fast.agents.learner import Learner, as_batch, module_tensors
 from misa_fast.agents.losses import SNISSamples
 from misa_fast.agents.misa_config import MISAConfig
 from misa_fast.ops import hmc_reference as hmc_lib
@@ -101,105 +106,75 @@ class ActorLosses(NamedTuple):
     metrics: Dict[str, Tensor]
 
 
-class MISA:
-    """``MISA(config)``; ``update(batch) -> metrics``.
+def draw_update_noise(cfg: MISAConfig, generator: torch.Generator, batch_size: int) -> UpdateNoise:
+    """All the randomness of one update, drawn from ``generator`` in a fixed order."""
+    act_dim, device = cfg.act_dim, generator.device
 
-    batch: mapping with observations (B, S), actions (B, A), rewards (B,) or (B, 1),
-    next_observations (B, S), terminals (B,) or (B, 1); tensors or numpy arrays.
-    Metrics are detached 0-dim tensors on the agent's device (no host sync per step): convert them
-    with ``float()`` when logging."""
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device)
 
-    # ``map_members(fn, *args)``: fn(*args) here; once per member, vmapped, on a stacked agent
-    # (misa_fast.agents.members), whose update is this same code over member-stacked tensors.
-    map_members = staticmethod(members_lib.single_call)
-    member_seeds = None
+    noise = UpdateNoise(
+        policy=randn(batch_size, act_dim),
+        next_policy=randn(batch_size, act_dim),
+        samples=randn(batch_size, cfg.num_samples, act_dim) if cfg.energy_bound != "none" else None,
+        hmc=hmc_lib.draw_noise(cfg.hmc_mode, batch_size, cfg.num_samples, cfg.hmc_burn_in, act_dim, generator, device)
+        if cfg.hmc_chain
+        else None,
+    )
+    if cfg.energy_bound == "cql":
+        shape = (batch_size, cfg.num_samples, act_dim)
+        uniform = torch.rand(shape, generator=generator, device=device) * 2.0 - 1.0
+        noise = noise._replace(next_samples=randn(*shape), uniform=uniform)
+    return noise
 
-    def __init__(self, config: MISAConfig, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
-        obs_dim = obs_dim if obs_dim is not None else config.obs_dim
-        act_dim = act_dim if act_dim is not None else config.act_dim
-        if obs_dim is None or act_dim is None:
-            raise ValueError("MISA needs obs_dim and act_dim (in the config or as arguments)")
-        self.config = cfg = config.replace(obs_dim=obs_dim, act_dim=act_dim)
-        self.device = torch.device(cfg.device)
-        self.target_entropy = cfg.resolved_target_entropy(act_dim)
 
-        init_seed, sample_seed = derive_seeds(cfg.seed)
+LossFunction = Callable[[Dict[str, Tensor], tuple, UpdateNoise], LossOutput]
+
+
+class MISANetworks(nn.Module):
+    """Every tensor MISA's losses read — policy, critics, target critics, T_psi (MISA-T), the two
+    temperatures, the adapted HMC step size — and, as ``forward``, the losses of one update.
+    Run it through :func:`misa_losses` on explicit tensors; it changes nothing itself."""
+
+    def __init__(self, cfg: MISAConfig, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        self.target_entropy = cfg.resolved_target_entropy(cfg.act_dim)
+        init_seed, _ = derive_seeds(cfg.seed)
         init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
-        self.policy = nets.TanhGaussianPolicy(obs_dim, act_dim, cfg.policy_hidden, init_generator)
-        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator)
-        self.policy.to(self.device)
-        self.critic.to(self.device)
+        obs_dim, act_dim = cfg.obs_dim, cfg.act_dim
+        self.policy = nets.TanhGaussianPolicy(obs_dim, act_dim, cfg.policy_hidden, init_generator).to(device)
+        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics,
+                                          init_generator).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # MISA-T: one extra network T_psi (no target copy: it never enters a TD target).
         self.energy = None
         if cfg.energy_network == "separate":
-            self.energy = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, 1, init_generator).to(self.device)
-        self.log_alpha = nn.Parameter(torch.tensor(cfg.log_alpha_init, device=self.device))
-        self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=self.device))
-        self.log_alpha.requires_grad_(cfg.auto_alpha)
+            self.energy = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, 1, init_generator).to(device)
+        self.log_alpha = nn.Parameter(torch.tensor(cfg.log_alpha_init, device=device),
+                                      requires_grad=cfg.auto_alpha)
+        self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=device))
         # Adaptive HMC carries the (geometric mean) adapted step size from one update to the next.
-        self.hmc_log_step_size = torch.tensor(math.log(cfg.resolved_hmc_step_size), device=self.device)
-        self._fixed_hmc_step_size = torch.tensor(cfg.resolved_hmc_step_size, device=self.device)
-        self.generator = torch.Generator(device=self.device).manual_seed(sample_seed)
+        self.register_buffer("hmc_log_step_size", torch.tensor(math.log(cfg.resolved_hmc_step_size), device=device))
+        self.register_buffer("fixed_hmc_step_size", torch.tensor(cfg.resolved_hmc_step_size, device=device))
 
-        self.optimizers = {
-            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr),
-            "alpha": torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr),
-            "alpha_prime": torch.optim.Adam([self.log_alpha_prime], lr=cfg.alpha_prime_lr),
-        }
-        if self.energy is not None:
-            self.optimizers["energy"] = torch.optim.Adam(self.energy.parameters(), lr=cfg.energy_lr)
+    def hmc_step_size(self) -> Tensor:
+        """The HMC step size of the next update (0-dim; adapts across updates when adapting)."""
+        return self.hmc_log_step_size.exp() if self.config.adapt_hmc else self.fixed_hmc_step_size
 
-        def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state_dict skips it
-            if cfg.lr_schedule == "constant":
-                return 1.0
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps))
-
-        # The paper's cosine schedule applies to the policy and critic learning rates.
-        self.schedulers = {
-            name: torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_factor)
-            for name in ("policy", "critic")
-        }
-        self.step = 0
-
-    # ----------------------------------------------------------------------------------------------
-    def draw_noise(self, batch_size: int) -> UpdateNoise:
-        cfg, act_dim = self.config, self.config.act_dim
-
-        def randn(*shape):
-            return torch.randn(shape, generator=self.generator, device=self.device)
-
-        noise = UpdateNoise(
-            policy=randn(batch_size, act_dim),
-            next_policy=randn(batch_size, act_dim),
-            samples=randn(batch_size, cfg.num_samples, act_dim) if cfg.energy_bound != "none" else None,
-            hmc=hmc_lib.draw_noise(
-                cfg.hmc_mode, batch_size, cfg.num_samples, cfg.hmc_burn_in, act_dim, self.generator, self.device
-            )
-            if cfg.hmc_chain
-            else None,
-        )
-        if cfg.energy_bound == "cql":
-            shape = (batch_size, cfg.num_samples, act_dim)
-            uniform = torch.rand(shape, generator=self.generator, device=self.device) * 2.0 - 1.0
-            noise = noise._replace(next_samples=randn(*shape), uniform=uniform)
-        return noise
-
-    def compute_losses(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> LossOutput:
-        """Every loss of one update at the current parameters, plus metrics. No parameter changes."""
-        obs, actions, rewards, next_obs, dones = self._unpack(batch)
-        if noise is None:
-            noise = self.draw_noise(actions.shape[0])
+    def forward(self, batch: tuple, noise: UpdateNoise, run_chain: Callable = ops.hmc_sample) -> LossOutput:
+        """Every loss of one update at the current parameters, plus metrics. ``run_chain``: the HMC
+        sampler (``ops.hmc_sample``'s signature; the compiled backend passes its piecewise runner)."""
+        obs, actions, rewards, next_obs, dones = batch
         # Computed once and shared: the policy at s (a~, log pi(a_D|s), the K samples, the HMC target,
         # log pi(a_mcmc|s)) and layer 1's state half of the critics (Q(s, a_D), the K samples and,
         # detached, the HMC target and the actor's Q(s, a~)).
         mean, std = self.policy.dist_params(obs)
         state_half = self.critic.first_layer_state_half(obs)
         energy_half = state_half if self.energy is None else self.energy.first_layer_state_half(obs)
-        critic = self._critic_losses(obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half, noise)
+        critic = self._critic_losses(batch, mean, std, state_half, energy_half, noise)
         metrics = dict(critic.metrics)
-        hmc_result = self._hmc_samples(actions, mean, std, energy_half, noise, metrics)
+        hmc_result = self._hmc_samples(run_chain, actions, mean, std, energy_half, noise, metrics)
         actor = self._actor_losses(actions, mean, std, state_half, noise, hmc_result, critic.snis)
         # Losses in a fixed order (critic side, then actor side): their sum is the one backward pass.
         losses_out = {**critic.losses, **actor.losses}
@@ -208,8 +183,7 @@ class MISA:
         metrics = {name: value.detach() for name, value in metrics.items()}
         return LossOutput(losses_out, metrics, hmc_result)
 
-    def _critic_losses(self, obs, actions, rewards, next_obs, dones, mean, std, state_half, energy_half,
-                       noise) -> CriticLosses:
+    def _critic_losses(self, batch: tuple, mean, std, state_half, energy_half, noise) -> CriticLosses:
         """TD error + the mutual-information regulariser (and the Lagrange multiplier's loss). With a
         separate energy network (MISA-T) the regulariser trains T_psi instead and the critics see
         only the TD error.
@@ -218,6 +192,7 @@ class MISA:
         values (B, K, A) and their SNIS weights softmax_k(min_i Q_i(s, a_k)) (B, K) from the Q values
         of this log-partition term (the energy network's for MISA-T), both detached."""
         cfg = self.config
+        obs, actions, rewards, next_obs, dones = batch
         losses_out: Dict[str, Tensor] = {}
         metrics: Dict[str, Tensor] = {}
         # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
@@ -276,14 +251,14 @@ class MISA:
         metrics["q_target"] = target.mean()
         return CriticLosses(losses_out, metrics, snis)
 
-    def _hmc_samples(self, actions, mean, std, energy_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
+    def _hmc_samples(self, run_chain, actions, mean, std, energy_half, noise, metrics) -> Optional[hmc_lib.HMCResult]:
         """Samples of pi(a|s) exp(min_i Q_i(s, a)) / Z(s) (online critics; T_psi for MISA-T), started
         at the dataset actions."""
         cfg = self.config
         if not cfg.hmc_chain:  # off, or the SNIS estimate of the correction term (no chain at all)
             return None
         # The fused one-launch chain on CUDA (same noise, same result), the torch reference elsewhere.
-        result = ops.hmc_sample(
+        result = run_chain(
             mean,
             std,
             (self.critic if self.energy is None else self.energy).stacked_layers(detach=True),
@@ -294,7 +269,7 @@ class MISA:
             num_samples=cfg.num_samples,
             burn_in=cfg.hmc_burn_in,
             leapfrog_steps=cfg.hmc_leapfrog_steps,
-            step_size=self.hmc_step_size,
+            step_size=self.hmc_step_size(),
             adapt=cfg.adapt_hmc,
             target_accept=cfg.hmc_target_accept,
             adapt_rate=cfg.hmc_adapt_rate,
@@ -348,21 +323,116 @@ class MISA:
             losses_out["alpha_loss"] = losses.alpha_loss(self.log_alpha, log_pi_new, self.target_entropy)
         return ActorLosses(losses_out, metrics)
 
-    def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None,
-               check_finite: Optional[bool] = None) -> Dict[str, Tensor]:
+
+def misa_losses(networks: MISANetworks, run_chain: Callable = ops.hmc_sample) -> LossFunction:
+    """MISA's loss function ``losses(tensors, batch, noise) -> LossOutput``: ``networks``' forward run
+    by ``torch.func.functional_call`` on ``tensors`` (paths as in ``networks.named_parameters()``
+    and ``named_buffers()``). No state is read or changed but what is passed in."""
+
+    def losses(tensors: Dict[str, Tensor], batch: tuple, noise: UpdateNoise) -> LossOutput:
+        return torch.func.functional_call(networks, tensors, (batch, noise, run_chain))
+
+    return losses
+
+
+class MISA(Learner):
+    """``MISA(config)``; ``update(batch) -> metrics``.
+
+    batch: mapping with observations (B, S), actions (B, A), rewards (B,) or (B, 1),
+    next_observations (B, S), terminals (B,) or (B, 1); tensors or numpy arrays.
+    Metrics are detached 0-dim tensors on the agent's device (no host sync per step): convert them
+    with ``float()`` when logging."""
+
+    noise_function = staticmethod(draw_update_noise)
+
+    def __init__(self, config: MISAConfig, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
+        obs_dim = obs_dim if obs_dim is not None else config.obs_dim
+        act_dim = act_dim if act_dim is not None else config.act_dim
+        if obs_dim is None or act_dim is None:
+            raise ValueError("MISA needs obs_dim and act_dim (in the config or as arguments)")
+        self.config = cfg = config.replace(obs_dim=obs_dim, act_dim=act_dim)
+        self.device = torch.device(cfg.device)
+        self.networks = MISANetworks(cfg, self.device)
+        self._tensors = module_tensors(self.networks)
+        self.target_entropy = self.networks.target_entropy
+        self.generator = torch.Generator(device=self.device).manual_seed(derive_seeds(cfg.seed)[1])
+        self.optimizers = self.make_optimizers(cfg, self.state_tensors())
+        self.schedulers = self.make_schedulers(cfg, self.optimizers)
+        self.step = 0
+
+    @staticmethod
+    def make_optimizers(cfg: MISAConfig, tensors: Dict[str, Tensor]) -> Dict[str, torch.optim.Optimizer]:
+        """One Adam per loss (LOSS_OWNER) over ``tensors`` (a single run's or a group's)."""
+
+        def of(name):
+            return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+
+        optimizers = {
+            "policy": torch.optim.Adam(of("policy"), lr=cfg.policy_lr),
+            "critic": torch.optim.Adam(of("critic"), lr=cfg.critic_lr),
+            "alpha": torch.optim.Adam([tensors["log_alpha"]], lr=cfg.alpha_lr),
+            "alpha_prime": torch.optim.Adam([tensors["log_alpha_prime"]], lr=cfg.alpha_prime_lr),
+        }
+        if cfg.energy_network == "separate":
+            optimizers["energy"] = torch.optim.Adam(of("energy"), lr=cfg.energy_lr)
+        return optimizers
+
+    @staticmethod
+    def make_schedulers(cfg: MISAConfig, optimizers) -> Dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """The paper's cosine schedule of the policy and critic learning rates (or constant)."""
+
+        def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state_dict skips it
+            if cfg.lr_schedule == "constant":
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps))
+
+        return {name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], lr_factor) for name in ("policy", "critic")}
+
+    # The networks by name (for a group, the layout only: its values are in state_tensors()).
+    policy = property(lambda self: self.networks.policy)
+    critic = property(lambda self: self.networks.critic)
+    target_critic = property(lambda self: self.networks.target_critic)
+    energy = property(lambda self: self.networks.energy)
+    log_alpha = property(lambda self: self.state_tensors()["log_alpha"])
+    log_alpha_prime = property(lambda self: self.state_tensors()["log_alpha_prime"])
+    hmc_log_step_size = property(lambda self: self.state_tensors()["hmc_log_step_size"])
+
+    @property
+    def hmc_step_size(self) -> Tensor:
+        """The HMC step size of the next update (0-dim; adapts across updates when adapting)."""
+        tensors = self.state_tensors()
+        return tensors["hmc_log_step_size"].exp() if self.config.adapt_hmc else tensors["fixed_hmc_step_size"]
+
+    # ----------------------------------------------------------------------------------------------
+    def loss_function(self, run_chain: Callable = ops.hmc_sample) -> LossFunction:
+        """This learner's loss function for every member (one vmapped call for a group)."""
+        return self.for_members(misa_losses(self.networks, run_chain))
+
+    def compute_losses(self, batch: Mapping, noise: Optional[UpdateNoise] = None) -> LossOutput:
+        """Every loss of one update at the current parameters, plus metrics. No parameter changes."""
+        batch = as_batch(batch, self.device)
+        noise = self.draw_noise(batch[1].shape[-2]) if noise is None else noise
+        return self.loss_function()(self.state_tensors(), batch, noise)
+
+    def update(self, batch: Mapping, noise: Optional[UpdateNoise] = None, check_finite: Optional[bool] = None,
+               losses: Optional[LossFunction] = None) -> Dict[str, Tensor]:
         """One simultaneous gradient step of every loss, then the Polyak target update.
 
-        Raises NonFiniteLossError (before any optimizer step) if a loss or gradient is not finite
-        and ``check_finite`` (default: the config's) is on. The CUDA-graph backend turns it off
-        inside the graph (a host sync cannot be captured): the graph tests the losses and gradients
-        on the device and misa_fast.training.backends reads that flag after the replay."""
+        ``losses``: the loss function to step on (default ``loss_function()``; the compiled backend
+        passes its compiled one). Raises NonFiniteLossError (before any optimizer step) if a loss or
+        gradient is not finite and ``check_finite`` (default: the config's) is on. The CUDA-graph
+        backend turns it off inside the graph (a host sync cannot be captured): the graph tests the
+        losses and gradients on the device and misa_fast.training.backends reads that flag after
+        the replay."""
+        batch = as_batch(batch, self.device)
         if noise is None:
-            noise = self.draw_noise(np.shape(batch["actions"])[-2])
-        out = self.member_losses(batch, noise)
+            noise = self.draw_noise(batch[1].shape[-2])
+        tensors = self.state_tensors()
+        out = (losses or self.loss_function())(tensors, batch, noise)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         # One backward pass: each loss reaches only its own parameters (see module docstring); the
-        # members of a stacked agent share no operation, so each gets only its own gradient.
+        # members of a group share no operation, so each gets only its own gradient.
         total = sum(out.losses.values())
         (total if self.member_seeds is None else total.sum()).backward()
         if self.config.check_finite if check_finite is None else check_finite:
@@ -371,28 +441,13 @@ class MISA:
             self.optimizers[LOSS_OWNER[name]].step()
         for scheduler in self.schedulers.values():
             scheduler.step()
-        nets.polyak_update(self.target_critic, self.critic, self.config.tau)
+        self.polyak_update("target_critic", "critic", self.config.tau)
         if out.hmc is not None and self.config.adapt_hmc:
             # In place: a captured CUDA graph keeps reading this tensor's memory.
             log_step = out.hmc.step_size.log().detach()
-            if self.member_seeds is None:
-                self.hmc_log_step_size.copy_(log_step.mean())
-            else:
-                self.hmc_log_step_size.copy_(log_step.reshape(len(self.member_seeds), -1).mean(1))
+            tensors["hmc_log_step_size"].copy_(log_step.mean(-1))
         self.step += 1
         return out.metrics
-
-    def member_losses(self, batch: Mapping, noise: UpdateNoise) -> LossOutput:
-        """``compute_losses`` of every member (a stacked agent: one vmapped computation, losses and
-        metrics with a leading member dimension); of the agent itself otherwise."""
-        return self.map_members(self.compute_losses, batch, noise)
-
-    @property
-    def hmc_step_size(self) -> Tensor:
-        """The HMC step size of the next update (0-dim; adapts across updates when adapting)."""
-        if self.config.adapt_hmc:
-            return self.hmc_log_step_size.exp()
-        return self._fixed_hmc_step_size
 
     @torch.no_grad()
     @numpy_io
@@ -412,16 +467,17 @@ class MISA:
     # ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a bit-identical resume needs (tensors are references, as nn.Module's)."""
+        tensors = self.state_tensors()
         return {
             "step": self.step,
             "config": self.config.to_dict(),
-            "policy": self.policy.state_dict(),
-            "critic": self.critic.state_dict(),
-            "target_critic": self.target_critic.state_dict(),
-            "energy": None if self.energy is None else self.energy.state_dict(),
-            "log_alpha": self.log_alpha.detach(),
-            "log_alpha_prime": self.log_alpha_prime.detach(),
-            "hmc_log_step_size": self.hmc_log_step_size,
+            "policy": self.module_state("policy"),
+            "critic": self.module_state("critic"),
+            "target_critic": self.module_state("target_critic"),
+            "energy": self.module_state("energy"),
+            "log_alpha": tensors["log_alpha"].detach(),
+            "log_alpha_prime": tensors["log_alpha_prime"].detach(),
+            "hmc_log_step_size": tensors["hmc_log_step_size"],
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
             "generator": self.generator.get_state(),
@@ -440,10 +496,10 @@ class MISA:
         self.target_critic.load_state_dict(state["target_critic"])
         if self.energy is not None:
             self.energy.load_state_dict(state["energy"])
-        with torch.no_grad():
+        with torch.no_grad():  # in place: the optimizers and a captured CUDA graph hold these tensors
             self.log_alpha.copy_(state["log_alpha"])
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
-        self.hmc_log_step_size = state["hmc_log_step_size"].detach().clone().to(self.device)
+            self.hmc_log_step_size.copy_(state["hmc_log_step_size"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         for name, sched in self.schedulers.items():
@@ -453,19 +509,6 @@ class MISA:
         if state.get("generator_device", self.device.type) == self.device.type:
             self.generator.set_state(state["generator"].cpu())
         self.step = int(state["step"])
-
-    # ----------------------------------------------------------------------------------------------
-    def _unpack(self, batch: Mapping):
-        def get(key):
-            return torch.as_tensor(batch[key], dtype=torch.float32, device=self.device)
-
-        return (
-            get("observations"),
-            get("actions"),
-            get("rewards").reshape(-1),
-            get("next_observations"),
-            get("terminals").reshape(-1),
-        )
 
     def _check_finite(self, losses_out: Dict[str, Tensor]) -> None:
         """One host sync: every loss, and the gradient of every group a loss drives."""

@@ -10,17 +10,20 @@ averaging. Sequential, unlike MISA's simultaneous step: so that a non-finite act
 the agent as it was, the critic step of an actor update is undone (parameters and Adam state) before
 ``NonFiniteLossError`` is raised.
 
+As for MISA (misa_fast.agents.learner), :class:`TD3Networks` holds the tensors and computes the
+two losses, :func:`td3_losses` runs them on explicit tensors, and :meth:`TD3.update` steps.
+
 SPOT needs its VAE pretrained on the data first: ``needs_pretraining`` / ``pretrain_vae(batches,
 steps)``; the state dict records whether that happened, so a resumed run does not pretrain again.
-Randomness (target smoothing noise, dropout masks, VAE latents, exploration) comes from
-``self.generator`` (seeded from config.seed), saved in ``state_dict``: a resume is bit-identical on
-CPU.
+Randomness (target smoothing noise and dropout masks: :func:`draw_td3_noise`; VAE latents,
+exploration) comes from ``self.generator`` (seeded from config.seed), saved in ``state_dict``: a
+resume is bit-identical on CPU.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,8 @@ from torch import Tensor, nn
 
 from misa_fast import nets
 from misa_fast.agents import losses
-from misa_fast.agents import members as members_lib
 from misa_fast.agents import vae as vae_lib
+from misa_fast.agents.learner import Learner, as_batch, module_tensors, stack_tree
 from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io, raise_if_not_finite
 from misa_fast.agents.td3_config import TD3Config
 
@@ -82,13 +85,104 @@ class TD3Noise(NamedTuple):
     density: Optional[Tensor] = None  # (B, L, D) VAE latent noise of -log pi_beta (SPOT actor steps)
 
 
-class TD3:
+def draw_td3_noise(cfg: TD3Config, generator: torch.Generator, batch_size: int, actor_step: bool) -> TD3Noise:
+    """The randomness of one update, drawn from ``generator`` in a fixed order."""
+    device, dropout = generator.device, cfg.resolved_actor_dropout
+
+    def masks():
+        if dropout == 0.0:
+            return ()
+        return tuple((torch.rand((batch_size, h), generator=generator, device=device) >= dropout)
+                     .float().div_(1.0 - dropout) for h in cfg.actor_hidden)
+
+    target = torch.randn((batch_size, cfg.act_dim), generator=generator, device=device)
+    noise = TD3Noise(target=target, target_masks=masks())
+    if actor_step:
+        density = None
+        if cfg.behavior_reg == "vae":
+            latent = cfg.resolved_vae_latent(cfg.act_dim)
+            density = torch.randn((batch_size, cfg.density_samples, latent), generator=generator, device=device)
+        noise = noise._replace(actor_masks=masks(), density=density)
+    return noise
+
+
+class TD3Networks(nn.Module):
+    """Every tensor TD3's losses read (actor, twin critics, their targets, SPOT's VAE) and the two
+    losses of an update, ``forward("critic" | "actor", batch, noise)``. Run it through
+    :func:`td3_losses` on explicit tensors; it changes nothing itself."""
+
+    def __init__(self, cfg: TD3Config, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        init_generator = torch.Generator().manual_seed(derive_seeds(cfg.seed)[0])  # CPU: same init everywhere
+        obs_dim, act_dim = cfg.obs_dim, cfg.act_dim
+        self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w)
+        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator,
+                                          activation=cfg.critic_activation)
+        _torch_default_init_(self.critic, init_generator, cfg.critic_init_w)
+        self.vae: Optional[vae_lib.ConditionalVAE] = None
+        if cfg.behavior_reg == "vae":
+            self.vae = vae_lib.ConditionalVAE(obs_dim, act_dim, cfg.vae_hidden, cfg.resolved_vae_latent(act_dim),
+                                              init_generator).to(device).requires_grad_(False)
+        self.policy.to(device)
+        self.critic.to(device)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+
+    def forward(self, part: str, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return self.critic_loss(batch, noise) if part == "critic" else self.actor_loss(batch, noise)
+
+    def critic_loss(self, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The critics' loss (the sum of their TD errors to the clipped double-Q target of the
+        smoothed target action) and its metrics."""
+        cfg = self.config
+        obs, actions, rewards, next_obs, dones = batch
+        with torch.no_grad():
+            next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
+                                                         cfg.policy_noise, cfg.noise_clip)
+            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+        q_data = self.critic(obs, actions)
+        td = losses.td_loss(q_data, target)
+        critic_loss = td.sum()  # the official sum of the critics' MSEs
+        metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
+        for i in range(cfg.num_critics):
+            metrics[f"q{i + 1}_data"] = q_data[i].mean()
+            metrics[f"q{i + 1}_td_loss"] = td[i]
+        return critic_loss, metrics
+
+    def actor_loss(self, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The actor's loss at pi(s) under Q1 (official: the first critic only), through detached
+        critic weights so only the actor gets a gradient."""
+        cfg = self.config
+        obs, actions = batch[0], batch[1]
+        pi = self.policy(obs, noise.actor_masks)
+        q1_layers = [(w[:1], b[:1]) for w, b in self.critic.stacked_layers(detach=True)]
+        q_pi = nets.ensemble_q(q1_layers, nets.state_half(q1_layers, obs), pi, cfg.critic_activation)[0]
+        if cfg.behavior_reg == "bc":
+            loss, terms = losses.td3bc_actor_loss(q_pi, pi, actions, cfg.bc_alpha)
+        else:
+            neg_log_density = vae_lib.neg_log_density(self.vae, obs, pi, cfg.vae_beta, noise.density,
+                                                      cfg.density_estimator)
+            loss, terms = losses.spot_actor_loss(q_pi, neg_log_density, cfg.spot_lambda, cfg.spot_normalize_q)
+            terms["neg_log_density"] = neg_log_density.mean()
+        return loss, {"actor_loss": loss, "q_pi": q_pi.mean(), **terms}
+
+
+def td3_losses(networks: TD3Networks, part: str) -> Callable:
+    """TD3's ``part`` ("critic" or "actor") loss function ``losses(tensors, batch, noise) -> (loss,
+    metrics)``: ``networks``' forward run by ``torch.func.functional_call`` on ``tensors``."""
+
+    def losses(tensors: Dict[str, Tensor], batch: tuple, noise: TD3Noise):
+        return torch.func.functional_call(networks, tensors, (part, batch, noise))
+
+    return losses
+
+
+class TD3(Learner):
     """``TD3(config)``; ``update(batch) -> metrics`` (detached 0-dim tensors, no host sync apart from
     the optional finite check). Batch as for :class:`misa_fast.agents.MISA`."""
 
-    # See MISA: fn(*args) here, once per member (vmapped) on a stacked agent.
-    map_members = staticmethod(members_lib.single_call)
-    member_seeds = None
+    noise_function = staticmethod(draw_td3_noise)
 
     def __init__(self, config: TD3Config, obs_dim: Optional[int] = None, act_dim: Optional[int] = None):
         obs_dim = obs_dim if obs_dim is not None else config.obs_dim
@@ -98,30 +192,34 @@ class TD3:
         self.config = cfg = config.replace(obs_dim=obs_dim, act_dim=act_dim)
         self.device = torch.device(cfg.device)
         self.dropout = cfg.resolved_actor_dropout
-
-        init_seed, sample_seed = derive_seeds(cfg.seed)
-        init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
-        self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w)
-        self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator,
-                                          activation=cfg.critic_activation)
-        _torch_default_init_(self.critic, init_generator, cfg.critic_init_w)
-        self.vae: Optional[vae_lib.ConditionalVAE] = None
-        if cfg.behavior_reg == "vae":
-            self.vae = vae_lib.ConditionalVAE(obs_dim, act_dim, cfg.vae_hidden, cfg.resolved_vae_latent(act_dim),
-                                              init_generator).to(self.device).requires_grad_(False)
+        self.networks = TD3Networks(cfg, self.device)
+        self._tensors = module_tensors(self.networks)
         self.vae_trained = False
-        self.policy.to(self.device)
-        self.critic.to(self.device)
-        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
-        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.generator = torch.Generator(device=self.device).manual_seed(sample_seed)
-        self.optimizers = {
-            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.actor_lr),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr),
-        }
+        self.generator = torch.Generator(device=self.device).manual_seed(derive_seeds(cfg.seed)[1])
+        self.optimizers = self.make_optimizers(cfg, self.state_tensors())
+        self.schedulers = self.make_schedulers(cfg, self.optimizers)
         nan = torch.tensor(math.nan, device=self.device)
         self._actor_metrics: Dict[str, Tensor] = {k: nan for k in _ACTOR_METRICS[cfg.behavior_reg]}  # none yet
         self.step = 0
+
+    @staticmethod
+    def make_optimizers(cfg: TD3Config, tensors: Dict[str, Tensor]) -> Dict[str, torch.optim.Optimizer]:
+        def of(name):
+            return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+
+        return {"policy": torch.optim.Adam(of("policy"), lr=cfg.actor_lr),
+                "critic": torch.optim.Adam(of("critic"), lr=cfg.critic_lr)}
+
+    def join_members(self, agents) -> None:
+        self.vae_trained = agents[0].vae_trained
+        self._actor_metrics = stack_tree([a._actor_metrics for a in agents])
+
+    # The networks by name (for a group, the layout only: its values are in state_tensors()).
+    policy = property(lambda self: self.networks.policy)
+    critic = property(lambda self: self.networks.critic)
+    target_policy = property(lambda self: self.networks.target_policy)
+    target_critic = property(lambda self: self.networks.target_critic)
+    vae = property(lambda self: self.networks.vae)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -176,24 +274,9 @@ class TD3:
         step = self.step if step is None else step
         return (step + 1) % self.config.policy_freq == 0
 
-    def draw_noise(self, batch_size: int, actor_step: bool) -> TD3Noise:
-        cfg = self.config
-
-        def masks():
-            if self.dropout == 0.0:
-                return ()
-            return tuple((torch.rand((batch_size, h), generator=self.generator, device=self.device) >= self.dropout)
-                         .float().div_(1.0 - self.dropout) for h in cfg.actor_hidden)
-
-        target = torch.randn((batch_size, cfg.act_dim), generator=self.generator, device=self.device)
-        noise = TD3Noise(target=target, target_masks=masks())
-        if actor_step:
-            density = None
-            if self.vae is not None:
-                density = torch.randn((batch_size, cfg.density_samples, self.vae.latent_dim), generator=self.generator,
-                                      device=self.device)
-            noise = noise._replace(actor_masks=masks(), density=density)
-        return noise
+    def loss_function(self, part: str) -> Callable:
+        """The ``part`` ("critic" or "actor") loss function for every member (vmapped for a group)."""
+        return self.for_members(td3_losses(self.networks, part))
 
     def update(self, batch: Mapping, noise: Optional[TD3Noise] = None) -> Dict[str, Tensor]:
         """One critic step; every ``policy_freq``-th call also an actor step and the target update.
@@ -203,18 +286,17 @@ class TD3:
         if self.needs_pretraining:
             raise RuntimeError("SPOT's VAE is not trained: call pretrain_vae(batches) first (the trainer does)")
         cfg = self.config
-        obs, actions, rewards, next_obs, dones = _unpack(batch, self.device)
+        batch = as_batch(batch, self.device)
         actor_step = self.is_actor_step()
         if noise is None:
-            noise = self.draw_noise(actions.shape[-2], actor_step)
-
-        critic_loss, metrics = self.map_members(self._critic_loss, obs, actions, rewards, next_obs, dones, noise)
+            noise = self.draw_noise(batch[1].shape[-2], actor_step)
+        tensors = self.state_tensors()
+        critic_loss, metrics = self.loss_function("critic")(tensors, batch, noise)
         critic_opt = self.optimizers["critic"]
         critic_opt.zero_grad(set_to_none=True)
         (critic_loss if self.member_seeds is None else critic_loss.sum()).backward()
         checked = {"critic_loss": critic_loss}
-        params = {"critic_loss": list(self.critic.parameters())}
-
+        params = {"critic_loss": self.parameters_of("critic")}
         if not actor_step:
             if cfg.check_finite:
                 self._check_finite(checked, params)
@@ -222,56 +304,23 @@ class TD3:
         else:
             undo = _snapshot(critic_opt) if cfg.check_finite else None
             critic_opt.step()
-            actor_loss, actor_metrics = self.map_members(self._actor_loss, obs, actions, noise)
+            actor_loss, actor_metrics = self.loss_function("actor")(tensors, batch, noise)
             self.optimizers["policy"].zero_grad(set_to_none=True)
             (actor_loss if self.member_seeds is None else actor_loss.sum()).backward()
             if cfg.check_finite:
                 checked["actor_loss"] = actor_loss
-                params["actor_loss"] = list(self.policy.parameters())
+                params["actor_loss"] = self.parameters_of("policy")
                 try:
                     self._check_finite(checked, params)
                 except NonFiniteLossError:
                     _restore(critic_opt, undo)
                     raise
             self.optimizers["policy"].step()
-            nets.polyak_update(self.target_critic, self.critic, cfg.tau)
-            nets.polyak_update(self.target_policy, self.policy, cfg.tau)
+            self.polyak_update("target_critic", "critic", cfg.tau)
+            self.polyak_update("target_policy", "policy", cfg.tau)
             self._actor_metrics = {k: v.detach() for k, v in actor_metrics.items()}
         self.step += 1
         return {**{k: v.detach() for k, v in metrics.items()}, **self._actor_metrics}
-
-    def _critic_loss(self, obs, actions, rewards, next_obs, dones, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """The critics' loss (the sum of their TD errors to the clipped double-Q target of the
-        smoothed target action) and its metrics."""
-        cfg = self.config
-        with torch.no_grad():
-            next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
-                                                         cfg.policy_noise, cfg.noise_clip)
-            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
-        q_data = self.critic(obs, actions)
-        td = losses.td_loss(q_data, target)
-        critic_loss = td.sum()  # the official sum of the critics' MSEs
-        metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
-        for i in range(cfg.num_critics):
-            metrics[f"q{i + 1}_data"] = q_data[i].mean()
-            metrics[f"q{i + 1}_td_loss"] = td[i]
-        return critic_loss, metrics
-
-    def _actor_loss(self, obs, actions, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """The actor's loss at pi(s) under Q1 (official: the first critic only), through detached
-        critic weights so only the actor gets a gradient."""
-        cfg = self.config
-        pi = self.policy(obs, noise.actor_masks)
-        q1_layers = [(w[:1], b[:1]) for w, b in self.critic.stacked_layers(detach=True)]
-        q_pi = nets.ensemble_q(q1_layers, nets.state_half(q1_layers, obs), pi, cfg.critic_activation)[0]
-        if cfg.behavior_reg == "bc":
-            loss, terms = losses.td3bc_actor_loss(q_pi, pi, actions, cfg.bc_alpha)
-        else:
-            neg_log_density = vae_lib.neg_log_density(self.vae, obs, pi, cfg.vae_beta, noise.density,
-                                                      cfg.density_estimator)
-            loss, terms = losses.spot_actor_loss(q_pi, neg_log_density, cfg.spot_lambda, cfg.spot_normalize_q)
-            terms["neg_log_density"] = neg_log_density.mean()
-        return loss, {"actor_loss": loss, "q_pi": q_pi.mean(), **terms}
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -296,11 +345,11 @@ class TD3:
         return {
             "step": self.step,
             "config": self.config.to_dict(),
-            "policy": self.policy.state_dict(),
-            "critic": self.critic.state_dict(),
-            "target_policy": self.target_policy.state_dict(),
-            "target_critic": self.target_critic.state_dict(),
-            "vae": None if self.vae is None else self.vae.state_dict(),
+            "policy": self.module_state("policy"),
+            "critic": self.module_state("critic"),
+            "target_policy": self.module_state("target_policy"),
+            "target_critic": self.module_state("target_critic"),
+            "vae": self.module_state("vae"),
             "vae_trained": self.vae_trained,
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "actor_metrics": dict(self._actor_metrics),
@@ -376,13 +425,3 @@ def _restore(optimizer: torch.optim.Optimizer, snapshot) -> None:
 
 def _as_tensor(x, device) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
-
-
-def _unpack(batch: Mapping, device):
-    """(obs, actions, rewards, next_obs, dones); rewards and dones (B,), or (M, B) for the (M, B, ...)
-    batch of stacked members."""
-    actions = _as_tensor(batch["actions"], device)
-    rows = actions.shape[:-1]
-    return (_as_tensor(batch["observations"], device), actions,
-            _as_tensor(batch["rewards"], device).reshape(rows), _as_tensor(batch["next_observations"], device),
-            _as_tensor(batch["terminals"], device).reshape(rows))

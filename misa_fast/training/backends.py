@@ -1,25 +1,38 @@
-"""How one training step runs: ``--backend eager|compiled|graph``.
+"""How one training step runs: ``--backend eager|compiled|graph``. A backend wraps a function; it
+never changes the agent.
 
-    step = make_step(agent, source, "graph")   # once, after any checkpoint was loaded
-    metrics = step()                            # one full update, batch sampling included
-    step.check()                                # before saving a checkpoint (graph: see check_every)
+    step = make_step(agent, source, "compiled")   # once, after any checkpoint was loaded
+    metrics = step()                               # one full update, batch sampling included
+    step.check()                                   # before saving a checkpoint (graph: see check_every)
+
+Every backend ends in the learner's one ``update(batch, noise, losses=...)`` (misa_fast.agents.learner):
+the losses from a loss function ``losses(tensors, batch, noise)``, one backward pass, the Adam
+steps, the Polyak update and the HMC step-size adaptation. What ``misa-fast train --backend
+compiled --seeds 0-4`` runs: the trainer stacks the five seeds into one group learner
+(misa_fast.agents.members); :class:`CompiledStep` holds ``torch.compile(group.loss_function())``,
+the MISA loss function under ``vmap`` over the member dimension with the HMC chain unrolled in it;
+each step takes the five members' batches (M, B, ...), draws each member's noise from its own
+generator (eagerly, stacked) and calls ``group.update(batch, noise, losses=<the compiled one>)``:
+one compiled forward and backward for all five, then eager Adam, Polyak and step size over the
+stacked tensors.
 
 - ``eager``: ``agent.update(next(source))``; any learner, any device.
-- ``compiled``: the MISA learner's loss computation (critics, HMC sampler, actor, temperatures)
-  through ``torch.compile`` (inductor, ``dynamic=False``). For several seeds trained together
-  (``--seeds``) the compiled graph is the whole member vmap with the HMC chain unrolled in it: a
-  longer first compile (about 2 minutes at K=10 on a 2-core CPU, cached by inductor for later runs).
-  The noise of the update is drawn eagerly
-  before it (dynamo and explicit ``torch.Generator`` arguments do not mix); backward runs the
-  compiled backward graph; the optimizer steps and the Polyak update stay eager (on CPU they are
-  ~1% of a step: compiling them does not pay for its compile time). The HMC chain is not unrolled
-  into that graph (burn-in + K transitions: minutes of compiling at K=50 on a 2-core CPU); it runs
-  in pieces of ``hmc_piece`` transitions through one compiled graph per piece shape
-  (``misa_fast.ops.hmc_reference.compiled_transitions``), so the first step compiles in 10-60 s there, and
-  inductor's FX-graph cache makes later runs start faster (with ``unbiased_estimator=snis`` there
-  is no chain: the loss computation is one compiled graph). On CUDA the fused Triton ops are
-  autograd Functions around raw kernel launches, which dynamo may graph-break on: there
-  ``compiled`` is a comparison point and ``graph`` the fast path.
+- ``compiled``: ``agent.update(batch, noise, losses=self.losses)`` with ``self.losses =
+  torch.compile(agent.loss_function(run_chain))`` (inductor, ``dynamic=False``): the MISA loss
+  function (critics, HMC sampler, actor, temperatures) compiled, forward and backward. The noise of
+  the update is drawn eagerly before it (dynamo and explicit ``torch.Generator`` arguments do not
+  mix); the optimizer steps and the Polyak update stay eager (on CPU they are ~1% of a step:
+  compiling them does not pay for its compile time). A single run's HMC chain is not unrolled into
+  that graph (burn-in + K transitions: minutes of compiling at K=50 on a 2-core CPU): ``run_chain``
+  is :func:`chain_in_pieces`, which runs it in pieces of ``hmc_piece`` transitions through one
+  compiled graph per piece shape (``misa_fast.ops.hmc_reference.compiled_transitions``), so the
+  first step compiles in 10-60 s there, and inductor's FX-graph cache makes later runs start faster
+  (with ``unbiased_estimator=snis`` there is no chain: the loss function is one compiled graph).
+  For several seeds (``--seeds``) the compiled graph is the whole member vmap with the chain
+  unrolled in it (dynamo cannot break a graph inside vmap): a longer first compile (about 2
+  minutes at K=10 on a 2-core CPU, cached by inductor for later runs). On CUDA the fused Triton
+  ops may make dynamo break the graph: there ``compiled`` is a comparison point and ``graph`` the
+  fast path.
 - ``graph``: CUDA only. The whole update — drawing the batch from the device-resident dataset, the
   noise, every loss with the fused ops, backward, the Adam steps, the Polyak target update and the
   adapted HMC step size — is captured once into a CUDA graph with static buffers and replayed each
@@ -38,8 +51,8 @@
 
 State stays with the agent and the source: their ``state_dict`` work as before with every backend.
 To load state *after* a graph was captured use ``step.load_state_dict(agent_state, source_state)``:
-it copies into the captured tensors (``MISA.load_state_dict`` alone rebinds the Adam moments and
-the HMC step size, which the graph would then no longer see).
+it copies into the captured tensors (``MISA.load_state_dict`` alone rebinds the Adam moments, which
+the graph would then no longer see).
 """
 from __future__ import annotations
 
@@ -49,6 +62,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
+from misa_fast import ops
 from misa_fast.agents.misa import MISA, NonFiniteLossError
 from misa_fast.ops import hmc_reference as hmc_lib
 from misa_fast.replay.buffer import FIELDS
@@ -99,7 +113,8 @@ class TrainStep:
             _load_source(self.source, source_state)
 
     def close(self) -> None:
-        """Give the agent back in its eager form (the step object is unusable afterwards)."""
+        """Release what the backend holds (the step object is unusable afterwards); the agent was
+        never changed by it."""
 
 
 class EagerStep(TrainStep):
@@ -131,40 +146,30 @@ class CompiledStep(TrainStep):
         # process (shapes, K, HMC mode, piece lengths) is one more entry, and past the default limit
         # of 8 it silently runs the function eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        if agent.member_seeds is not None:
-            # Several seeds (misa_fast.agents.members): one graph of the whole member vmap, the HMC
-            # chain unrolled in it (dynamo cannot break a graph inside vmap, so no pieces).
-            self.compiled_losses = torch.compile(type(agent).member_losses.__get__(agent), dynamic=dynamic,
-                                                 **compile_options)
-            agent.member_losses = self.compiled_losses
-            return
-        # An instance attribute shadows the method: agent.update (the one implementation of the
-        # optimizer steps, targets and checks) runs the compiled loss computation.
-        self.compiled_losses = torch.compile(type(agent).compute_losses.__get__(agent), dynamic=dynamic,
-                                             **compile_options)
-        agent.compute_losses = self.compiled_losses
-        if hmc_piece == 0 or not agent.config.hmc_chain:  # no chain: off, or unbiased_estimator=snis
-            return
-        eager_sampler = type(agent)._hmc_samples.__get__(agent)
-
-        # A graph break: the chain's loop stays in Python and runs piece by piece through a few
-        # compiled graphs (its samples carry no gradient, so autograd loses nothing at the break).
-        @torch.compiler.disable
-        def hmc_samples(*args):
-            with hmc_lib.compiled_transitions(hmc_piece, dynamic=dynamic, **compile_options):
-                return eager_sampler(*args)
-
-        agent._hmc_samples = hmc_samples
+        run_chain = ops.hmc_sample
+        # A group's graph is its whole member vmap, the chain unrolled in it (dynamo cannot break a
+        # graph inside vmap); a single run's chain runs in compiled pieces unless hmc_piece is 0.
+        if agent.member_seeds is None and hmc_piece > 0 and agent.config.hmc_chain:
+            run_chain = chain_in_pieces(hmc_piece, dynamic=dynamic, **compile_options)
+        self.losses = torch.compile(agent.loss_function(run_chain), dynamic=dynamic, **compile_options)
 
     def __call__(self) -> Metrics:
         batch = next(self.source)
         noise = self.agent.draw_noise(_batch_size(batch))  # eager: the generator stays out of dynamo
-        return self.agent.update(batch, noise)
+        return self.agent.update(batch, noise, losses=self.losses)
 
-    def close(self) -> None:
-        self.agent.__dict__.pop("compute_losses", None)
-        self.agent.__dict__.pop("_hmc_samples", None)
-        self.agent.__dict__.pop("member_losses", None)
+
+def chain_in_pieces(piece: int, **compile_options):
+    """An HMC chain runner (``ops.hmc_sample``'s signature) whose Python loop stays outside the
+    compiled loss graph (a graph break) and runs ``piece`` transitions at a time through a few
+    compiled graphs; the chain's samples carry no gradient, so autograd loses nothing at the break."""
+
+    @torch.compiler.disable
+    def run_chain(*args, **kwargs):
+        with hmc_lib.compiled_transitions(piece, **compile_options):
+            return ops.hmc_sample(*args, **kwargs)
+
+    return run_chain
 
 
 class NonFiniteStepApplied(NonFiniteLossError):
@@ -319,17 +324,14 @@ class GraphStep(TrainStep):
 # ---------------------------------------------------------------------------------------------------
 def load_state_in_place(agent, state: Mapping) -> None:
     """``agent.load_state_dict(state)`` that leaves every tensor a captured CUDA graph may hold where
-    it was: the official loader runs (validation, modules copied in place, generator, counters),
-    then the tensors it rebinds — the Adam state and the HMC step size — are copied back into the
-    previous ones. Adam state absent from ``state`` (a checkpoint from before the first step) is
-    zeroed, which is exactly a fresh Adam (moments 0, step 0)."""
-    hmc_step = agent.hmc_log_step_size
+    it was: the official loader runs (validation, tensors copied in place, generator, counters),
+    then the tensors it rebinds — the Adam state — are copied back into the previous ones. Adam
+    state absent from ``state`` (a checkpoint from before the first step) is zeroed, which is
+    exactly a fresh Adam (moments 0, step 0)."""
     before = {name: {p: dict(opt.state[p]) for p in _params(opt) if p in opt.state}
               for name, opt in agent.optimizers.items()}
     agent.load_state_dict(state)
     with torch.no_grad():
-        hmc_step.copy_(agent.hmc_log_step_size)
-        agent.hmc_log_step_size = hmc_step
         for name, opt in agent.optimizers.items():
             for param, old in before[name].items():
                 new = opt.state[param]

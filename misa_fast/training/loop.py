@@ -662,10 +662,12 @@ def _mean_row(rows: list) -> dict:
 
 
 class _MemberGroup:
-    """The members still training and the one agent that updates them: a member's own agent when
-    there is one, else the members' agents stacked (misa_fast.agents.members). A stacked member
-    whose loss goes non-finite is dropped before any parameter moved, and the update is redone for
-    the others with the same batches and noise."""
+    """The members still training and the one learner that updates them: a lone member's own agent,
+    else the members' agents as one group learner (misa_fast.agents.members: their tensors stacked,
+    the loss function vmapped over the members), stepped by the run's backend
+    (misa_fast.training.backends.make_step). A grouped member whose loss goes non-finite is dropped
+    before any parameter moved, and the update is redone for the others with the same batches and
+    noise (the group is rebuilt from the members' states)."""
 
     def __init__(self, members: list, backend: str, streams=None):
         self.members, self.backend, self.streams = list(members), backend, streams

@@ -15,6 +15,7 @@ from misa_fast.agents import TD3, NonFiniteLossError, TD3Noise, losses
 from misa_fast.agents import algorithms as algos
 from misa_fast.agents import vae as vae_lib
 from misa_fast.agents.config_base import apply_overrides
+from misa_fast.agents.learner import as_batch
 from misa_fast.agents.td3_config import TD3_PRESETS, TD3Config, spot_lambda_for, td3_preset
 from misa_fast.training import checkpoint
 
@@ -204,7 +205,8 @@ def test_only_the_actor_gets_the_actor_gradient_and_the_vae_stays_frozen():
     agent = make_agent(behavior_reg="vae")
     vae_before = copy.deepcopy(agent.vae.state_dict())
     noise = agent.draw_noise(B, actor_step=True)
-    loss, _ = agent._actor_loss(*[torch.as_tensor(make_batch()[k]) for k in ("observations", "actions")], noise)
+    actor_loss = agent.loss_function("actor")
+    loss, _ = actor_loss(agent.state_tensors(), as_batch(make_batch(), "cpu"), noise)
     loss.backward()
     assert all(p.grad is None for p in list(agent.critic.parameters()) + list(agent.vae.parameters()))
     assert all(p.grad is not None for p in agent.policy.parameters())
