@@ -92,7 +92,7 @@ class LossOutput(NamedTuple):
 
 
 class CriticLosses(NamedTuple):
-    """The critic side of one update (``MISA._critic_losses``)."""
+    """The critic side of one update (``MISANetworks._critic_losses``)."""
 
     losses: Dict[str, Tensor]  # critic_loss; energy_loss (MISA-T) and alpha_prime_loss (Lagrange) where used
     metrics: Dict[str, Tensor]
@@ -100,7 +100,7 @@ class CriticLosses(NamedTuple):
 
 
 class ActorLosses(NamedTuple):
-    """The actor side of one update (``MISA._actor_losses``)."""
+    """The actor side of one update (``MISANetworks._actor_losses``)."""
 
     losses: Dict[str, Tensor]  # actor_loss; alpha_loss with auto_alpha
     metrics: Dict[str, Tensor]
@@ -165,7 +165,7 @@ class MISANetworks(nn.Module):
     def forward(self, batch: tuple, noise: UpdateNoise, run_chain: Callable = ops.hmc_sample) -> LossOutput:
         """Every loss of one update at the current parameters, plus metrics. ``run_chain``: the HMC
         sampler (``ops.hmc_sample``'s signature; the compiled backend passes its piecewise runner)."""
-        obs, actions, rewards, next_obs, dones = batch
+        obs, actions = batch[0], batch[1]
         # Computed once and shared: the policy at s (a~, log pi(a_D|s), the K samples, the HMC target,
         # log pi(a_mcmc|s)) and layer 1's state half of the critics (Q(s, a_D), the K samples and,
         # detached, the HMC target and the actor's Q(s, a~)).

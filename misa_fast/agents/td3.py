@@ -130,6 +130,7 @@ class TD3Networks(nn.Module):
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
 
     def forward(self, part: str, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The ``part`` ("critic" or "actor") loss of one update and its metrics."""
         return self.critic_loss(batch, noise) if part == "critic" else self.actor_loss(batch, noise)
 
     def critic_loss(self, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
