@@ -366,12 +366,15 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
     linears, acts = read
     dtype = linears[0].weight.dtype
     B, K, A = actions.shape
-    n_real = min(B, 2)
-    o = obs[:n_real].detach().unsqueeze(1).expand(n_real, min(K, 2), obs.shape[1]).reshape(-1, obs.shape[1])
-    a = actions[:n_real, :2].detach().reshape(-1, A)
-    gen = torch.Generator(device=obs.device).manual_seed(0)
-    o = torch.cat([o, 2.0 * torch.randn(_CHECK_ROWS, obs.shape[1], generator=gen, device=obs.device)]).to(dtype)
-    a = torch.cat([a, torch.rand(_CHECK_ROWS, A, generator=gen, device=obs.device) * 2 - 1]).to(dtype)
+    # Fixed probe rows (no random draw: vmap forbids one), after the caller's first rows where they
+    # are plain tensors (under vmap they are batched, and the check compares single numbers).
+    o = 6.0 * _probe_rows(_CHECK_ROWS, obs.shape[1], 0, obs.device, dtype) - 3.0
+    a = 2.0 * _probe_rows(_CHECK_ROWS, A, 1, obs.device, dtype) - 1.0
+    if not (_transformed(obs) or _transformed(actions)):
+        n_real = min(B, 2)
+        real_o = obs[:n_real].detach().unsqueeze(1).expand(n_real, min(K, 2), obs.shape[1])
+        o = torch.cat([real_o.reshape(-1, obs.shape[1]).to(dtype), o])
+        a = torch.cat([actions[:n_real, :2].detach().reshape(-1, A).to(dtype), a])
     # parametrize.cached(): a parametrized weight is computed once for the forward and the reading
     # (spectral_norm's power iteration steps once, as in one forward)
     with torch.no_grad(), parametrize.cached():
@@ -394,6 +397,32 @@ def _read_and_check(module: nn.Module, activation: Optional[Activation], obs, ac
                     informative=spread > 1e-6 * max(scale, 1.0))
 
 
+def _transformed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is wrapped by a torch.func transform (vmap, grad, ...)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _probe_rows(n: int, width: int, stream: int, device, dtype) -> torch.Tensor:
+    """``n`` x ``width`` fixed values spread over [0, 1) (a hash of the position, not a draw)."""
+    i = torch.arange(n * width, dtype=torch.float64, device=device).reshape(n, width) + 1000.0 * stream
+    return torch.frac(torch.sin(i * 12.9898 + 78.233) * 43758.5453).to(dtype)
+
+
+def _check_deferred(module: nn.Module, obs: torch.Tensor) -> Optional[str]:
+    """Why the one-time check of a critic cannot run in this call, else None. It compares numbers:
+    while torch.compile or torch.export traces a function there are none yet, and under a
+    torch.func transform over the critic's own parameters they are batched. The module's own
+    forward runs instead (the same numbers, unfused), and the check waits for an eager call."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(obs):
+        return ("first seen while torch.compile or torch.export traced it: its own forward runs in that graph "
+                "(call the op once eagerly beforehand for the fused path)")
+    if any(_transformed(p) for p in module.parameters()):
+        return "its parameters are transformed (torch.func): its own forward runs"
+    return None
+
+
 def _module_critic(module: nn.Module, activation: Optional[Activation], obs, actions) -> Critic:
     sig = _signature(module, activation)
     reading = _CACHE.get(id(module))
@@ -403,6 +432,9 @@ def _module_critic(module: nn.Module, activation: Optional[Activation], obs, act
             return Critic(module=module, why=reading.why, concat_call=reading.concat_call, reading=reading)
         linears = [ref() for ref in reading.linears]
     if linears is None or any(m is None for m in linears):
+        deferred = _check_deferred(module, obs)
+        if deferred is not None:  # not remembered: the next eager call checks
+            return Critic(module=module, why=deferred)
         reading = _read_and_check(module, activation, obs, actions, sig)
         if reading.linears is None or reading.informative:
             _remember(module, reading)

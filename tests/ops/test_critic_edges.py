@@ -361,3 +361,40 @@ def test_the_log_partition_precision_the_agent_passes(monkeypatch, use_hmc, expe
                             sampled_q_precision="tf32"))
     agent.compute_losses(batch, agent.draw_noise(4))
     assert seen == [expected]
+
+
+def _cql_penalty(critics, obs, actions, data_actions):
+    lse = sampled_q_log_mean_exp(obs, actions, critics, normalizer="k", backend="torch")
+    q_data = torch.stack([c(torch.cat([obs, data_actions], -1)).squeeze(-1) for c in critics])
+    return (lse - q_data).mean()
+
+
+def _fresh_critics():
+    return [nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+            for _ in range(2)]
+
+
+@pytest.mark.parametrize("first_use", ["compile", "export", "vmap"])
+def test_a_critic_first_seen_inside_compile_export_or_vmap_gives_the_eager_numbers(first_use):
+    """The op's one-time check compares numbers, which a traced or vmapped call does not have: the
+    module's own forward runs there, and the eager numbers come out."""
+    torch.manual_seed(3)
+    critics = _fresh_critics()
+    obs, actions, data_actions = torch.randn(6, 3), torch.rand(6, 4, 2) * 2 - 1, torch.rand(6, 2) * 2 - 1
+    if first_use == "compile":
+        got = torch.compile(_cql_penalty, fullgraph=True, backend="eager")(critics, obs, actions, data_actions)
+    elif first_use == "export":
+        class Penalty(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.critics = nn.ModuleList(critics)
+
+            def forward(self, o, a, d):
+                return _cql_penalty(list(self.critics), o, a, d)
+
+        got = torch.export.export(Penalty(), (obs, actions, data_actions)).module()(obs, actions, data_actions)
+    else:
+        batched = torch.stack([obs, obs + 0.5])
+        got = torch.func.vmap(lambda o: _cql_penalty(critics, o, actions, data_actions))(batched)[0]
+    want = _cql_penalty(critics, obs, actions, data_actions)  # eager: checked and fused from here on
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
