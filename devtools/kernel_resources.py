@@ -262,6 +262,7 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
     nothing of ours). With ``hmc_variants``, the HMC op is also called the way the agent calls it
     in every mode, space, precision and noise source."""
     from misa_fast import ops
+    from misa_fast.agents.learner import as_batch
     from misa_fast.agents.misa import MISA
     from misa_fast.agents.misa_config import preset
     from misa_fast.ops import hmc_reference as hmc_lib
@@ -289,13 +290,12 @@ def _agent_step(log: LaunchLog, env: str, overrides: dict, label: str, agent_def
                             real_hmc_sample(mean, std, layers, state_half, actions, **variant)
         return result
 
-    ops.hmc_sample = hmc_sample_and_variants
-    try:
-        with log.labelled(label, agent_default):
-            out = agent.compute_losses(_random_batch(obs_dim, act_dim, torch.Generator().manual_seed(0)))
-            sum(out.losses.values()).backward()
-    finally:
-        ops.hmc_sample = real_hmc_sample
+    # The HMC sampler is a parameter of the agent's loss function: this one also launches the variants.
+    losses = agent.loss_function(run_chain=hmc_sample_and_variants)
+    batch = as_batch(_random_batch(obs_dim, act_dim, torch.Generator().manual_seed(0)), agent.device)
+    with log.labelled(label, agent_default):
+        out = losses(agent.state_tensors(), batch, agent.draw_noise(BATCH))
+        sum(out.losses.values()).backward()
 
 
 def _members_step(log: LaunchLog, env: str, count: int = 2) -> None:
