@@ -170,23 +170,37 @@ def hmc_sample(
               step_size=step_size, adapt=adapt, target_accept=target_accept, adapt_rate=adapt_rate, noise=noise,
               generator=generator, init_clip=init_clip, activation=act)
     layers = [(w, b) for w, b in critic_layers]
-    use_triton = resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0],
-                                 members=True) == "triton"
-    if use_triton:
-        why = _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains)
-        if why is None and act.name not in k_activations():
-            why = f"activation {act} is not compiled into the kernel"
-        if why is not None:
-            if requested_backend(backend) == "triton":
-                raise CriticArchitectureError(f"hmc_sample: the Triton kernel does not support this call: {why}")
-            use_triton = False
-    if not use_triton:
+    if not _use_kernel(backend, policy_mean, policy_std, layers, state_half, init_actions, noise, step_size,
+                       chains, act):
         return hmc_lib.hmc_sample(policy_mean, policy_std, layers, state_half, init_actions, **kw)
-
-    k = _kernels()
-    dev = init_actions.device
     if noise is not None:
         hmc_lib.check_noise(noise, mode, transitions, chains, act_dim)
+    return _sample_with_kernel(policy_mean, policy_std, layers, state_half, init_actions, chains=chains,
+                               transitions=transitions, precision=precision, **kw)
+
+
+def _use_kernel(backend, policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains,
+                act) -> bool:
+    """Whether the Triton kernel runs this call; raises when it was asked for and cannot."""
+    if resolve_backend(backend, policy_mean, policy_std, state_half, init_actions, layers[0][0],
+                       members=True) != "triton":
+        return False
+    why = _triton_unsupported(policy_mean, policy_std, layers, state_half, init_actions, noise, step_size, chains)
+    if why is None and act.name not in k_activations():
+        why = f"activation {act} is not compiled into the kernel"
+    if why is not None and requested_backend(backend) == "triton":
+        raise CriticArchitectureError(f"hmc_sample: the Triton kernel does not support this call: {why}")
+    return why is None
+
+
+def _sample_with_kernel(policy_mean, policy_std, layers, state_half, init_actions, *, chains, transitions,
+                        precision, mode, space, num_samples, burn_in, leapfrog_steps, step_size, adapt,
+                        target_accept, adapt_rate, noise, generator, init_clip, activation) -> HMCResult:
+    """The whole chain in one launch of the registered operator (inside a stacked agent's vmap its
+    vmap rule launches every member's chains at once)."""
+    k = _kernels()
+    dev = init_actions.device
+    batch, act_dim = init_actions.shape
     if torch.is_tensor(step_size):
         step = step_size.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(chains).contiguous()
     else:
@@ -199,36 +213,27 @@ def hmc_sample(
         momentum, uniform = noise.momentum.detach(), noise.uniform.detach()
     if adapt is None:
         adapt = mode == "adaptive"
-    repeats = num_samples if mode == "parallel" else 1
     options = dict(
-        transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=repeats, record_from=burn_in,
-        adapt_steps=burn_in if adapt else 0, target_accept=target_accept, adapt_rate=adapt_rate,
-        init_clip=init_clip, precision=precision,
-        split=space == "pre_tanh", max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"),
-        activation=act.name, activation_param=float(act.param),
+        transitions=transitions, leapfrog_steps=leapfrog_steps, repeats=num_samples if mode == "parallel" else 1,
+        record_from=burn_in, adapt_steps=burn_in if adapt else 0, target_accept=target_accept,
+        adapt_rate=adapt_rate, init_clip=init_clip, precision=precision, split=space == "pre_tanh",
+        max_step=hmc_lib.max_step_size(leapfrog_steps, space == "pre_tanh"), activation=activation.name,
+        activation_param=float(activation.param),
     )
     tensors = (policy_mean.detach(), policy_std.detach(), init_actions.detach(), state_half.detach(), step,
                momentum, uniform, seed)
     weights = [w.detach() for w, _ in layers]
     biases = [None if b is None else b.detach() for _, b in layers]
-    # inside a stacked agent's vmap the operator's vmap rule launches every member's chains at once
     out = k.HMCKernelOutput(*hmc_chains_op(*tensors, weights, biases, **options))
-    if mode == "parallel":
-        states = out.states.view(batch, num_samples, act_dim)  # chain b*K + k -> (b, k)
-    else:
-        states = out.states  # (B, K, A): chain b recorded K times
+    # parallel: chain b*K + k -> (b, k); else (B, K, A), chain b recorded K times
+    states = out.states.view(batch, num_samples, act_dim) if mode == "parallel" else out.states
     pre_tanh = None
     if space == "pre_tanh":  # the kernel recorded u
         pre_tanh = states.to(init_actions.dtype)
         states = torch.tanh(states)
-    return HMCResult(
-        samples=states.to(init_actions.dtype),
-        accept_rate=out.accepted.float().mean(),
-        accept_prob=out.accept_prob.mean(),
-        step_size=out.step_size,
-        accepted=out.accepted,
-        pre_tanh=pre_tanh,
-    )
+    return HMCResult(samples=states.to(init_actions.dtype), accept_rate=out.accepted.float().mean(),
+                     accept_prob=out.accept_prob.mean(), step_size=out.step_size, accepted=out.accepted,
+                     pre_tanh=pre_tanh)
 
 
 # ----------------------------------------------------------------------------------------------
