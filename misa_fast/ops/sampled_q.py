@@ -509,6 +509,17 @@ def _triton_unsupported(obs, actions, cset: CriticSet, log_weights) -> Optional[
     return k.unsupported_reason(S, A, shapes[0])
 
 
+def _use_kernel(backend, obs, actions, cset: CriticSet, log_weights) -> bool:
+    """Whether the Triton kernels run this call; raises when they were asked for and cannot."""
+    first = next((c.layers[0][0] for c in cset.critics if c.modeled), None)
+    if resolve_backend(backend, obs, actions, first, members=True) != "triton":
+        return False
+    why = _triton_unsupported(obs, actions, cset, log_weights)
+    if why is not None and requested_backend(backend) == "triton":
+        raise CriticArchitectureError(f"sampled_q_log_mean_exp: the Triton kernel does not support this call: {why}")
+    return why is None
+
+
 def sampled_q_log_mean_exp(
     obs: torch.Tensor,
     actions: torch.Tensor,
@@ -572,16 +583,7 @@ def sampled_q_log_mean_exp(
     precision = resolve_precision(precision)
     T = _temperature(temperature)
     norm = _normalizer_value(normalizer, K, B)
-    first = next((c.layers[0][0] for c in cset.critics if c.modeled), None)
-    use_triton = resolve_backend(backend, obs, actions, first, members=True) == "triton"
-    if use_triton:
-        why = _triton_unsupported(obs, actions, cset, log_weights)
-        if why is not None:
-            if requested_backend(backend) == "triton":
-                raise CriticArchitectureError(
-                    f"sampled_q_log_mean_exp: the Triton kernel does not support this call: {why}")
-            use_triton = False
-    if not use_triton:
+    if not _use_kernel(backend, obs, actions, cset, log_weights):
         return _reference(obs, actions, cset, log_weights, norm, return_q, T)
     lw = _log_weights(log_weights, B, K)
     act = cset.activation()
