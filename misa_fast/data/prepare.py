@@ -106,7 +106,8 @@ def prepare(
     ``DataInfo.action_scale``."""
     raw = load_dataset(name_or_path, download=download)
     name = dataset_name(name_or_path, raw)
-    check_name_fits(name_or_path, name, raw)
+    domain = _domain_or_none(name)  # the preset, reward transform and reference scores the name picks
+    check_name_fits(name_or_path, name, domain, raw)
     if raw.get("metadata/format") == "minari":
         # Minari rows carry their true s': the last step of a truncated episode stays a (bootstrapped)
         # transition, and no s' is ever taken from the next episode.
@@ -117,7 +118,6 @@ def prepare(
 
     data["actions"], action_scale = check_action_range(data["actions"], str(name_or_path), rescale_actions)
     data["actions"] = transforms.clip_actions(data["actions"], action_clip)
-    domain = _domain_or_none(name)
     if reward_transform == "auto":
         reward_transform = domain.reward_transform if domain else "none"
     data["rewards"], reward_params = transforms.transform_rewards(data["rewards"], reward_transform)
@@ -177,13 +177,12 @@ def check_action_range(actions: np.ndarray, source: str, rescale: bool) -> tuple
     return (actions / scale).astype(actions.dtype), [float(x) for x in scale]
 
 
-def check_name_fits(name_or_path, name: str, raw: dict) -> None:
+def check_name_fits(name_or_path, name: str, domain, raw: dict) -> None:
     """Refuses a dataset whose own name field (``metadata/dataset_name``, a Minari dataset's id)
     picks a domain the data does not fit: that name chooses the reward transform, the score's
     reference returns and, unless the file records one, the evaluation environment. (A registered
     name is checked against its widths when loaded; a file's name is the user's own choice.)"""
     recorded_name = raw.get("metadata/dataset_name")
-    domain = _domain_or_none(name)
     if domain is None or not recorded_name or str(recorded_name) != name:
         return
     source = f"{name_or_path}: its name field {name!r} picks the {domain.name} preset"
