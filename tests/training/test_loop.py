@@ -87,26 +87,8 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
         train(tiny_run(tmp_path / "run", 10))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from misa_fast.agents import NonFiniteLossError
-    from misa_fast.agents import algorithms as algos
-
-    real_make_agent = algos.make_agent
-
-    def make_failing_agent(cfg):
-        agent = real_make_agent(cfg)
-        update, calls = agent.update, {"n": 0}
-
-        def failing_update(batch):
-            calls["n"] += 1
-            if calls["n"] == 25:
-                raise NonFiniteLossError("critic_loss", 25)
-            return update(batch)
-
-        agent.update = failing_update
-        return agent
-
-    monkeypatch.setattr(algos, "make_agent", make_failing_agent)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, non_finite_at_update):
+    non_finite_at_update(25)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteTraining, match=r"step 25: .*critic_loss.*last good checkpoint"):
         train(tiny_run(out, 40))

@@ -269,26 +269,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
-def test_a_stop_before_the_first_checkpoint_names_no_checkpoint(tmp_path, capsys, monkeypatch):
-    from misa_fast.agents import NonFiniteLossError
-    from misa_fast.agents import algorithms as algos
-
-    real_make_agent = algos.make_agent
-
-    def make_failing_agent(cfg):
-        agent = real_make_agent(cfg)
-        update, calls = agent.update, {"n": 0}
-
-        def failing_update(batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise NonFiniteLossError("critic_loss", 5)
-            return update(batch)
-
-        agent.update = failing_update
-        return agent
-
-    monkeypatch.setattr(algos, "make_agent", make_failing_agent)
+def test_a_stop_before_the_first_checkpoint_names_no_checkpoint(tmp_path, capsys, non_finite_at_update):
+    non_finite_at_update(5)
     out = tmp_path / "run"
     code, lines = run_cli(capsys, "train", "--out", out, "--steps", 40, "--checkpoint-every", 10, *QUIET, *TINY_FLAGS)
     assert_one_line(code, lines, "step 5", "No checkpoint had been written yet", status=3)
