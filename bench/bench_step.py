@@ -200,3 +200,33 @@ def test_train_step_with_the_chain_unrolled(benchmark, request, backend, device,
     benchmark.group = f"step-{device}-{shape}"
     benchmark.pedantic(synced(step, device), rounds=rounds_for(device), iterations=1, warmup_rounds=1)
     record(benchmark, device, backend, first, shape=shape, hmc_mode=mode, num_samples=k, burn_in=burn_in)
+
+
+# fp32 products in fp32 ("highest") or, on a CPU, in bfloat16 with fp32 accumulation ("medium",
+# oneDNN; AVX-512 BF16 / AMX): the faithful reference case and SNIS at K=10 and 50, eager and compiled.
+PRECISION_CASES = {"faithful-K50-BI5": {"hmc_mode": "faithful", "num_samples": 50, "hmc_burn_in": 5},
+                   "faithful-K10-BI5": {"hmc_mode": "faithful", "num_samples": 10, "hmc_burn_in": 5},
+                   "snis-K50": {"unbiased_estimator": "snis", "num_samples": 50},
+                   "snis-K10": {"unbiased_estimator": "snis", "num_samples": 10}}
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+@pytest.mark.parametrize("case", list(PRECISION_CASES))
+def test_train_step_cpu_precision(benchmark, request, backend, precision, case):
+    """One hopper-shaped update on the CPU at each matmul precision (misa-fast train
+    --matmul-precision), side by side in one run:
+
+        OMP_NUM_THREADS=1 pytest bench/bench_step.py -k cpu_precision \\
+            --benchmark-json bench/results/step-precision-cpu-<date>.json
+    """
+    from misa_fast.training.runtime import matmul_precision
+
+    if request.config.getoption("benchmark_disable") and (backend == "compiled" or case != "snis-K10"):
+        pytest.skip("under --benchmark-disable one cheap eager case per precision runs (compiles take 10-40 s)")
+    with matmul_precision(precision):
+        step, first = make_train_step("hopper", "cpu", backend, **PRECISION_CASES[case])
+        benchmark.group = f"precision-cpu-hopper-{case}"
+        benchmark.pedantic(step, rounds=rounds_for("cpu"), iterations=1, warmup_rounds=1)
+    record(benchmark, "cpu", backend, first, shape="hopper", case=case, matmul_precision=precision,
+           **PRECISION_CASES[case])

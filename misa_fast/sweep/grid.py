@@ -42,11 +42,6 @@ RAY_MISSING = ('misa-fast sweep needs Ray Tune, an optional extra: pip install "
 RUNS_DIR = "runs"
 TUNE_NAME = "tune"  # Tune's experiment directory under the storage path (default: the sweep directory)
 
-# RunConfig fields a sweep passes through to every trial (the rest: dataset/algo/seed per trial,
-# out/threads/progress/resume set by the sweep).
-PER_TRIAL_OPTIONS = ("env", "preset", "steps", "device", "eval_every", "eval_episodes", "checkpoint_every",
-                     "log_every", "data_source", "backend", "obs_norm", "tensorboard")
-
 
 class SweepError(ValueError):
     """Bad sweep input, found before any trial starts."""
@@ -315,7 +310,7 @@ RESOURCE_OPTIONS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_f
 WHERE_OPTIONS = ("out", "resume", "address", "storage", "progress", "progress_every")
 # A trial's settings, as misa-fast train takes them (the run directory, seed and algorithm come from the grid).
 TRIAL_OPTIONS = ("steps", "eval_every", "eval_episodes", "checkpoint_every", "log_every", "preset", "env", "device",
-                 "backend", "data_source", "obs_norm", "tensorboard")
+                 "backend", "data_source", "obs_norm", "tensorboard", "matmul_precision")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

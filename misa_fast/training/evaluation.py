@@ -87,6 +87,9 @@ class EvalConfig:
     env: Optional[str] = option(None, help="gymnasium id (default: the one the training data came from)")
     dataset_name: Optional[str] = option(None, help="name for the normalized score (default: the training dataset)")
     json: bool = option(False, help="print the full result as JSON")
+    matmul_precision: str = option("highest", choices=("highest", "high", "medium"),
+                                   help="fp32 matrix products of the policy: highest (fp32) or medium (bfloat16 "
+                                        "products with fp32 accumulation on a CPU)")
     threads: Optional[int] = option(None, metavar="N",
                                     help="intra-op threads for the policy's forward passes (default: "
                                          "OMP_NUM_THREADS, else 1: one small forward per environment step gains "
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     checks.check_seed(args.seed)
     # No config: the rule's default for networks it knows nothing of is one thread.
     apply_threads(choose_threads(args.threads, None, "cpu"))
+    torch.set_float32_matmul_precision(args.matmul_precision)  # the command's process only
     act, info, normalised_inside = load_policy(Path(args.checkpoint))
     env_id = args.env or (info or {}).get("env_id")
     if env_id is None:

@@ -36,6 +36,7 @@ from misa_fast.training import checks, rundir
 from misa_fast.training.interrupts import Interrupted, InterruptGuard
 from misa_fast.training.loop import NonFiniteTraining
 from misa_fast.training.progress import metrics_to_floats
+from misa_fast.training.runtime import MATMUL_PRECISIONS, matmul_precision
 
 
 @dataclass
@@ -51,6 +52,9 @@ class FinetuneConfig:
     threads: Optional[int] = option(None, metavar="N",
                                     help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the rule of "
                                          "misa_fast.training.runtime)")
+    matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
+                                   help="fp32 matrix products: highest (fp32) or medium (bfloat16 products with "
+                                        "fp32 accumulation on a CPU); as for misa-fast train")
     exploration_noise: float = option(0.1, help="TD3-family action noise std (TD3's default; MISA samples its "
                                                 "own policy)")
     start_updates_after: int = option(0, help="environment steps collected before the first update")
@@ -109,7 +113,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     device = resolve_device(cfg.device)
     source_path = _checkpoint_path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path(f"{source_path.parent}-finetune")
-    with rundir.claim(out, "finetune"), InterruptGuard("finetune") as guard:
+    with matmul_precision(cfg.matmul_precision), rundir.claim(out, "finetune"), InterruptGuard("finetune") as guard:
         return _finetune_claimed(cfg, source_path, out, device, guard)
 
 

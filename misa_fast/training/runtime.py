@@ -1,14 +1,15 @@
 """Process-level settings that make training steps faster on the host: the allocator and the
-intra-op thread count."""
+intra-op thread count, and the precision of fp32 matrix products."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import functools
 import os
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -139,3 +140,25 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return device
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@contextlib.contextmanager
+def matmul_precision(name: str) -> Iterator[str]:
+    """``torch.set_float32_matmul_precision(name)`` for the block, the previous setting restored
+    after it (a Python caller's process keeps its own). On a CPU, "medium" lets oneDNN compute
+    fp32 matrix products in bfloat16 with fp32 accumulation (fast on CPUs with AVX-512 BF16 or
+    AMX); "high" and "highest" keep them in fp32 there. The fused ops' torch paths follow the
+    setting; their Triton kernels take the precisions of the learner's config."""
+    import torch
+
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"--matmul-precision: expected one of {MATMUL_PRECISIONS}, got {name!r}")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(name)
+    try:
+        yield name
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -313,3 +313,24 @@ def test_a_checkpoint_that_does_not_describe_its_agent_is_one_line(tmp_path, cap
     if damage == "weights":
         code, lines = run_cli(capsys, "train", "--out", out, "--resume", "--steps", 20, *QUIET)
         assert_one_line(code, lines, str(out / ckpt.CHECKPOINT_NAME), "do not fit")
+
+
+def test_the_matmul_precision_holds_for_the_run_only_and_is_recorded(tmp_path, monkeypatch):
+    import torch
+
+    from misa_fast.training import loop
+
+    seen, real_step_loop = [], loop.step_loop
+
+    def watching_step_loop(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_step_loop(*args)
+
+    monkeypatch.setattr(loop, "step_loop", watching_step_loop)
+    before = torch.get_float32_matmul_precision()
+    out = tmp_path / "run"
+    train(tiny_run(out, 10, matmul_precision="medium"))
+    assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
+    assert json.loads((out / "config.json").read_text())["run"]["matmul_precision"] == "medium"
+    train(tiny_run(out, 20, resume=True))  # a resume may change it: it is how, not what, the run computes
+    assert seen == ["medium", "highest"]
