@@ -22,6 +22,7 @@ from misa_fast.data.prepare import DataInfo
 from misa_fast.errors import UserError
 from misa_fast.options import add_options, option
 from misa_fast.training import checkpoint as ckpt
+from misa_fast.training.runtime import MATMUL_PRECISIONS
 
 
 def evaluate_policy(agent, info, episodes: int, seed: int) -> dict:
@@ -87,7 +88,7 @@ class EvalConfig:
     env: Optional[str] = option(None, help="gymnasium id (default: the one the training data came from)")
     dataset_name: Optional[str] = option(None, help="name for the normalized score (default: the training dataset)")
     json: bool = option(False, help="print the full result as JSON")
-    matmul_precision: str = option("highest", choices=("highest", "high", "medium"),
+    matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
                                    help="fp32 matrix products of the policy: highest (fp32) or medium (bfloat16 "
                                         "products with fp32 accumulation on a CPU)")
     threads: Optional[int] = option(None, metavar="N",
@@ -101,16 +102,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from misa_fast.envs.rollout import evaluate
     from misa_fast.training import checks
-    from misa_fast.training.runtime import apply_threads, choose_threads
+    from misa_fast.training.runtime import apply_threads, choose_threads, matmul_precision
 
     checks.check_positive(args.episodes, "--episodes")
-    checks.check_positive(args.threads, "--threads")
     checks.check_seed(args.seed)
     # No config: the rule's default for networks it knows nothing of is one thread.
     apply_threads(choose_threads(args.threads, None, "cpu"))
-    torch.set_float32_matmul_precision(args.matmul_precision)  # the command's process only
+    with matmul_precision(args.matmul_precision):
+        return _evaluate_checkpoint(args)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    from misa_fast.envs.rollout import evaluate
+    from misa_fast.training import checks
+
     act, info, normalised_inside = load_policy(Path(args.checkpoint))
     env_id = args.env or (info or {}).get("env_id")
     if env_id is None:

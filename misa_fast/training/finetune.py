@@ -314,10 +314,8 @@ def _update(run: Finetuning) -> None:
     try:
         run.metrics = run.agent.update(next(run.batches))
     except NonFiniteLossError as err:
-        kept = (f"the last good checkpoint ({run.checkpoint}) was left untouched" if run.checkpoint.exists() else
-                f"no checkpoint had been written yet in {run.out}")
         raise NonFiniteTraining(f"stopped at environment step {run.env_steps}: non-finite {err.term}; "
-                                f"{kept}") from err
+                                f"{rundir.kept_checkpoint(run.out)}") from err
 
 
 def _evaluate(run: Finetuning, row: dict, bar) -> None:

@@ -319,7 +319,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
             applied = ("the captured graph step was applied (the in-memory agent is not rolled back)"
                        if getattr(err, "applied", False) else "no parameter was updated")
             raise NonFiniteTraining(f"stopped at step {err.step}: non-finite {err.term}; {applied}. "
-                                    f"{_last_checkpoint(training.members[0])}") from err
+                                    f"{rundir.kept_checkpoint(training.members[0].out, sentence=True)}") from err
         return finish(training, step)
 
 
@@ -479,14 +479,6 @@ def pretrain(training: Training) -> None:
         save_checkpoint(training, member, training.start_step, member.agent.state_dict())
 
 
-def _last_checkpoint(member: "Member", sentence: bool = True) -> str:
-    """What a stop leaves: the last good checkpoint, or none (a stop before the first one)."""
-    path = member.out / ckpt.CHECKPOINT_NAME
-    text = (f"the last good checkpoint ({path}) was left untouched" if path.exists() else
-            f"no checkpoint had been written yet in {member.out}")
-    return text[0].upper() + text[1:] + "." if sentence else text
-
-
 # ------------------------------------------------------------------------------- stage: the loop
 def step_loop(training: Training, guard: InterruptGuard, on_evaluation) -> int:
     """Steps from the start step to ``run.steps``; at a checkpoint step the checkpoint is written
@@ -559,7 +551,7 @@ def _one_step(training: Training, group: "_MemberGroup", step: int, checked: boo
     for member, term in group.take_stopped():
         member.stopped = {"term": term, "step": step,
                           "message": f"stopped at step {step}: non-finite {term}; "
-                                     f"{_last_checkpoint(member, sentence=False)}"}
+                                     f"{rundir.kept_checkpoint(member.out)}"}
         _write_summary(member, step - 1, training.device, stopped=member.stopped)
         bar.write(f"misa-fast train: seed {member.seed}: {member.stopped['message']}; the other seeds go on",
                   file=sys.stderr)

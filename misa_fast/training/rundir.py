@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from misa_fast.errors import UserError
+from misa_fast.training.checkpoint import CHECKPOINT_NAME, POLICY_NAME
 
 LOCK_NAME = ".misa-fast.lock"
-CHECKPOINT_NAME = "checkpoint.pt"
 # What a run writes; finished-run files say that the directory's run ended (checkpoint or not).
-RUN_FILES = (CHECKPOINT_NAME, "config.json", "progress.csv", "summary.json", "policy.pt2", "learning_curve.png",
-             "tb")
-FINISHED_RUN_FILES = ("summary.json", "policy.pt2", "learning_curve.png")
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "progress.csv", "summary.json", POLICY_NAME, "learning_curve.png", "tb")
+FINISHED_RUN_FILES = ("summary.json", POLICY_NAME, "learning_curve.png")
 # Temporary files of the atomic writers (misa_fast.training.checkpoint, ProgressLog's truncation).
 STALE_PATTERNS = (".*.tmp-*", ".tmp-*", "*.csv.tmp")
 
@@ -147,16 +146,12 @@ def remove_run_files(out: Path) -> None:
             path.unlink()
 
 
-def check_free_space(directory: Path, needed_bytes: int, what: str) -> None:
-    """Refuses (one line) when the file system of ``directory`` has less than ``needed_bytes`` free:
-    a write that fails half-way inside a native writer can abort the process instead of raising."""
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return
-    if free < needed_bytes:
-        raise UserError(f"{directory}: not enough free disk space to write {what} ({free / 2**20:.1f} MiB free, "
-                        f"about {needed_bytes / 2**20:.1f} MiB needed)")
+def kept_checkpoint(out: Path, sentence: bool = False) -> str:
+    """What a stop leaves in ``out``: its last good checkpoint, or none (a stop before the first)."""
+    path = out / CHECKPOINT_NAME
+    text = (f"the last good checkpoint ({path}) was left untouched" if path.exists() else
+            f"no checkpoint had been written yet in {out}")
+    return text[0].upper() + text[1:] + "." if sentence else text
 
 
 def resume_command(command: str, out: Path, steps: Optional[int] = None, seeds: Optional[str] = None) -> str:

@@ -112,8 +112,9 @@ def choose_threads(requested: Optional[int], cfg, device) -> ThreadChoice:
     """``--threads N`` first; then ``OMP_NUM_THREADS`` from the environment (how a scheduler such as
     Ray gives a process its CPU share); then :func:`default_threads`."""
     if requested is not None:
-        if int(requested) != requested or requested < 1:
-            raise ValueError(f"--threads: expected a positive integer, got {requested!r}")
+        from misa_fast.training.checks import check_positive
+
+        check_positive(requested, "--threads")
         return ThreadChoice(int(requested), "--threads", "as asked")
     from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if from_env:
