@@ -7,6 +7,7 @@ antmaze, ...) comes first, the algorithm's values next, the user's ``--set`` las
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -16,16 +17,52 @@ _NO_HMC = {"use_hmc": False}
 
 
 @dataclass(frozen=True)
+class Family:
+    """A learner: its config class, its domain presets and its class, as ``module:attribute`` paths
+    (imported when first used, so listing the algorithms imports no learner)."""
+
+    config: str
+    preset: str  # preset(domain) -> config
+    learner: str
+    obs_norm: str = "none"  # the state normalisation of the family's official codes
+
+    def load(self, what: str):
+        module, _, attribute = getattr(self, what).partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+FAMILIES: Dict[str, Family] = {
+    "misa": Family("misa_fast.agents.misa_config:MISAConfig", "misa_fast.agents.misa_config:preset",
+                   "misa_fast.agents.misa:MISA"),
+    # TD3+BC and SPOT normalise states per dimension (both official codes).
+    "td3": Family("misa_fast.agents.td3_config:TD3Config", "misa_fast.agents.td3_config:td3_preset",
+                  "misa_fast.agents.td3:TD3", obs_norm="per-dim"),
+}
+
+
+@dataclass(frozen=True)
 class Algorithm:
     name: str
-    family: str  # "misa" (MISAConfig, agents.MISA) or "td3" (TD3Config, agents.TD3)
+    family: str  # a key of FAMILIES
     summary: str
     overrides: Dict[str, object] = field(default_factory=dict)
+    # None: the family's. A method whose official code differs from its family's says so here.
+    obs_norm: Optional[str] = None
+    # The reward transform per domain where the method's official code has its own (misa_fast.data.
+    # transforms.REWARD_TRANSFORMS); other domains keep the dataset domain's.
+    reward_transforms: Dict[str, str] = field(default_factory=dict)
+    # ``module:function`` giving the config values a method's paper sets per dataset (name -> dict).
+    per_dataset: Optional[str] = None
 
     @property
     def default_obs_norm(self) -> str:
-        """TD3+BC and SPOT normalise states per dimension (both official codes); MISA does not."""
-        return "per-dim" if self.family == "td3" else "none"
+        return self.obs_norm if self.obs_norm is not None else FAMILIES[self.family].obs_norm
+
+    def dataset_values(self, dataset_name: Optional[str]) -> dict:
+        if self.per_dataset is None or dataset_name is None:
+            return {}
+        module, _, function = self.per_dataset.partition(":")
+        return dict(getattr(importlib.import_module(module), function)(dataset_name))
 
 
 ALGORITHMS: Dict[str, Algorithm] = {
@@ -50,7 +87,7 @@ ALGORITHMS: Dict[str, Algorithm] = {
         Algorithm("td3bc", "td3", "TD3+BC: deterministic actor, -lambda Q/mean|Q| + (pi(s) - a)^2",
                   {"behavior_reg": "bc"}),
         Algorithm("spot", "td3", "SPOT: TD3 with a VAE behaviour-density regulariser (pretrained VAE)",
-                  {"behavior_reg": "vae"}),
+                  {"behavior_reg": "vae"}, per_dataset="misa_fast.agents.td3_config:spot_values_for"),
     ]
 }
 
@@ -62,39 +99,28 @@ def get(name: str) -> Algorithm:
 
 
 def config_class(family: str):
-    from misa_fast.agents import misa_config as config
-    from misa_fast.agents import td3_config
-
-    return config.MISAConfig if family == "misa" else td3_config.TD3Config
+    return FAMILIES[family].load("config")
 
 
 def build_config(name: str, domain: str, dataset_name: Optional[str] = None, **fields):
-    """The config of algorithm ``name`` for a domain preset, with ``fields`` (seed, device, shapes)."""
-    from misa_fast.agents import misa_config as config_lib
-    from misa_fast.agents import td3_config
-
+    """The config of algorithm ``name`` for a domain preset and a dataset: the family's preset, the
+    algorithm's values, the values its paper gives for the dataset, then ``fields`` (seed, device,
+    shapes)."""
     algo = get(name)
-    if algo.family == "misa":
-        cfg = config_lib.preset(domain)
-        return cfg.replace(**{**algo.overrides, **fields})
-    cfg = td3_config.td3_preset(domain)
-    values = dict(algo.overrides)
-    if algo.overrides.get("behavior_reg") == "vae" and dataset_name is not None:
-        values["spot_lambda"] = td3_config.spot_lambda_for(dataset_name)
-    return cfg.replace(**{**values, **fields})
+    cfg = FAMILIES[algo.family].load("preset")(domain)
+    return cfg.replace(**{**algo.overrides, **algo.dataset_values(dataset_name), **fields})
 
 
 def make_agent(cfg):
-    """The learner for a config: MISA for a MISAConfig, TD3 for a TD3Config."""
-    from misa_fast import agents
-
-    return agents.MISA(cfg) if family_of(cfg) == "misa" else agents.TD3(cfg)
+    """The learner a config belongs to."""
+    return FAMILIES[family_of(cfg)].load("learner")(cfg)
 
 
 def family_of(cfg) -> str:
-    from misa_fast.agents.misa_config import MISAConfig
-
-    return "misa" if isinstance(cfg, MISAConfig) else "td3"
+    for name, family in FAMILIES.items():
+        if isinstance(cfg, family.load("config")):
+            return name
+    raise TypeError(f"{type(cfg).__name__} is not the config of a misa-fast learner")
 
 
 def agent_from_checkpoint(state: dict, device: str = "cpu", source: str = "the checkpoint"):

@@ -149,3 +149,8 @@ def spot_lambda_for(dataset_name: str) -> float:
             name = name[: -len(suffix)]
     matches = [key for key in SPOT_LAMBDAS if name == key or name.startswith(key + "-")]
     return SPOT_LAMBDAS[max(matches, key=len)] if matches else SPOT_DEFAULT_LAMBDA
+
+
+def spot_values_for(dataset_name: str) -> dict:
+    """SPOT's per-dataset config values (its lambda)."""
+    return {"spot_lambda": spot_lambda_for(dataset_name)}
