@@ -35,6 +35,7 @@ class DataInfo:
     obs_std: list[float] | None = None
     reward_transform: str = "none"  # "none" | "antmaze" | "minmax"
     reward_params: dict = field(default_factory=dict)  # e.g. {"min": .., "max": ..} for minmax
+    top_fraction: float = 1.0  # the share of the best episodes kept (10%BC: 0.1)
     action_clip: float = transforms.ACTION_CLIP
     env_kwargs: dict = field(default_factory=dict)  # gym.make kwargs the dataset records (Minari env spec)
     # Where the normalized score's reference returns come from: "domain" (D4RL's, by name) or
@@ -89,6 +90,8 @@ def prepare(
     env_id: str | None = None,
     download: bool = True,
     rescale_actions: bool = False,
+    top_fraction: float = 1.0,
+    next_actions: bool = False,
 ) -> tuple[dict, DataInfo]:
     """Training transitions (float32: observations, actions, next_observations, rewards,
     terminals) and their DataInfo.
@@ -103,7 +106,10 @@ def prepare(
     does not fit the data, and actions outside [-1, 1] beyond rounding (:data:`ACTION_ROUNDING`).
     ``rescale_actions=True`` divides each action dimension by its largest magnitude instead (for
     data stored in the environment's own units), says so on stderr and records the divisors in
-    ``DataInfo.action_scale``."""
+    ``DataInfo.action_scale``.
+
+    ``top_fraction < 1`` keeps the transitions of that share of the episodes with the highest
+    returns (10%BC); ``next_actions=True`` adds the action taken at s' (ReBRAC's critic penalty)."""
     raw = load_dataset(name_or_path, download=download)
     name = dataset_name(name_or_path, raw)
     domain = _domain_or_none(name)  # the preset, reward transform and reference scores the name picks
@@ -112,18 +118,28 @@ def prepare(
         # Minari rows carry their true s': the last step of a truncated episode stays a (bootstrapped)
         # transition, and no s' is ever taken from the next episode.
         use_next_observations = True
-    data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations)
+    data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations,
+                             with_episodes=True, with_next_actions=next_actions)
     if len(data["rewards"]) == 0:
         raise DataError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
+    if not 0.0 < top_fraction <= 1.0:
+        raise DataError(f"top_fraction must lie in (0, 1], got {top_fraction}")
+    episodes = data.pop("episodes")
+    if top_fraction < 1.0:
+        data = transforms.keep_best_episodes({**data, "episodes": episodes}, episodes, top_fraction)
+        episodes = data.pop("episodes")
 
     data["actions"], action_scale = check_action_range(data["actions"], str(name_or_path), rescale_actions)
     data["actions"] = transforms.clip_actions(data["actions"], action_clip)
     if reward_transform == "auto":
         reward_transform = domain.reward_transform if domain else "none"
-    data["rewards"], reward_params = transforms.transform_rewards(data["rewards"], reward_transform)
+    data["rewards"], reward_params = transforms.transform_rewards(data["rewards"], reward_transform, episodes)
     mean, std = transforms.observation_stats(data["observations"], obs_norm)
     for key in ("observations", "next_observations"):
         data[key] = transforms.normalize_observations(data[key], mean, std)
+    if next_actions:
+        divisors = np.float32(1.0) if action_scale is None else np.asarray(action_scale, np.float32)
+        data["next_actions"] = transforms.clip_actions(data["next_actions"] / divisors, action_clip)
 
     recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
     recorded_env = str(recorded_env) if recorded_env else None
@@ -153,6 +169,7 @@ def prepare(
         ref_min=_float_or_none(raw.get("metadata/ref_min_score")),
         ref_max=_float_or_none(raw.get("metadata/ref_max_score")),
         action_scale=action_scale,
+        top_fraction=float(top_fraction),
     )
     return data, info
 

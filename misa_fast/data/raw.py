@@ -153,7 +153,8 @@ def _column(values, key: str, n: int, source: str) -> np.ndarray:
     return values
 
 
-def qlearning_dataset(raw: dict, terminate_on_end: bool = False, use_next_observations: bool = False) -> dict:
+def qlearning_dataset(raw: dict, terminate_on_end: bool = False, use_next_observations: bool = False,
+                      with_episodes: bool = False, with_next_actions: bool = False) -> dict:
     """Transitions (s, a, r, s', done) with D4RL's ``qlearning_dataset`` semantics: s' is the
     next row's observation, rows flagged as timeouts are skipped (their next row starts another
     episode) unless ``terminate_on_end``, the last row is dropped (it has no next row), and done =
@@ -162,6 +163,11 @@ def qlearning_dataset(raw: dict, terminate_on_end: bool = False, use_next_observ
     ``use_next_observations=True`` takes s' from the stored ``next_observations`` instead: then
     every row is a valid transition and none is dropped (timeout rows bootstrap, as they should).
     Returns float32 arrays: observations, actions, next_observations, rewards (N,), terminals (N,).
+    ``with_episodes`` adds ``episodes`` (N,), each transition's episode number (an episode ends at
+    a terminal or a timeout row); ``with_next_actions`` adds ``next_actions``, the action taken at
+    s' (the next row's). A row that ends its episode has no next row of its own there: it gets its
+    own action (only the stored-s' layout keeps such rows; their target is cut by the terminal or,
+    for a timeout, bootstraps from an action nobody took, a documented approximation).
     """
     obs = raw["observations"]
     n = len(obs)
@@ -176,7 +182,16 @@ def qlearning_dataset(raw: dict, terminate_on_end: bool = False, use_next_observ
         if not terminate_on_end:
             rows = rows[~timeouts[:-1]]
         next_obs = obs[rows + 1]
+    ends = np.asarray(raw["terminals"]).reshape(n).astype(bool) | timeouts
+    extra = {}
+    if with_episodes:
+        extra["episodes"] = np.concatenate([[0], np.cumsum(ends[:-1])])[rows].astype(np.int64)
+    if with_next_actions:
+        following = np.minimum(rows + 1, n - 1)
+        own = ends[rows] | (rows + 1 >= n)
+        extra["next_actions"] = np.asarray(raw["actions"], dtype=np.float32)[np.where(own, rows, following)]
     return {
+        **extra,
         "observations": np.asarray(obs[rows], dtype=np.float32),
         "actions": np.asarray(raw["actions"][rows], dtype=np.float32),
         "next_observations": np.asarray(next_obs, dtype=np.float32),

@@ -30,19 +30,61 @@ def minmax_rewards(rewards: np.ndarray, low: float, high: float) -> np.ndarray:
     return (unit - 0.5) * 2.0
 
 
-REWARD_TRANSFORMS = ("none", "antmaze", "minmax")
+# IQL's (Kostrikov et al. 2022) locomotion rewards: scaled so that the spread of the dataset's
+# episode returns is 1000 (an episode's length): the scale of Q no longer depends on the task.
+IQL_EPISODE_LENGTH = 1000.0
 
 
-def transform_rewards(rewards: np.ndarray, name: str) -> tuple[np.ndarray, dict]:
-    """Apply reward transform ``name``; returns the new rewards and the parameters used."""
-    if name == "none":
-        return rewards, {}
-    if name == "antmaze":
-        return antmaze_rewards(rewards), {}
+def episode_returns(rewards: np.ndarray, episodes: np.ndarray) -> np.ndarray:
+    """The undiscounted return of every episode number in ``episodes`` (one per transition)."""
+    _, index = np.unique(episodes, return_inverse=True)
+    return np.bincount(index, weights=rewards.astype(np.float64))
+
+
+REWARD_TRANSFORMS = ("none", "antmaze", "minmax", "iql-locomotion", "iql-antmaze")
+
+
+def transform_rewards(rewards: np.ndarray, name: str, episodes: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Apply reward transform ``name``; returns the new rewards and the parameters used (what
+    :func:`transform_reward` needs to transform an online reward the same way). ``episodes``
+    (each transition's episode number) is needed by "iql-locomotion"."""
     if name == "minmax":
-        low, high = float(rewards.min()), float(rewards.max())
-        return minmax_rewards(rewards, low, high), {"min": low, "max": high}
-    raise ValueError(f"unknown reward transform {name!r}: expected one of {REWARD_TRANSFORMS}")
+        params = {"min": float(rewards.min()), "max": float(rewards.max())}
+    elif name == "iql-locomotion":
+        if episodes is None:
+            raise ValueError("the iql-locomotion reward transform needs each transition's episode")
+        returns = episode_returns(rewards, episodes)
+        spread = float(returns.max() - returns.min())
+        params = {"scale": IQL_EPISODE_LENGTH / spread if spread > 0 else 1.0}
+    elif name in REWARD_TRANSFORMS:
+        params = {}
+    else:
+        raise ValueError(f"unknown reward transform {name!r}: expected one of {REWARD_TRANSFORMS}")
+    return transform_reward(rewards, name, params), params
+
+
+def transform_reward(rewards, name: str, params: dict):
+    """Reward transform ``name`` with the parameters :func:`transform_rewards` found in the data."""
+    if name == "antmaze":
+        return antmaze_rewards(rewards)
+    if name == "minmax":
+        return minmax_rewards(rewards, params["min"], params["max"])
+    if name == "iql-locomotion":
+        return (rewards * np.float32(params["scale"])).astype(np.float32)
+    if name == "iql-antmaze":  # IQL: 0 at the goal, -1 elsewhere
+        return rewards - np.float32(1.0)
+    return rewards
+
+
+def keep_best_episodes(data: dict, episodes: np.ndarray, fraction: float) -> dict:
+    """The transitions of the best ``fraction`` of episodes by return (at least one episode): the
+    data of "10%BC" (``fraction=0.1``)."""
+    returns = episode_returns(data["rewards"], episodes)
+    numbers = np.unique(episodes)
+    keep = max(1, int(fraction * len(numbers)))
+    best = numbers[np.argsort(-returns, kind="stable")[:keep]]
+    rows = np.isin(episodes, best)
+    return {key: value[rows] for key, value in data.items()}
 
 
 def observation_stats(observations: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:

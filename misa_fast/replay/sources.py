@@ -12,6 +12,15 @@ from misa_fast.replay.buffer import FIELDS, ReplayBuffer, field_width
 
 Batch = Dict[str, torch.Tensor]
 SOURCES = ("auto", "prefetch", "device")
+# Fields beyond the transition a learner may ask the data for (ReBRAC's next actions). Only the
+# device source carries them: the C++ buffer stores the five transition fields.
+EXTRA_FIELDS = ("next_actions",)
+_WIDE = ("observations", "next_observations", "actions", "next_actions")
+
+
+def fields_of(data: Mapping[str, np.ndarray]) -> tuple:
+    """The fields a source hands out for ``data``: the transition's, and any extra field it holds."""
+    return FIELDS + tuple(f for f in EXTRA_FIELDS if f in data)
 
 
 class PrefetchSource:
@@ -52,7 +61,8 @@ class DeviceSource:
 
     def __init__(self, data: Mapping[str, np.ndarray], batch_size: int, seed: int, device: torch.device,
                  state: Optional[dict] = None):
-        columns = [np.asarray(data[f], dtype=np.float32).reshape(len(data["observations"]), -1) for f in FIELDS]
+        self._fields = fields_of(data)
+        columns = [np.asarray(data[f], dtype=np.float32).reshape(len(data["observations"]), -1) for f in self._fields]
         self._widths = [c.shape[1] for c in columns]
         self._rows = torch.from_numpy(np.concatenate(columns, axis=1)).to(device)
         self.batch_size, self.device = int(batch_size), torch.device(device)
@@ -69,8 +79,7 @@ class DeviceSource:
 
     def _split(self, rows: torch.Tensor) -> Batch:
         parts = torch.split(rows, self._widths, dim=1)
-        return {f: (p if f in ("observations", "next_observations", "actions") else p.squeeze(1))
-                for f, p in zip(FIELDS, parts)}
+        return {f: (p if f in _WIDE else p.squeeze(1)) for f, p in zip(self._fields, parts)}
 
     def __next__(self) -> Batch:
         idx = torch.randint(self._rows.shape[0], (self.batch_size,), device=self.device, generator=self._generator)
@@ -138,9 +147,10 @@ class MemberStreams:
                        else ReplayBuffer.seed_state(seed))
                 self._streams.append(_Stream(int(seed), rng=rng))
         elif kind == "device":
-            columns = [np.asarray(data[f], dtype=np.float32).reshape(len(data["observations"]), -1) for f in FIELDS]
+            fields = fields_of(data)
+            columns = [np.asarray(data[f], dtype=np.float32).reshape(len(data["observations"]), -1) for f in fields]
             widths = [c.shape[1] for c in columns]
-            self._shared = (torch.from_numpy(np.concatenate(columns, axis=1)).to(self.device), widths)
+            self._shared = (torch.from_numpy(np.concatenate(columns, axis=1)).to(self.device), widths, fields)
             self._streams = []
             for i, seed in enumerate(seeds):
                 generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -175,13 +185,12 @@ class MemberStreams:
             batch = ({f: t.to(self.device, non_blocking=True) for f, t in self._out.items()}
                      if self.device.type == "cuda" else self._out)
         else:
-            rows, widths = self._shared
+            rows, widths, fields = self._shared
             idx = torch.stack([torch.randint(rows.shape[0], (self.batch_size,), device=self.device,
                                              generator=s.generator) for s in self._streams])
             gathered = rows.index_select(0, idx.reshape(-1)).view(len(self._streams), self.batch_size, -1)
             parts = torch.split(gathered, widths, dim=2)
-            batch = {f: (p if f in ("observations", "next_observations", "actions") else p.squeeze(2))
-                     for f, p in zip(FIELDS, parts)}
+            batch = {f: (p if f in _WIDE else p.squeeze(2)) for f, p in zip(fields, parts)}
         self.last = batch
         return batch
 
@@ -253,8 +262,7 @@ def make_member_streams(kind: str, data: Mapping[str, np.ndarray], batch_size: i
         raise ValueError(f"data source: expected one of {SOURCES}, got {kind!r}")
     if states is not None and states[0] is not None:
         kind = states[0].get("kind", "prefetch")
-    elif kind == "auto":
-        kind = "device" if device.type == "cuda" else "prefetch"
+    kind = _resolve_kind(kind, data, device)
     return MemberStreams(kind, data, batch_size, seeds, device, states)
 
 
@@ -267,9 +275,20 @@ def make_source(kind: str, data: Mapping[str, np.ndarray], batch_size: int, seed
         raise ValueError(f"data source: expected one of {SOURCES}, got {kind!r}")
     if state is not None:
         kind = state.get("kind", kind)
-    elif kind == "auto":
-        kind = "device" if device.type == "cuda" else "prefetch"
+    kind = _resolve_kind(kind, data, device)
     if kind == "device":
         return DeviceSource(data, batch_size, seed, device, state)
     state = None if state is None else {k: v for k, v in state.items() if k != "kind"}
     return PrefetchSource(data, batch_size, seed, device, state)
+
+
+def _resolve_kind(kind: str, data: Mapping[str, np.ndarray], device: torch.device) -> str:
+    """"auto" -> device-resident on CUDA or when the data holds an extra field, else the prefetcher;
+    the prefetcher asked for data with an extra field is refused (it would drop that field)."""
+    extra = [f for f in EXTRA_FIELDS if f in data]
+    if kind == "auto":
+        return "device" if device.type == "cuda" or extra else "prefetch"
+    if kind == "prefetch" and extra:
+        raise ValueError(f"--data-source prefetch: the C++ buffer holds the five transition fields, and this "
+                         f"algorithm also reads {', '.join(extra)}; use --data-source device (or auto)")
+    return kind

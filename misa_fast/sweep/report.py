@@ -1,7 +1,7 @@
 """``misa-fast report``: the paper's results table and learning curves from finished run directories.
 
     misa-fast report runs/                      # every run directory below runs/
-    misa-fast report runs/a runs/b --out results --reference paper
+    misa-fast report runs/a runs/b --out results --reference paper corl
 
 A run directory is what ``misa-fast train`` writes (``config.json``, ``progress.csv`` and, once the
 run ends, ``summary.json``); a PATH is such a directory or any directory holding some below it.
@@ -31,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,10 +50,15 @@ OTHER = "other"  # a catch-all, so it gets no total
 
 PAPER_TABLE = Path(__file__).resolve().parents[1] / "assets" / "misa-paper-table2.tsv"
 # Our algorithm name -> the paper's Table 2 column.
-PAPER_COLUMNS = {"misa": "MISA", "td3bc": "TD3+BC", "cql": "CQL"}
+PAPER_COLUMNS = {"misa": "MISA", "td3bc": "TD3+BC", "cql": "CQL", "bc": "BC", "10bc": "10%BC", "awac": "AWAC",
+                 "onestep": "OneStep RL", "iql": "IQL"}
 # The paper's total rows -> our domain group.
 PAPER_TOTALS = {"gym-locomotion-v2 (total)": "gym-locomotion", "kitchen-v0 (total)": "kitchen",
                 "adroit-v0 (human+cloned)": "adroit", "antmaze-v0 (total)": "antmaze"}
+CORL_TABLE = Path(__file__).resolve().parents[1] / "assets" / "corl-last-scores.tsv"
+# Our algorithm name -> CORL's column.
+CORL_COLUMNS = {"bc": "BC", "10bc": "10% BC", "td3bc": "TD3+BC", "awac": "AWAC", "cql": "CQL", "iql": "IQL",
+                "rebrac": "ReBRAC", "sac-n": "SAC-N", "edac": "EDAC"}
 
 NORMALIZED, RETURN = "normalized score", "return"
 
@@ -298,31 +303,75 @@ def load_paper_table(path=PAPER_TABLE) -> dict:
     return table
 
 
-class PaperReference:
-    """The paper's numbers for our rows. A dataset matches the paper's row of the same name up to the
-    version suffix (the paper used antmaze/kitchen/adroit v0); mismatched versions are listed."""
+@dataclass(frozen=True)
+class ReferenceSource:
+    """A published table to print beside ours: its file, our algorithm -> its column, and its total
+    rows (our domain group -> its row; none: a total is the sum of its rows, as the paper sums)."""
 
-    def __init__(self, report: Report, path=PAPER_TABLE):
-        self.table = load_paper_table(path)
-        self.columns = [a for a in report.algos if a in PAPER_COLUMNS]
-        by_stem = {strip_version(label): label for label in self.table if label not in PAPER_TOTALS}
+    name: str  # what marks its columns: "BC (paper)", "BC (CORL)"
+    path: Path
+    columns: dict
+    total_rows: dict
+    note: str
+
+
+REFERENCES = {
+    "paper": ReferenceSource("paper", PAPER_TABLE, PAPER_COLUMNS, PAPER_TOTALS,
+                             "the MISA paper's Table 2, copied from the paper"),
+    "corl": ReferenceSource("CORL", CORL_TABLE, CORL_COLUMNS, {},
+                            "CORL's reproduced last-evaluation scores (its README), copied from it; a CORL total "
+                            "is the sum of its rows, ± the root of their summed variances"),
+}
+
+
+class Reference:
+    """A reference's numbers for our rows. A dataset matches the reference's row of the same name up to
+    the version suffix (the paper used antmaze/kitchen/adroit v0); mismatched versions are listed."""
+
+    def __init__(self, report: Report, source: ReferenceSource):
+        self.source = source
+        self.table = load_paper_table(source.path)
+        self.columns = [a for a in report.algos if a in source.columns]
+        total_labels = set(source.total_rows)
+        by_stem = {strip_version(label): label for label in self.table if label not in total_labels}
         self.rows = {d: by_stem[strip_version(d)] for d in report.datasets if strip_version(d) in by_stem}
-        self.version_notes = sorted(f"{d} ↔ paper's {row}" for d, row in self.rows.items() if d != row)
+        self.version_notes = sorted(f"{d} ↔ {source.name}'s {row}" for d, row in self.rows.items() if d != row)
         self.totals = {}
-        for label, group in PAPER_TOTALS.items():
+        for group in GROUP_ORDER:
             ours = {strip_version(d) for d, k in report.datasets.items()
                     if k == NORMALIZED and domain_group(d) == group}
-            # The paper's total is comparable only when our domain holds exactly its datasets.
-            paper = {strip_version(row) for row in self.table if row not in PAPER_TOTALS
-                     and domain_group(row) == group}
-            if ours == paper:
-                self.totals[group] = label
+            # A total is comparable only when our domain holds exactly the reference's datasets.
+            theirs = {strip_version(row) for row in self.table if row not in total_labels
+                      and domain_group(row) == group}
+            if ours and ours == theirs:
+                self.totals[group] = [row for row in self.table if row not in total_labels
+                                      and domain_group(row) == group]
+
+    def header(self, algo: str) -> str:
+        return f"{self.source.columns[algo]} ({self.source.name})"
 
     def value(self, label: str, algo: str, is_total: bool, group: str) -> str:
-        row = self.totals.get(group) if is_total else self.rows.get(label)
-        if row is None:
+        column = self.source.columns[algo]
+        if not is_total:
+            row = self.rows.get(label)
+            return "" if row is None else self.table[row].get(column, "").replace("±", " ± ")
+        if group not in self.totals:
             return ""
-        return self.table[row].get(PAPER_COLUMNS[algo], "").replace("±", " ± ")
+        row = next((r for r, g in self.source.total_rows.items() if g == group), None)
+        if row is not None:
+            return self.table.get(row, {}).get(column, "").replace("±", " ± ")
+        return _summed([self.table[r].get(column, "") for r in self.totals[group]])
+
+
+def _summed(cells: list) -> str:
+    """The total of "mean±std" cells: the summed means ± the root of the summed variances."""
+    try:
+        parts = [[float(x) for x in cell.split("±")] for cell in cells]
+    except ValueError:
+        return ""
+    if not parts or any(len(p) != 2 for p in parts):
+        return ""
+    return f"{sum(p[0] for p in parts):.1f} ± {math.sqrt(sum(p[1] ** 2 for p in parts)):.1f}"
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -331,9 +380,13 @@ def _heading(which: str) -> str:
             else "Best evaluation (each run's highest evaluation)")
 
 
-def markdown_table(report: Report, which: str, kind: str, paper: Optional[PaperReference] = None) -> str:
-    ref_cols = paper.columns if paper and kind == NORMALIZED else []
-    header = ["domain", "dataset", *report.algos, *(f"{PAPER_COLUMNS[a]} (paper)" for a in ref_cols)]
+def _reference_columns(references: Sequence[Reference]) -> list:
+    return [(ref, algo) for ref in references for algo in ref.columns]
+
+
+def markdown_table(report: Report, which: str, kind: str, references: Sequence[Reference] = ()) -> str:
+    ref_cols = _reference_columns(references) if kind == NORMALIZED else []
+    header = ["domain", "dataset", *report.algos, *(ref.header(a) for ref, a in ref_cols)]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for group, label, cells, is_total in report.rows(which, kind):
         texts = []
@@ -343,14 +396,14 @@ def markdown_table(report: Report, which: str, kind: str, paper: Optional[PaperR
                 texts.append(f"{c.mean:.1f} ± {c.std:.1f}" if is_total else c.text())
             else:
                 texts.append("incomplete" if is_total else "—")
-        texts += [paper.value(label, a, is_total, group) or "—" for a in ref_cols]
+        texts += [ref.value(label, a, is_total, group) or "—" for ref, a in ref_cols]
         if is_total:
             label, texts = f"**{label}**", [f"**{t}**" for t in texts]
         lines.append(f"| {group} | {label} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
-def markdown(report: Report, paths, paper: Optional[PaperReference] = None, curves: dict = None) -> str:
+def markdown(report: Report, paths, references: Sequence[Reference] = (), curves: dict = None) -> str:
     unlisted = report.unlisted()
     out = ["# misa-fast report", "",
            f"{len(report.runs)} run(s) found under {', '.join(str(p) for p in paths)}: "
@@ -360,18 +413,17 @@ def markdown(report: Report, paths, paper: Optional[PaperReference] = None, curv
            "sums its datasets' means (as "
            "the MISA paper's Table 2 does), ± the root of their summed variances; \"incomplete\" when an "
            "algorithm lacks one of the domain's datasets."]
-    if paper is not None:
-        out += ["", "Columns marked \"(paper)\" are the MISA paper's Table 2, copied from the paper: not runs of "
-                    "this report. A paper total appears only when this report holds exactly that domain's "
-                    "datasets."]
-        if paper.version_notes:
-            out += ["Dataset versions differ from the paper's for: " + "; ".join(paper.version_notes) + "."]
+    for ref in references:
+        out += ["", f"Columns marked \"({ref.source.name})\" are {ref.source.note}: not runs of this report. "
+                    f"A {ref.source.name} total appears only when this report holds exactly that domain's datasets."]
+        if ref.version_notes:
+            out += [f"Dataset versions differ from {ref.source.name}'s for: " + "; ".join(ref.version_notes) + "."]
     kinds = [k for k in (NORMALIZED, RETURN) if k in report.datasets.values()]
     for which in ("last", "best"):
         for kind in kinds:
             title = _heading(which) + ("" if kind == NORMALIZED else
                                        ": raw return, for datasets without a normalized score (no totals)")
-            out += ["", f"## {title}", "", markdown_table(report, which, kind, paper)]
+            out += ["", f"## {title}", "", markdown_table(report, which, kind, references)]
     if not report.tabled:
         out += ["", "No finished run with an evaluation: no table."]
     if unlisted:
@@ -383,13 +435,13 @@ def markdown(report: Report, paths, paper: Optional[PaperReference] = None, curv
     return "\n".join(out) + "\n"
 
 
-def write_csv(report: Report, which: str, path, paper: Optional[PaperReference] = None) -> Path:
+def write_csv(report: Report, which: str, path, references: Sequence[Reference] = ()) -> Path:
     """One row per dataset and per domain total (both score kinds, told apart by the ``score`` column)."""
-    ref_cols = paper.columns if paper else []
+    ref_cols = _reference_columns(references)
     header = ["domain", "dataset", "score"]
     for algo in report.algos:
         header += [f"{algo} mean", f"{algo} std", f"{algo} n"]
-    header += [f"{PAPER_COLUMNS[a]} (paper)" for a in ref_cols]
+    header += [ref.header(a) for ref, a in ref_cols]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -399,7 +451,7 @@ def write_csv(report: Report, which: str, path, paper: Optional[PaperReference] 
                 for algo in report.algos:
                     c = cells[algo]
                     row += ["", "", ""] if c is None else [f"{c.mean:.6g}", f"{c.std:.6g}", c.n]
-                row += [paper.value(label, a, is_total, group) if kind == NORMALIZED else "" for a in ref_cols]
+                row += [ref.value(label, a, is_total, group) if kind == NORMALIZED else "" for ref, a in ref_cols]
                 w.writerow(row)
     return Path(path)
 
@@ -448,12 +500,13 @@ def _file_label(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-") or "dataset"
 
 
-def make_report(paths, out, reference: Optional[str] = None) -> tuple:
+def make_report(paths, out, reference: Union[str, Sequence[str], None] = None) -> tuple:
     """Writes report.md, report-last.csv, report-best.csv and curves-<dataset>.png into ``out``;
-    returns (markdown text, report)."""
+    returns (markdown text, report). ``reference``: "paper", "corl" or several of them."""
     runs = [read_run(p) for p in find_run_dirs(paths)]
     report = Report.from_runs(runs)
-    paper = PaperReference(report) if reference == "paper" else None
+    names = [reference] if isinstance(reference, str) else list(reference or ())
+    paper = [Reference(report, REFERENCES[name]) for name in dict.fromkeys(names)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
@@ -477,9 +530,9 @@ class ReportConfig:
                                "(searched recursively for config.json)")
     out: Optional[str] = option(None, help="where report.md, report-last.csv, report-best.csv and "
                                            "curves-<dataset>.png go (default: the first PATH)")
-    reference: Optional[str] = option(None, choices=("paper",),
-                                      help="paper: the MISA paper's Table 2 numbers beside ours, in columns marked "
-                                           "(paper)")
+    reference: tuple = option((), nargs="+", choices=tuple(REFERENCES), metavar="NAME",
+                              help="published numbers beside ours: paper (the MISA paper's Table 2, columns marked "
+                                   "(paper)), corl (CORL's reproduced scores, columns marked (CORL)), or both")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

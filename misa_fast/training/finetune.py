@@ -96,10 +96,7 @@ def online_reward(reward: float, info) -> float:
     """The dataset's reward transform applied to one online reward."""
     from misa_fast.data import transforms
 
-    if info.reward_transform == "minmax":
-        return float(transforms.minmax_rewards(np.float32(reward), info.reward_params["min"],
-                                               info.reward_params["max"]))
-    return float(transforms.transform_rewards(np.asarray([reward], np.float32), info.reward_transform)[0][0])
+    return float(transforms.transform_reward(np.float32(reward), info.reward_transform, info.reward_params or {}))
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -210,8 +207,10 @@ def build_buffer(run: Finetuning, device) -> None:
         run.env_steps, run.episodes, run.last_eval = state["env_steps"], state["episodes"], state["last_eval"]
     else:
         offline_run = run.offline_run
+        # The offline run's data as it trained on them (its reward transform and episode filter).
         data, _ = prepare(offline_run["dataset"] or DEFAULT_DATASET, obs_norm=offline_run["obs_norm"],
-                          rescale_actions=bool(offline_run.get("rescale_actions", False)))
+                          rescale_actions=bool(offline_run.get("rescale_actions", False)),
+                          reward_transform=run.info.reward_transform, top_fraction=run.info.top_fraction)
         run.buffer = ReplayBuffer.from_arrays(data, capacity=len(data["rewards"]) + cfg.steps, seed=cfg.seed)
         del data
         torch.manual_seed(cfg.seed)

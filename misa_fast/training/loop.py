@@ -121,15 +121,9 @@ class NonFiniteTraining(RuntimeError):
 def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim: int, device: torch.device):
     """Domain preset, then the algorithm's settings (misa_fast.agents.algorithms), then ``--set`` overrides."""
     from misa_fast.agents import algorithms as algos
-    from misa_fast.agents.config_base import apply_overrides, preset_name_for_env
+    from misa_fast.agents.config_base import apply_overrides
 
-    if run.preset is not None:
-        name = run.preset
-    else:
-        try:
-            name = preset_name_for_env(dataset_name)
-        except ValueError:
-            name = "locomotion"
+    name = preset_for(run, dataset_name)
     for item in run.overrides:
         key = item.partition("=")[0].strip()
         if key in RUN_SET_KEYS:
@@ -140,6 +134,32 @@ def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim:
         return apply_overrides(cfg, run.overrides)
     except ValueError as err:
         raise UserError(f"--set: {err}") from None
+
+
+def preset_for(run: RunConfig, dataset_name: str) -> str:
+    """--preset, else the dataset's domain (locomotion for a name no domain claims)."""
+    from misa_fast.agents.config_base import preset_name_for_env
+
+    if run.preset is not None:
+        return run.preset
+    try:
+        return preset_name_for_env(dataset_name)
+    except ValueError:
+        return "locomotion"
+
+
+def data_options(run: RunConfig, dataset: str, device: torch.device) -> dict:
+    """What the algorithm asks of the data (misa_fast.data.prepare's options): its reward transform
+    for the domain, the share of the best episodes it learns from (10%BC) and whether it reads next
+    actions (ReBRAC), from its config with the run's --set values (the data's widths do not matter
+    for these, so placeholders stand in for them)."""
+    from misa_fast.agents import algorithms as algos
+
+    algo = algos.get(run.algo)
+    cfg = build_agent_config(run, dataset, 1, 1, device)
+    return {"reward_transform": algo.reward_transforms.get(preset_for(run, dataset), "auto"),
+            "top_fraction": getattr(cfg, "top_fraction", 1.0),
+            "next_actions": bool(getattr(cfg, "reads_next_actions", False))}
 
 
 # Agent config keys the run itself sets: a --set of one would contradict the data or the run.
@@ -401,7 +421,8 @@ def load_data(training: Training) -> None:
         run = training.run = dataclasses.replace(run, obs_norm=algos.get(run.algo).default_obs_norm)
     dataset = run.dataset or DEFAULT_DATASET
     try:
-        data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env, rescale_actions=run.rescale_actions)
+        data, info = prepare(dataset, obs_norm=run.obs_norm, env_id=run.env, rescale_actions=run.rescale_actions,
+                             **data_options(run, str(dataset), device))
     except FileNotFoundError as err:
         if training.first_state is None or training.dataset_given:
             raise

@@ -165,10 +165,31 @@ def test_reference_paper_total_and_versions(tmp_path):
     for i, label in enumerate(antmaze):  # the paper's v0 datasets, run here as v2
         make_run(tmp_path / "runs", f"r{i}", "misa", 0, label.replace("-v0", "-v2"), [1.0])
     report = load(tmp_path / "runs")
-    paper = rp.PaperReference(report)
-    assert paper.totals == {"antmaze": "antmaze-v0 (total)"}
+    paper = rp.Reference(report, rp.REFERENCES["paper"])
+    assert list(paper.totals) == ["antmaze"]
     assert paper.value("antmaze total", "misa", True, "antmaze") == "348.1 ± 16.7"
     assert "antmaze-umaze-v2 ↔ paper's antmaze-umaze-v0" in paper.version_notes
+
+
+def test_reference_corl_sums_its_rows_into_a_total(tmp_path):
+    table = rp.load_paper_table(rp.CORL_TABLE)
+    locomotion = [label for label in table if rp.domain_group(label) == "gym-locomotion"]
+    assert len(locomotion) == 9
+    for i, label in enumerate(locomotion):
+        make_run(tmp_path / "runs", f"r{i}", "edac", 0, label, [1.0])
+        make_run(tmp_path / "runs", f"s{i}", "misa", 0, label, [1.0])
+    report = load(tmp_path / "runs")
+    text, _ = rp.make_report([tmp_path / "runs"], tmp_path / "out", reference=["paper", "corl"])
+    # the figures: CORL's locomotion totals are 9x its README's averages (EDAC 92.92)
+    corl = rp.Reference(report, rp.REFERENCES["corl"])
+    total = corl.value("gym-locomotion total", "edac", True, "gym-locomotion")
+    mean, std = (float(x) for x in total.split("±"))
+    assert mean == pytest.approx(836.3, abs=0.05)
+    rows = [table[label]["EDAC"].split("±") for label in locomotion]
+    assert std == pytest.approx(sum(float(r[1]) ** 2 for r in rows) ** 0.5, abs=0.05)
+    assert corl.value("hopper-medium-v2", "edac", False, "gym-locomotion") == "101.70 ± 0.28"
+    assert "| EDAC (CORL) |" in text and "| MISA (paper) |" in text and "**742.9 ± 4.6**" in text
+    assert "**836.3 ± " in text
 
 
 def test_paper_table_matches_the_paper_text():
