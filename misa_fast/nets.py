@@ -9,6 +9,12 @@ The critics of an ensemble are stored stacked, ``weight[l]`` of shape (E, out, i
 layout, so one batched matmul serves all of them (half the kernel launches of two Linear stacks).
 The functional forward ``ensemble_q`` takes the layer list as plain tensors, which is what the HMC
 sampler, the fused ops and the actor (with detached weights) use.
+
+An ensemble may normalise its hidden layers (``layer_norm=True``, ReBRAC's critics: LayerNorm after
+each hidden activation). Its layers then carry their norms (:class:`StackedLayers`); only
+``ensemble_q`` and the critic's own forward compute them, and every reader that models a plain MLP
+(the explicit backward of the HMC sampler, the fused ops) refuses such layers or falls back to the
+module's forward, so none ever computes another network than the one given.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ ATANH_LIMIT = 1.0 - 2.0**-24
 Layers = List[Tuple[Tensor, Tensor]]  # [(weight (E, out, in), bias (E, out)), ...]
 # Hidden activations of the critics; both backward passes use only their result, so in place is safe.
 _ACTIVATIONS = {"elu": F.elu, "relu": F.relu}
+# LayerNorm epsilon of the normalised networks: flax's default, as in the ReBRAC reference code
+# (torch's nn.LayerNorm default is 1e-5).
+LAYER_NORM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,16 +155,31 @@ def activation_and_slope(z: Tensor, act: Activation) -> Tuple[Tensor, Tensor]:
 class StackedLayers(list):
     """``[(weight (E, out, in), bias (E, out)), ...]`` (a plain list of the layers) that also carries
     the critics' hidden activation, so that whatever evaluates the layers (the fused ops, the HMC
-    sampler) computes the network they came from. Slicing or rebuilding it gives a plain list."""
+    sampler) computes the network they came from. Slicing or rebuilding it gives a plain list.
 
-    def __init__(self, layers=(), activation="elu"):
+    ``norms``: None, or one ``(scale (E, H), shift (E, H))`` per hidden layer: a LayerNorm after that
+    layer's activation. Only :func:`ensemble_q` computes them; :func:`layers_activation` refuses
+    layers that carry them for every other reader."""
+
+    def __init__(self, layers=(), activation="elu", norms=None):
         super().__init__(layers)
         self.activation = activation
+        self.norms = None if norms is None else list(norms)
+
+    def select(self, members: slice) -> "StackedLayers":
+        """The critics ``members`` (a slice of the ensemble dimension), norms and activation kept."""
+        norms = None if self.norms is None else [(g[members], b[members]) for g, b in self.norms]
+        return StackedLayers([(w[members], b[members]) for w, b in self], self.activation, norms)
 
 
-def layers_activation(layers, activation=None) -> Optional[Activation]:
+def layers_activation(layers, activation=None, allow_norms: bool = False) -> Optional[Activation]:
     """The activation to apply to ``layers``: ``activation`` if given, else the one the layers carry
-    (:class:`StackedLayers`), else None."""
+    (:class:`StackedLayers`), else None. Layers that carry LayerNorms raise ValueError unless
+    ``allow_norms`` (a caller that applies them): a reader of plain MLP layers would compute
+    another network."""
+    if not allow_norms and getattr(layers, "norms", None):
+        raise ValueError("these critic layers are layer-normalised (LayerNorm after each hidden activation): "
+                         "only misa_fast.nets.ensemble_q or the critic's own forward computes them")
     if activation is None:
         activation = getattr(layers, "activation", None)
         if activation is None:
@@ -301,12 +325,13 @@ def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor, activation=N
     activation: "elu" (MISA, the official flax critics), "relu" (the TD3 family's critics) or any
     :func:`activation_spec`; None: the one ``layers`` carry (:class:`StackedLayers`), else ELU.
     """
-    spec = layers_activation(layers, activation) or Activation("elu", 1.0)
+    spec = layers_activation(layers, activation, allow_norms=True) or Activation("elu", 1.0)
     if spec == ("elu", 1.0) or spec.name == "relu":
         act = _ACTIVATIONS[spec.name]
     else:
         def act(t, inplace=False):
             return apply_activation(t, spec)
+    norms = getattr(layers, "norms", None)
     w1 = layers[0][0]
     E, B, H = state_half.shape
     act_dim = actions.shape[-1]
@@ -316,11 +341,22 @@ def ensemble_q(layers: Layers, state_half: Tensor, actions: Tensor, activation=N
     z = torch.matmul(actions.reshape(-1, act_dim), w1[:, :, -act_dim:].transpose(1, 2))  # (E, N, H)
     z.view(E, B, -1, H).add_(state_half.unsqueeze(2))
     h = act(z, inplace=True)
-    for weight, bias in layers[1:-1]:
+    if norms:
+        h = ensemble_layer_norm(h, *norms[0])
+    for i, (weight, bias) in enumerate(layers[1:-1], start=1):
         h = act(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)), inplace=True)
+        if norms:
+            h = ensemble_layer_norm(h, *norms[i])
     weight, bias = layers[-1]
     q = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (E, N, 1)
     return q.view(E, *actions.shape[:-1])
+
+
+def ensemble_layer_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """LayerNorm over the last dimension with each critic's own affine: h (E, N, H), scale and shift
+    (E, H). Out of place (the activation before it is in place; its backward needs the result)."""
+    normed = F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS)
+    return torch.addcmul(shift.unsqueeze(1), normed, scale.unsqueeze(1))
 
 
 def _elu_and_slope_(z: Tensor) -> Tuple[Tensor, Tensor]:
@@ -364,6 +400,11 @@ class EnsembleCritic(nn.Module):
     family's critics), stored stacked. ``stacked_layers()``
     returns :class:`StackedLayers`, which carry the activation to the HMC sampler and the fused ops.
 
+    ``layer_norm=True`` puts a LayerNorm (per critic scale and shift, initialised to 1 and 0) after
+    each hidden activation, as ReBRAC's critics (Linear -> ReLU -> LayerNorm in its reference code);
+    it adds parameters ``norm_scales`` / ``norm_shifts`` and draws nothing from ``generator``, so the
+    Linear layers are initialised as without it.
+
     ``forward(obs, actions)`` returns (E, B) for actions (B, A) and (E, B, K) for (B, K, A)."""
 
     def __init__(
@@ -374,12 +415,14 @@ class EnsembleCritic(nn.Module):
         num_critics: int = 2,
         generator: Optional[torch.Generator] = None,
         activation: str = "elu",
+        layer_norm: bool = False,
     ):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
         self.obs_dim, self.act_dim, self.num_critics = obs_dim, act_dim, num_critics
         self.activation = activation
+        self.layer_norm = bool(layer_norm)
         sizes = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -389,17 +432,31 @@ class EnsembleCritic(nn.Module):
             variance_scaling_(weight, generator=generator, **(OUTPUT_INIT if is_output else HIDDEN_INIT))
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(torch.zeros(num_critics, fan_out)))
+        if self.layer_norm:  # only then: a plain ensemble's state dict keeps its keys
+            self.norm_scales = nn.ParameterList(nn.Parameter(torch.ones(num_critics, h)) for h in hidden)
+            self.norm_shifts = nn.ParameterList(nn.Parameter(torch.zeros(num_critics, h)) for h in hidden)
+
+    def _norms(self, detach: bool, index=None) -> Optional[list]:
+        if not self.layer_norm:
+            return None
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        return [(pick(g.detach() if detach else g), pick(b.detach() if detach else b))
+                for g, b in zip(self.norm_scales, self.norm_shifts)]
 
     def stacked_layers(self, detach: bool = False) -> Layers:
         """[(weight (E, out, in), bias (E, out)), ...] in order; ``detach`` gives weights that carry
-        no gradient (the actor's and the HMC target's view of the critics)."""
+        no gradient (the actor's and the HMC target's view of the critics). The layer norms, if
+        any, travel with them (:class:`StackedLayers`)."""
         if detach:
-            return StackedLayers([(w.detach(), b.detach()) for w, b in zip(self.weights, self.biases)], self.activation)
-        return StackedLayers(zip(self.weights, self.biases), self.activation)
+            return StackedLayers([(w.detach(), b.detach()) for w, b in zip(self.weights, self.biases)], self.activation,
+                                 self._norms(True))
+        return StackedLayers(zip(self.weights, self.biases), self.activation, self._norms(False))
 
     def layers(self, index: int) -> List[Tuple[Tensor, Tensor]]:
-        """Critic ``index`` as nn.Linear-style [(weight (out, in), bias (out,)), ...] (views)."""
-        return StackedLayers([(w[index], b[index]) for w, b in zip(self.weights, self.biases)], self.activation)
+        """Critic ``index`` as nn.Linear-style [(weight (out, in), bias (out,)), ...] (views), with its
+        layer norms' (scale (H,), shift (H,)) as ``norms`` if it has them."""
+        return StackedLayers([(w[index], b[index]) for w, b in zip(self.weights, self.biases)], self.activation,
+                             self._norms(False, index))
 
     def first_layer_state_half(self, obs: Tensor, detach: bool = False) -> Tensor:
         """obs @ W1[:, :, :S]^T + b1 for every critic: (E, B, H1). W1[:, :, S:] is the action half."""

@@ -201,3 +201,14 @@ def as_batch(batch: Mapping, device) -> tuple:
     rows = actions.shape[:-1]
     return get("observations"), actions, get("rewards").reshape(rows), get("next_observations"), \
         get("terminals").reshape(rows)
+
+
+def next_actions_of(batch: Mapping, device, config) -> tuple:
+    """(the batch's ``next_actions``,) when ``config.reads_next_actions`` (OneStep's SARSA target,
+    ReBRAC's critic penalty), else (): what a learner appends to :func:`as_batch`'s tuple."""
+    if not getattr(config, "reads_next_actions", False):
+        return ()
+    if "next_actions" not in batch:
+        raise ValueError("this algorithm reads the data's next actions: the batch needs 'next_actions' (prepare the "
+                         "data with next_actions=True; the C++ replay buffer holds only the five transition fields)")
+    return (torch.as_tensor(batch["next_actions"], dtype=torch.float32, device=device),)

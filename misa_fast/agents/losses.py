@@ -259,6 +259,64 @@ def alpha_loss(log_alpha: Tensor, log_pi_new: Tensor, target_entropy: float) -> 
 
 
 # --------------------------------------------------------------------------------------------------
+# ensembles of critics (SAC-N, EDAC)
+def soft_td_target(rewards: Tensor, dones: Tensor, next_q: Tensor, next_log_pi: Tensor, alpha: Tensor,
+                   gamma: float) -> Tensor:
+    """SAC's target y = r + gamma * (1 - d) * (min_i Q_target_i(s', a') - alpha * log pi(a'|s')), no
+    gradient (alpha held fixed). next_q (E, B), next_log_pi (B,) -> (B,)."""
+    soft_value = next_q.min(dim=0).values - alpha.detach() * next_log_pi
+    return (rewards + gamma * (1.0 - dones) * soft_value).detach()
+
+
+def _activation_and_slope(z: Tensor, activation: nets.Activation) -> Tuple[Tensor, Tensor]:
+    """(act(z), act'(z)) out of place, so that autograd differentiates both (the slope of ELU
+    depends on z, hence on the critic weights; ReLU's is piecewise constant)."""
+    name, param = activation
+    if name == "relu":
+        return torch.relu(z), (z > 0).to(z.dtype)
+    if name == "elu":
+        slope = torch.where(z > 0, torch.ones_like(z), param * torch.exp(z.clamp(max=0.0)))
+        return torch.nn.functional.elu(z, alpha=param), slope
+    raise ValueError(f"dQ/da in closed form supports ReLU and ELU critics, got {activation}")
+
+
+def q_and_action_grad(layers: Layers, state_half: Tensor, actions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Q_i(s, a) (E, B) and dQ_i/da (E, B, A) of every critic, for actions (B, A), by an explicit
+    backward pass through the MLP written with differentiable, out-of-place ops: unlike
+    ``nets.ensemble_q_and_action_grad`` (the HMC sampler's, no graph), the gradient is itself
+    differentiable w.r.t. the critic weights, and, being plain tensor ops, it works under the
+    members' vmap and torch.compile, where ``torch.autograd.grad`` cannot run. ``layers`` carry the
+    activation (``EnsembleCritic.stacked_layers()``); state_half: their layer-1 state half (E, B, H1)."""
+    activation = nets.layers_activation(layers) or nets.Activation("elu", 1.0)
+    w_action = layers[0][0][:, :, -actions.shape[-1]:]  # (E, H1, A)
+    z = torch.matmul(actions, w_action.transpose(1, 2)) + state_half
+    slopes = []
+    for weight, bias in layers[1:]:
+        h, slope = _activation_and_slope(z, activation)
+        slopes.append(slope)
+        z = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    grad = slopes[-1] * layers[-1][0]  # dQ/dz of the last hidden layer: (E, B, H) * (E, 1, H)
+    for (weight, _), slope in zip(reversed(layers[1:-1]), reversed(slopes[:-1])):
+        grad = torch.bmm(grad, weight) * slope
+    return z.squeeze(-1), torch.bmm(grad, w_action)
+
+
+DIVERSITY_EPS = 1e-10  # added to |dQ_i/da| before normalising (the official EDAC code's and CORL's)
+
+
+def ensemble_diversity(action_grad: Tensor) -> Tensor:
+    """EDAC's ensemble-diversity term: mean over the batch of
+    (1 / (N - 1)) sum_{i != j} <g_i, g_j>, g_i = dQ_i/da / (|dQ_i/da| + eps). action_grad (N, B, A).
+
+    The pair sum is |sum_i g_i|^2 - sum_i |g_i|^2 (the same value and gradient as masking the
+    diagonal of the N x N Gram matrix, in O(N) instead of O(N^2) per state)."""
+    num_critics = action_grad.shape[0]
+    unit = action_grad / (torch.linalg.vector_norm(action_grad, dim=-1, keepdim=True) + DIVERSITY_EPS)
+    pairs = unit.sum(dim=0).pow(2).sum(dim=-1) - unit.pow(2).sum(dim=(0, 2))  # (B,)
+    return pairs.mean() / (num_critics - 1)
+
+
+# --------------------------------------------------------------------------------------------------
 # TD3 family (TD3+BC, SPOT)
 def smoothed_target_action(next_action: Tensor, noise: Tensor, policy_noise: float, noise_clip: float) -> Tensor:
     """TD3's target policy smoothing: clip(pi'(s') + clip(sigma * eps, -c, c), -1, 1), no gradient.
@@ -296,3 +354,24 @@ def spot_actor_loss(q_pi: Tensor, neg_log_density: Tensor, lam: float, normalize
     scale = q_scale(q_pi) if normalize_q else torch.ones((), device=q_pi.device)
     terms = {"actor_q_term": -scale * q_pi.mean(), "actor_density_term": lam * neg_log_density.mean()}
     return terms["actor_q_term"] + terms["actor_density_term"], {**terms, "actor_lambda": scale}
+
+
+def rebrac_actor_loss(q_pi: Tensor, policy_actions: Tensor, data_actions: Tensor, bc_coef: float
+                      ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """ReBRAC: mean_s [bc_coef * ||pi(s) - a||^2 - lambda Q(s, pi(s))], lambda = 1 / mean|Q| (fixed).
+
+    Unlike TD3+BC the coefficient weighs the BC term, not Q, and the squared error is summed over
+    action dims (the reference code's), then averaged over the batch. q_pi must come from critics
+    whose weights carry no gradient. Returns (loss, terms)."""
+    lam = q_scale(q_pi)
+    terms = {
+        "actor_q_term": -lam * q_pi.mean(),
+        "actor_bc_term": bc_coef * (policy_actions - data_actions.detach()).pow(2).sum(-1).mean(),
+    }
+    return terms["actor_q_term"] + terms["actor_bc_term"], {**terms, "actor_lambda": lam}
+
+
+def next_action_penalty(next_actions: Tensor, data_next_actions: Tensor) -> Tensor:
+    """ReBRAC's critic penalty ||a' - a'_D||^2 per row (summed over action dims), no gradient: a' the
+    smoothed target action at s', a'_D the dataset's next action. (..., A) -> (...)."""
+    return (next_actions - data_next_actions).pow(2).sum(-1).detach()

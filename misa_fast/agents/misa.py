@@ -13,6 +13,11 @@ gradient (the loss functions detach everything else, and the actor sees the crit
 detached weights), all optimizers step, then the target critics move by Polyak averaging towards
 the updated critics.
 
+SAC-N and EDAC (An et al. 2021) are settings of this learner (misa_config, algorithms): no energy or
+BA term, N critics (one stacked ensemble), the soft TD target and, for EDAC, the ensemble-diversity
+term, whose dQ_i/da comes in closed form from :func:`losses.q_and_action_grad` (differentiable,
+vmap- and compile-safe, unlike ``torch.autograd.grad``).
+
 Randomness goes through ``self.generator`` (seeded from config.seed) in a fixed order, see
 :func:`draw_update_noise`; ``state_dict`` saves it with everything else, so a resumed run is
 bit-identical on CPU.
@@ -130,6 +135,62 @@ def draw_update_noise(cfg: MISAConfig, generator: torch.Generator, batch_size: i
 
 LossFunction = Callable[[Dict[str, Tensor], tuple, UpdateNoise], LossOutput]
 
+# Critics with their own metrics (TD error, Q at the data, gap). A larger ensemble (SAC-N's 50 to 500)
+# logs its mean and spread instead: hundreds of columns, and as many small ops per step, say nothing.
+PER_CRITIC_METRICS = 10
+
+
+def critic_metrics(td: Tensor, q_data: Tensor) -> Dict[str, Tensor]:
+    """Each critic's TD error and mean Q at the data, or, beyond ``PER_CRITIC_METRICS`` critics,
+    the ensemble's mean Q at the data and its spread (std over critics, mean over the batch)."""
+    num_critics = q_data.shape[0]
+    if num_critics > PER_CRITIC_METRICS:
+        return {"q_data": q_data.mean(), "q_data_std": q_data.std(dim=0).mean()}
+    metrics = {}
+    for i in range(num_critics):
+        metrics[f"q{i + 1}_td_loss"] = td[i]
+        metrics[f"q{i + 1}_data"] = q_data[i].mean()
+    return metrics
+
+
+EDAC_HIDDEN_BIAS = 0.1  # hidden-layer bias of the EDAC networks (actor and critics)
+EDAC_CRITIC_OUTPUT = 3e-3  # U(+-) of the critics' output layer, weight and bias
+EDAC_ACTOR_OUTPUT = 1e-3  # U(+-) of the actor's mean and log-std heads, weight and bias
+
+
+@torch.no_grad()
+def edac_init_(policy: Optional[nets.TanhGaussianPolicy], critic: nets.EnsembleCritic,
+               generator: torch.Generator) -> None:
+    """The EDAC networks' initialisation (official code and CORL), in place: hidden weights
+    U(+-1/sqrt(fan_in)) (torch's nn.Linear default), hidden biases 0.1, output layers U(+-3e-3)
+    (critics) and U(+-1e-3) (actor, both heads), and the actor's log std read directly from its
+    output: log_std = clip(raw, -5, 2), the multiplier and offset fixed at 1 and 0 (no gradient).
+
+    Deviations: each reference takes one network's hidden bound from the layer's output width
+    instead of its fan-in (the official actor: rlkit's fanin_init reads size(0) of an (out, in)
+    weight; CORL's critics: kaiming_uniform on an (in, out) weight). Here the true fan-in is used
+    everywhere, as by the official critics and CORL's actor; only the first layer differs (the others
+    are square). The policy's mean stays clipped to [-9, 9] (the references do not clip it)."""
+    if policy is not None:
+        linears = [m for m in policy.net if isinstance(m, nn.Linear)]
+        for layer in linears[:-1]:
+            bound = 1.0 / math.sqrt(layer.weight.shape[-1])
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.fill_(EDAC_HIDDEN_BIAS)
+        for tensor in (linears[-1].weight, linears[-1].bias):
+            tensor.uniform_(-EDAC_ACTOR_OUTPUT, EDAC_ACTOR_OUTPUT, generator=generator)
+        policy.log_std_multiplier.fill_(1.0).requires_grad_(False)
+        policy.log_std_offset.fill_(0.0).requires_grad_(False)
+    last = len(critic.weights) - 1
+    for i, (weight, bias) in enumerate(zip(critic.weights, critic.biases)):
+        if i == last:
+            weight.uniform_(-EDAC_CRITIC_OUTPUT, EDAC_CRITIC_OUTPUT, generator=generator)
+            bias.uniform_(-EDAC_CRITIC_OUTPUT, EDAC_CRITIC_OUTPUT, generator=generator)
+        else:
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            weight.uniform_(-bound, bound, generator=generator)
+            bias.fill_(EDAC_HIDDEN_BIAS)
+
 
 class MISANetworks(nn.Module):
     """Every tensor MISA's losses read — policy, critics, target critics, T_psi (MISA-T), the two
@@ -143,14 +204,21 @@ class MISANetworks(nn.Module):
         init_seed, _ = derive_seeds(cfg.seed)
         init_generator = torch.Generator().manual_seed(init_seed)  # CPU: same init on every device
         obs_dim, act_dim = cfg.obs_dim, cfg.act_dim
+        edac = cfg.network_style == "edac"
+        activation = "relu" if edac else "elu"
         self.policy = nets.TanhGaussianPolicy(obs_dim, act_dim, cfg.policy_hidden, init_generator).to(device)
         self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics,
-                                          init_generator).to(device)
+                                          init_generator, activation=activation).to(device)
+        if edac:  # redrawn after the flax init: the "misa" style draws exactly what it always did
+            edac_init_(self.policy, self.critic, init_generator)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # MISA-T: one extra network T_psi (no target copy: it never enters a TD target).
         self.energy = None
         if cfg.energy_network == "separate":
-            self.energy = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, 1, init_generator).to(device)
+            self.energy = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, 1, init_generator,
+                                              activation=activation).to(device)
+            if edac:
+                edac_init_(None, self.energy, init_generator)
         self.log_alpha = nn.Parameter(torch.tensor(cfg.log_alpha_init, device=device),
                                       requires_grad=cfg.auto_alpha)
         self.log_alpha_prime = nn.Parameter(torch.tensor(cfg.log_alpha_prime_init, device=device))
@@ -195,13 +263,24 @@ class MISANetworks(nn.Module):
         obs, actions, rewards, next_obs, dones = batch
         losses_out: Dict[str, Tensor] = {}
         metrics: Dict[str, Tensor] = {}
-        # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics, no entropy backup.
+        # TD target: one reparameterised a' ~ pi(.|s'), min of the target critics; no entropy backup
+        # (the official MISA code) unless backup_entropy (SAC-N, EDAC).
         with torch.no_grad():
             next_mean, next_std = self.policy.dist_params(next_obs)
-            next_actions, _ = nets.tanh_gaussian_sample(next_mean, next_std, noise.next_policy)
-            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+            next_actions, next_log_pi = nets.tanh_gaussian_sample(next_mean, next_std, noise.next_policy)
+            next_q = self.target_critic(next_obs, next_actions)
+            if cfg.backup_entropy:  # SAC-N / EDAC: the soft value of s'
+                target = losses.soft_td_target(rewards, dones, next_q, next_log_pi, self.log_alpha.exp(), cfg.gamma)
+            else:
+                target = losses.td_target(rewards, dones, next_q, cfg.gamma)
         layers = self.critic.stacked_layers()
-        q_data = nets.ensemble_q(layers, state_half, actions)
+        diversity = None
+        if cfg.diversity_weight > 0:  # EDAC: Q and dQ/da at the data from one differentiable pass
+            q_data, action_grad = losses.q_and_action_grad(layers, state_half, actions)
+            diversity = losses.ensemble_diversity(action_grad)
+            metrics["diversity_loss"] = diversity
+        else:
+            q_data = nets.ensemble_q(layers, state_half, actions)
         td = losses.td_loss(q_data, target)
         penalty = torch.zeros_like(td)
         snis = None
@@ -240,14 +319,14 @@ class MISANetworks(nn.Module):
                 losses_out["energy_loss"] = gap.sum()
             else:
                 penalty = losses.conservative_penalty(gap, cfg.min_q_weight, alpha_prime, cfg.lagrange_tau)
-                for i in range(cfg.num_critics):
-                    metrics[f"q{i + 1}_lme_gap"] = gap[i]
+                if cfg.num_critics <= PER_CRITIC_METRICS:
+                    metrics.update({f"q{i + 1}_lme_gap": gap[i] for i in range(cfg.num_critics)})
         losses_out["critic_loss"] = losses.critic_loss(td, penalty)
+        if diversity is not None:
+            losses_out["critic_loss"] = losses_out["critic_loss"] + cfg.diversity_weight * diversity
         metrics["td_loss"] = td.sum()
         metrics["critic_penalty"] = penalty.sum()
-        for i in range(cfg.num_critics):
-            metrics[f"q{i + 1}_td_loss"] = td[i]
-            metrics[f"q{i + 1}_data"] = q_data[i].mean()
+        metrics.update(critic_metrics(td, q_data))
         metrics["q_target"] = target.mean()
         return CriticLosses(losses_out, metrics, snis)
 
@@ -486,7 +565,8 @@ class MISA(Learner):
 
     def load_state_dict(self, state: Mapping) -> None:
         saved = MISAConfig.from_dict(state["config"])
-        for key in ("obs_dim", "act_dim", "policy_hidden", "critic_hidden", "num_critics", "energy_network"):
+        for key in ("obs_dim", "act_dim", "policy_hidden", "critic_hidden", "num_critics", "energy_network",
+                    "network_style"):  # the style picks the critics' activation: same shapes, another network
             if getattr(saved, key) != getattr(self.config, key):
                 raise ValueError(
                     f"checkpoint has {key}={getattr(saved, key)!r}, agent has {getattr(self.config, key)!r}"

@@ -5,7 +5,9 @@ Every value of the learner (the docs' design page) has a name here, with the off
 the paper (BA, MISA-f, MISA-DV, MISA-biased, no-BA, ...) are settings of this one config, not new
 classes: ``energy_bound`` picks the critic regulariser, ``use_ba`` the log pi(a_D|s) term and
 ``use_hmc`` the unbiased (MCMC) correction of the actor, ``unbiased_estimator`` how that correction is
-estimated (HMC chains, or SNIS over the log-partition's samples).
+estimated (HMC chains, or SNIS over the log-partition's samples). SAC-N and EDAC are settings too: no
+energy term, no BA or correction term, the soft TD target (``backup_entropy``), N critics of the
+EDAC networks (``network_style``) and, for EDAC, the ensemble-diversity term (``diversity_weight``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ DotPrecision = Literal["tf32", "tf32x3", "ieee", "bf16"]
 # The sampled-Q kernel has no tf32x3 path (kernels/sampled_q_kernels.py): its choices are these.
 SampledQPrecision = Literal["tf32", "ieee", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
+NetworkStyle = Literal["misa", "edac"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,19 @@ class MISAConfig(ConfigBase):
     policy_hidden: Tuple[int, ...] = (256, 256)
     critic_hidden: Tuple[int, ...] = (256, 256)  # (256, 256, 256) for antmaze
     num_critics: int = 2
+    # "misa": the official MISA (flax) networks: ELU critics, lecun-normal hidden layers with zero
+    # bias, output layers U(+-sqrt(3e-2 / fan_in)), log std = m * raw + c with learnable m, c.
+    # "edac": the networks of the SAC-N/EDAC codes (official and CORL): ReLU critics, hidden layers
+    # U(+-1/sqrt(fan_in)) with bias 0.1, output layers U(+-3e-3) (critics) and U(+-1e-3) (actor),
+    # log std read directly from the actor's output (m = 1, c = 0, both frozen); see misa.edac_init_.
+    network_style: NetworkStyle = "misa"
 
     # --- RL / optimisation -----------------------------------------------------------------------
     gamma: float = 0.99
     tau: float = 5e-3  # Polyak rate of the target critics, applied every step
+    # The soft TD target of SAC: y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s')).
+    # False (the official MISA code): no entropy term in the target.
+    backup_entropy: bool = False
     batch_size: int = 256
     policy_lr: float = 1e-4
     critic_lr: float = 3e-4
@@ -83,6 +95,11 @@ class MISAConfig(ConfigBase):
     # values to float rounding); "bf16" halves the operand traffic at ~1e-2. Which one learns as
     # well as fp32 is an open, measurable question (a GPU learning run per precision).
     sampled_q_precision: SampledQPrecision = "tf32"
+
+    # --- ensemble gradient diversity (EDAC, An et al. 2021, eq. 5) -------------------------------
+    # eta: weight of (1 / (N - 1)) sum_{i != j} <g_i, g_j> (batch mean) in the critics' loss, g_i the
+    # unit-normalised dQ_i/da at the data (s, a). 0 leaves it out (every non-EDAC algorithm).
+    diversity_weight: float = 0.0
 
     # --- Lagrange variant (paper eq. 17 / 26) ----------------------------------------------------
     lagrange: bool = False
@@ -182,6 +199,58 @@ def preset(name: str, **overrides) -> MISAConfig:
     return MISAConfig().replace(**{**PRESETS[name], **overrides})
 
 
+# ---------------------------------------------------------------------------------------------------
+# SAC-N and EDAC (An et al. 2021) per D4RL dataset, keyed by the dataset name without its version
+# ("hopper-medium-v2" -> "hopper-medium"). Sources: CORL's configs (configs/offline/sac_n/*.yaml,
+# configs/offline/edac/*.yaml); the EDAC values agree with the "suggested hypers" of OfflineRL-Kit's
+# run_edac.py. Datasets not listed (random, expert, full-replay, other domains) keep the
+# algorithm's defaults (N = 10, eta = 1): their values were not checked against the paper's table.
+SAC_N_CRITICS: dict[str, int] = {
+    "halfcheetah-medium": 10, "halfcheetah-medium-replay": 10, "halfcheetah-medium-expert": 10,
+    "hopper-medium": 500, "hopper-medium-replay": 200, "hopper-medium-expert": 200,
+    "walker2d-medium": 20, "walker2d-medium-replay": 20, "walker2d-medium-expert": 20,
+}
+EDAC_VALUES: dict[str, Tuple[int, float]] = {  # (N, eta)
+    "halfcheetah-medium": (10, 1.0), "halfcheetah-medium-replay": (10, 1.0), "halfcheetah-medium-expert": (10, 5.0),
+    "hopper-medium": (50, 1.0), "hopper-medium-replay": (50, 1.0), "hopper-medium-expert": (50, 1.0),
+    "walker2d-medium": (10, 1.0), "walker2d-medium-replay": (10, 1.0), "walker2d-medium-expert": (10, 5.0),
+}
+
+
+def dataset_key(dataset_name: str, keys) -> Optional[str]:
+    """The longest of ``keys`` that a D4RL-style dataset name (or file path, or Minari id) starts
+    with, followed by nothing or "-...": "hopper-medium-expert-v2" -> "hopper-medium-expert",
+    "data/walker2d-medium.hdf5" -> "walker2d-medium", "mujoco/hopper/medium-v0" -> "hopper-medium".
+    None if no key fits."""
+    from misa_fast.data import registry
+
+    text = str(dataset_name).replace("\\", "/").lower()
+    if registry.is_minari_id(text):  # namespace/environment/dataset-vN
+        text = f"{registry.environment_part(text)}-{text.rsplit('/', 1)[-1]}"
+    name = text.rsplit("/", 1)[-1]
+    for suffix in (".hdf5", ".h5", ".npz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    matches = [key for key in keys if name == key or name.startswith(key + "-")]
+    return max(matches, key=len) if matches else None
+
+
+def sac_n_values_for(dataset_name: str) -> dict:
+    """SAC-N's ensemble size for a dataset (``SAC_N_CRITICS``); {} where no value is known."""
+    key = dataset_key(dataset_name, SAC_N_CRITICS)
+    return {} if key is None else {"num_critics": SAC_N_CRITICS[key]}
+
+
+def edac_values_for(dataset_name: str) -> dict:
+    """EDAC's ensemble size and diversity weight eta for a dataset (``EDAC_VALUES``); {} where no
+    value is known."""
+    key = dataset_key(dataset_name, EDAC_VALUES)
+    if key is None:
+        return {}
+    num_critics, eta = EDAC_VALUES[key]
+    return {"num_critics": num_critics, "diversity_weight": eta}
+
+
 MAX_HMC_STEP_SIZE = 10.0
 
 
@@ -201,7 +270,7 @@ def _validate(cfg: MISAConfig) -> None:
                  "actor_q_scale"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("min_q_weight", "bc_weight", "unbiased_weight", "alpha_prime_min"):
+    for name in ("min_q_weight", "bc_weight", "unbiased_weight", "alpha_prime_min", "diversity_weight"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config key {name!r} must be >= 0, got {getattr(cfg, name)}")
     # HMC moves actions in [-1, 1] (or the policy-whitened pre-tanh space): steps beyond this only reject.
@@ -216,6 +285,8 @@ def _validate(cfg: MISAConfig) -> None:
     if cfg.use_hmc and cfg.energy_bound != "misa":
         # The HMC correction samples pi(a|s) e^Q(s,a) / Z(s), the tilted distribution of eq. 10 only.
         raise ValueError(f"use_hmc=True needs energy_bound='misa' (got {cfg.energy_bound!r})")
+    if cfg.diversity_weight > 0 and cfg.num_critics < 2:
+        raise ValueError("diversity_weight > 0 needs num_critics >= 2 (the term compares pairs of critics)")
     if cfg.lagrange and cfg.energy_bound == "none":
         raise ValueError("lagrange=True needs an energy bound")
     if cfg.energy_network == "separate":

@@ -1,6 +1,8 @@
 """The deterministic-actor learner: TD3 (Fujimoto et al. 2018) with a behaviour regulariser on the
 actor, ``behavior_reg="bc"`` = TD3+BC (Fujimoto & Gu 2021), ``"vae"`` = SPOT (Wu et al. 2022; docs:
-the design page). One class, the variants are configuration (``TD3Config``).
+the design page), ``"rebrac"`` = ReBRAC (Tarasov et al. 2023: TD3+BC with LayerNorm critics, deeper
+networks, its own actor penalty and a penalty on the critic's target action, ``critic_bc_coef``,
+which reads the batch's ``next_actions``). One class, the variants are configuration (``TD3Config``).
 
 One ``update(batch)`` follows the official PyTorch code step for step: the twin critics take a TD
 step towards r + gamma (1 - d) min_i Q'_i(s', clip(pi'(s') + clip(0.2 eps, +-0.5), -1, 1)); every
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from misa_fast import nets
 from misa_fast.agents import losses
 from misa_fast.agents import vae as vae_lib
-from misa_fast.agents.learner import Learner, as_batch, module_tensors, stack_tree
+from misa_fast.agents.learner import Learner, as_batch, module_tensors, next_actions_of, stack_tree
 from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io, raise_if_not_finite
 from misa_fast.agents.td3_config import TD3Config
 
@@ -40,25 +42,31 @@ from misa_fast.agents.td3_config import TD3Config
 _ACTOR_METRICS = {
     "bc": ("actor_loss", "actor_q_term", "actor_bc_term", "actor_lambda", "q_pi"),
     "vae": ("actor_loss", "actor_q_term", "actor_density_term", "actor_lambda", "q_pi", "neg_log_density"),
+    "rebrac": ("actor_loss", "actor_q_term", "actor_bc_term", "actor_lambda", "q_pi"),
 }
 # Must match the architecture for a checkpoint to load.
 _ARCHITECTURE_KEYS = ("obs_dim", "act_dim", "actor_hidden", "critic_hidden", "num_critics", "critic_activation",
-                      "behavior_reg", "vae_hidden", "vae_latent")
+                      "behavior_reg", "vae_hidden", "vae_latent", "actor_layer_norm", "critic_layer_norm")
 
 
 class DeterministicActor(nn.Module):
     """MLP (ReLU) -> tanh, action in [-1, 1]. Dropout (official SPOT: after each hidden Linear) is
     applied through masks passed to ``forward``, drawn by the agent from its own generator, so the
-    module itself is deterministic: ``act`` (evaluation, export) never drops anything."""
+    module itself is deterministic: ``act`` (evaluation, export) never drops anything.
+    ``layer_norm``: a LayerNorm after each hidden activation (ReBRAC's optional actor LayerNorm);
+    it draws nothing from ``generator``."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256),
-                 generator: Optional[torch.Generator] = None, init_w: Optional[float] = None):
+                 generator: Optional[torch.Generator] = None, init_w: Optional[float] = None,
+                 layer_norm: bool = False):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
         sizes = [obs_dim, *hidden]
         self.hidden = nn.ModuleList(
             vae_lib.torch_default_linear(fan_in, fan_out, generator) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
         self.out = vae_lib.torch_default_linear(sizes[-1], act_dim, generator, init_w)
+        # Only when asked: a plain actor's state dict keeps its keys.
+        self.norms = nn.ModuleList(nn.LayerNorm(h, eps=nets.LAYER_NORM_EPS) for h in hidden) if layer_norm else None
 
     def forward(self, obs: Tensor, masks: Sequence[Tensor] = ()) -> Tensor:
         """masks: () or one (B, H_i) scaled keep-mask per hidden layer."""
@@ -68,6 +76,8 @@ class DeterministicActor(nn.Module):
             if masks:
                 h = h * masks[i]
             h = F.relu(h)
+            if self.norms is not None:
+                h = self.norms[i](h)
         return torch.tanh(self.out(h))
 
     @torch.no_grad()
@@ -116,10 +126,15 @@ class TD3Networks(nn.Module):
         self.config = cfg
         init_generator = torch.Generator().manual_seed(derive_seeds(cfg.seed)[0])  # CPU: same init everywhere
         obs_dim, act_dim = cfg.obs_dim, cfg.act_dim
-        self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w)
+        self.policy = DeterministicActor(obs_dim, act_dim, cfg.actor_hidden, init_generator, cfg.actor_init_w,
+                                         layer_norm=cfg.actor_layer_norm)
         self.critic = nets.EnsembleCritic(obs_dim, act_dim, cfg.critic_hidden, cfg.num_critics, init_generator,
-                                          activation=cfg.critic_activation)
+                                          activation=cfg.critic_activation, layer_norm=cfg.critic_layer_norm)
         _torch_default_init_(self.critic, init_generator, cfg.critic_init_w)
+        if cfg.hidden_bias_init is not None:  # after the draws: every other initial value stays as without it
+            with torch.no_grad():
+                for bias in [layer.bias for layer in self.policy.hidden] + list(self.critic.biases)[:-1]:
+                    bias.fill_(cfg.hidden_bias_init)
         self.vae: Optional[vae_lib.ConditionalVAE] = None
         if cfg.behavior_reg == "vae":
             self.vae = vae_lib.ConditionalVAE(obs_dim, act_dim, cfg.vae_hidden, cfg.resolved_vae_latent(act_dim),
@@ -135,32 +150,46 @@ class TD3Networks(nn.Module):
 
     def critic_loss(self, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
         """The critics' loss (the sum of their TD errors to the clipped double-Q target of the
-        smoothed target action) and its metrics."""
+        smoothed target action, less ReBRAC's penalty with ``critic_bc_coef``) and its metrics.
+        batch: (obs, actions, rewards, next_obs, dones[, next_actions of the data])."""
         cfg = self.config
-        obs, actions, rewards, next_obs, dones = batch
+        obs, actions, rewards, next_obs, dones = batch[:5]
+        penalty = None
         with torch.no_grad():
             next_actions = losses.smoothed_target_action(self.target_policy(next_obs, noise.target_masks), noise.target,
                                                          cfg.policy_noise, cfg.noise_clip)
-            target = losses.td_target(rewards, dones, self.target_critic(next_obs, next_actions), cfg.gamma)
+            next_q = self.target_critic(next_obs, next_actions)
+            if cfg.critic_bc_coef > 0:  # min_i (Q'_i - c) = min_i Q'_i - c: ReBRAC's penalised target
+                penalty = losses.next_action_penalty(next_actions, batch[5])
+                next_q = next_q - cfg.critic_bc_coef * penalty
+            target = losses.td_target(rewards, dones, next_q, cfg.gamma)
         q_data = self.critic(obs, actions)
         td = losses.td_loss(q_data, target)
         critic_loss = td.sum()  # the official sum of the critics' MSEs
         metrics = {"critic_loss": critic_loss, "q_target": target.mean()}
+        if penalty is not None:
+            metrics["critic_bc_penalty"] = penalty.mean()
         for i in range(cfg.num_critics):
             metrics[f"q{i + 1}_data"] = q_data[i].mean()
             metrics[f"q{i + 1}_td_loss"] = td[i]
         return critic_loss, metrics
 
     def actor_loss(self, batch: tuple, noise: TD3Noise) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """The actor's loss at pi(s) under Q1 (official: the first critic only), through detached
-        critic weights so only the actor gets a gradient."""
+        """The actor's loss at pi(s) under Q1 (official TD3+BC / SPOT: the first critic only) or the
+        minimum over the critics (``actor_q="min"``, ReBRAC), through detached critic weights so
+        only the actor gets a gradient."""
         cfg = self.config
         obs, actions = batch[0], batch[1]
         pi = self.policy(obs, noise.actor_masks)
-        q1_layers = [(w[:1], b[:1]) for w, b in self.critic.stacked_layers(detach=True)]
-        q_pi = nets.ensemble_q(q1_layers, nets.state_half(q1_layers, obs), pi, cfg.critic_activation)[0]
+        layers = self.critic.stacked_layers(detach=True)  # its layer norms travel with it
+        if cfg.actor_q == "first":
+            layers = layers.select(slice(0, 1))
+        q = nets.ensemble_q(layers, nets.state_half(layers, obs), pi, cfg.critic_activation)
+        q_pi = q[0] if cfg.actor_q == "first" else q.min(dim=0).values
         if cfg.behavior_reg == "bc":
             loss, terms = losses.td3bc_actor_loss(q_pi, pi, actions, cfg.bc_alpha)
+        elif cfg.behavior_reg == "rebrac":
+            loss, terms = losses.rebrac_actor_loss(q_pi, pi, actions, cfg.actor_bc_coef)
         else:
             neg_log_density = vae_lib.neg_log_density(self.vae, obs, pi, cfg.vae_beta, noise.density,
                                                       cfg.density_estimator)
@@ -287,7 +316,7 @@ class TD3(Learner):
         if self.needs_pretraining:
             raise RuntimeError("SPOT's VAE is not trained: call pretrain_vae(batches) first (the trainer does)")
         cfg = self.config
-        batch = as_batch(batch, self.device)
+        batch = as_batch(batch, self.device) + next_actions_of(batch, self.device, cfg)
         actor_step = self.is_actor_step()
         if noise is None:
             noise = self.draw_noise(batch[1].shape[-2], actor_step)
@@ -426,3 +455,4 @@ def _restore(optimizer: torch.optim.Optimizer, snapshot) -> None:
 
 def _as_tensor(x, device) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
+

@@ -41,7 +41,7 @@ def episode_returns(rewards: np.ndarray, episodes: np.ndarray) -> np.ndarray:
     return np.bincount(index, weights=rewards.astype(np.float64))
 
 
-REWARD_TRANSFORMS = ("none", "antmaze", "minmax", "iql-locomotion", "iql-antmaze")
+REWARD_TRANSFORMS = ("none", "antmaze", "minmax", "iql-locomotion", "iql-antmaze", "rebrac-antmaze")
 
 
 def transform_rewards(rewards: np.ndarray, name: str, episodes: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
@@ -73,14 +73,23 @@ def transform_reward(rewards, name: str, params: dict):
         return (rewards * np.float32(params["scale"])).astype(np.float32)
     if name == "iql-antmaze":  # IQL: 0 at the goal, -1 elsewhere
         return rewards - np.float32(1.0)
+    if name == "rebrac-antmaze":  # ReBRAC: the 0/1 goal reward times 100
+        return rewards * np.float32(100.0)
     return rewards
 
 
-def keep_best_episodes(data: dict, episodes: np.ndarray, fraction: float) -> dict:
-    """The transitions of the best ``fraction`` of episodes by return (at least one episode): the
-    data of "10%BC" (``fraction=0.1``)."""
-    returns = episode_returns(data["rewards"], episodes)
-    numbers = np.unique(episodes)
+# 10%BC ranks episodes by their return discounted at 0.99 (CORL's any_percent_bc).
+TOP_FRACTION_DISCOUNT = 0.99
+
+
+def keep_best_episodes(data: dict, episodes: np.ndarray, fraction: float,
+                       discount: float = TOP_FRACTION_DISCOUNT) -> dict:
+    """The transitions of the best ``fraction`` of episodes by discounted return (at least one
+    episode): the data of "10%BC" (``fraction=0.1``). ``episodes``: each transition's episode number,
+    the transitions of an episode contiguous and in order."""
+    numbers, first, index = np.unique(episodes, return_index=True, return_inverse=True)
+    step_in_episode = np.arange(len(episodes)) - first[index]
+    returns = episode_returns(data["rewards"] * np.power(discount, step_in_episode), episodes)
     keep = max(1, int(fraction * len(numbers)))
     best = numbers[np.argsort(-returns, kind="stable")[:keep]]
     rows = np.isin(episodes, best)

@@ -25,7 +25,9 @@ last, the last mapping to one output. The ops take it in one of these forms:
   name it (``activation=``), unless the layers carry one themselves
   (``misa_fast.nets.StackedLayers``, what ``EnsembleCritic.stacked_layers()`` returns).
 - a module with ``stacked_layers()`` (``misa_fast.nets.TwinCritic`` / ``EnsembleCritic``): its
-  layers and its activation.
+  layers and its activation. A layer-normalised one (``EnsembleCritic(layer_norm=True)``, whose
+  layers carry ``norms``) is opaque: the torch path runs its own forward, the Triton path refuses
+  it; its bare layers (stacked or per critic) are refused everywhere.
 """
 from __future__ import annotations
 
@@ -479,6 +481,20 @@ def _module_name(module: nn.Module, i: int) -> str:
     return f"critic {i} ({type(module).__name__})"
 
 
+_NORMALISED = ("its layers carry LayerNorms after the hidden activations (misa_fast.nets.StackedLayers.norms), "
+               "which the op does not model")
+
+
+def _normalised_ensemble(critics, stacked, what: str) -> CriticSet:
+    """A layer-normalised stacked ensemble: its module's own forward, member by member (the torch
+    path runs it, the Triton path refuses it); bare layers have no forward to fall back on."""
+    if not isinstance(critics, nn.Module):
+        raise CriticArchitectureError(f"{what}: {_NORMALISED}; pass the critic module itself")
+    E = stacked[0][0].shape[0]
+    return CriticSet([Critic(module=critics, why=_NORMALISED, member=c) for c in range(E)], None,
+                     [f"critic {c} of {what}" for c in range(E)])
+
+
 # ----------------------------------------------------------------------------------------------
 def resolve_critics(critics, activation, obs: torch.Tensor, actions: torch.Tensor) -> CriticSet:
     """Read ``critics`` (any form in the module docstring) into a :class:`CriticSet`."""
@@ -499,6 +515,8 @@ def resolve_critics(critics, activation, obs: torch.Tensor, actions: torch.Tenso
             stacked = critics
             what = "stacked critic layers"
     if stacked is not None:
+        if getattr(stacked, "norms", None):  # layer-normalised: not the plain MLP the op models
+            return _normalised_ensemble(critics, stacked, what)
         spec = _raw_activation(stacked, act, what)
         hooked = _stacked_module_hooks(critics) if isinstance(critics, nn.Module) else None
         if hooked is not None:  # its forward is what the hooks see: run it, member by member
@@ -525,6 +543,8 @@ def resolve_critics(critics, activation, obs: torch.Tensor, actions: torch.Tenso
                 raise CriticArchitectureError(f"{names[-1]}: {e}") from None
         else:
             names.append(f"critic {i}")
+            if getattr(c, "norms", None):
+                raise CriticArchitectureError(f"{names[-1]}: {_NORMALISED}; pass the critic module itself")
             layers = _raw_layers(c, names[-1])
             spec = _raw_activation(c, act, names[-1])
             out.append(Critic(layers=layers, activations=[spec] * (len(layers) - 1)))

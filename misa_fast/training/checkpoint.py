@@ -273,6 +273,9 @@ EXPORTED_POLICY_OPERATORS = frozenset({
     "aten.minimum.default", "aten.maximum.default", "aten.addmm.default", "aten.mm.default", "aten.t.default",
     "aten.view.default", "aten.reshape.default", "aten.split.Tensor", "aten.unsqueeze.default",
     "aten.squeeze.dim", "aten.elu.default", "aten.leaky_relu.default", "aten.gelu.default",
+    # a layer-normalised actor (ReBRAC's actor_layer_norm); native_layer_norm is what a decomposed
+    # trace calls instead
+    "aten.layer_norm.default", "aten.native_layer_norm.default",
     # what other torch versions may trace the same modules into (a linear layer as addmm of a
     # permuted weight, a dynamic batch size read from the input)
     "aten.permute.default", "aten.expand.default", "aten.clone.default", "aten.sym_size.int",

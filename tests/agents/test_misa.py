@@ -86,15 +86,42 @@ def np_log_prob_pre_tanh(mean, std, u):
 
 
 def np_q(critic, obs, action):
-    """(E, ...) Q values of the concat-input MLP."""
+    """(E, ...) Q values of the concat-input MLP (ELU, or ReLU for the EDAC networks)."""
+    act = _elu if critic.activation == "elu" else (lambda z: np.maximum(z, 0))
     out = []
     for i in range(critic.num_critics):
         x = np.concatenate([obs, action], axis=-1)
         layers = [(_np(w), _np(b)) for w, b in critic.layers(i)]
         for w, b in layers[:-1]:
-            x = _elu(x @ w.T + b)
+            x = act(x @ w.T + b)
         out.append((x @ layers[-1][0].T + layers[-1][1])[..., 0])
     return np.stack(out)
+
+
+def np_diversity(critic, obs, action):
+    """EDAC's (1/(N-1)) mean_s sum_{i != j} <g_i, g_j>, g_i = dQ_i/da / (|dQ_i/da| + 1e-10), with dQ/da
+    by the chain rule through the MLP."""
+    grads = []
+    for i in range(critic.num_critics):
+        x, pre = np.concatenate([obs, action], axis=-1), []
+        layers = [(_np(w), _np(b)) for w, b in critic.layers(i)]
+        for w, b in layers[:-1]:
+            pre.append(x @ w.T + b)
+            x = _elu(pre[-1]) if critic.activation == "elu" else np.maximum(pre[-1], 0)
+        g = np.broadcast_to(layers[-1][0], x.shape)
+        for (w, _), z in zip(reversed(layers[:-1]), reversed(pre)):
+            g = (g * (np.exp(np.minimum(z, 0)) if critic.activation == "elu" else (z > 0))) @ w
+        grads.append(g[:, -action.shape[1]:])
+    unit = np.stack(grads) / (np.linalg.norm(np.stack(grads), axis=-1, keepdims=True) + 1e-10)
+    gram = np.einsum("ibk,jbk->bij", unit, unit) * (1 - np.eye(len(grads)))
+    return gram.sum((1, 2)).mean() / (len(grads) - 1)
+
+
+def add_diversity(out, agent, obs, action):
+    """EDAC: the diversity term, and eta times it in the critic loss (nothing while eta is 0)."""
+    if agent.config.diversity_weight > 0:
+        out["diversity_loss"] = np_diversity(agent.critic, obs, action)
+        out["critic_loss"] += agent.config.diversity_weight * out["diversity_loss"]
 
 
 def hand_losses(agent, batch, noise, hmc_samples):
@@ -109,7 +136,8 @@ def hand_losses(agent, batch, noise, hmc_samples):
     log_pi_new = np_log_prob(mean, std, a_new)
     nmean, nstd = np_policy(agent, nobs)
     a_next = np.tanh(nmean + nstd * _np(noise.next_policy))
-    y = rew + cfg.gamma * (1 - done) * np_q(agent.target_critic, nobs, a_next).min(0)
+    entropy = math.exp(agent.log_alpha.item()) * np_log_prob(nmean, nstd, a_next) if cfg.backup_entropy else 0.0
+    y = rew + cfg.gamma * (1 - done) * (np_q(agent.target_critic, nobs, a_next).min(0) - entropy)
     q_data = np_q(agent.critic, obs, act)
     out = {"q_target": y.mean()}
     td = ((q_data - y) ** 2).mean(1)
@@ -148,9 +176,10 @@ def hand_losses(agent, batch, noise, hmc_samples):
     else:
         penalty = cfg.min_q_weight * gap
     out.update(td_loss=td.sum(), critic_penalty=penalty.sum(), critic_loss=td.sum() + penalty.sum())
+    add_diversity(out, agent, obs, act)
     if cfg.energy_bound != "none":
         out.update(lme_gap=gap.mean(), log_partition=partition.mean())
-    for i in range(2):
+    for i in range(cfg.num_critics):
         out[f"q{i + 1}_td_loss"], out[f"q{i + 1}_data"] = td[i], q_data[i].mean()
         if cfg.energy_bound != "none" and agent.energy is None:
             out[f"q{i + 1}_lme_gap"] = gap[i]
@@ -182,8 +211,9 @@ MISA_FAMILY = [name for name, algo in ALGORITHMS.items() if algo.family == "misa
 @pytest.mark.parametrize("lagrange,lse_norm,q_scale", [(False, "k", None), (True, "batch", None), (False, "k", 2.5)])
 def test_every_loss_term_matches_a_hand_computation(algo, lagrange, lse_norm, q_scale):
     """Every variant of the learner (misa_fast.agents.algorithms), with and without the Lagrange
-    multiplier, with the raw and the scale-free actor Q term."""
-    overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items() if k != "num_samples"}
+    multiplier, with the raw and the scale-free actor Q term (tiny networks whatever the algorithm's)."""
+    overrides = {k: v for k, v in ALGORITHMS[algo].overrides.items()
+                 if k not in ("num_samples", "policy_hidden", "critic_hidden")}
     if lagrange and (overrides.get("energy_bound") == "none" or overrides.get("energy_network") == "separate"):
         pytest.skip("no Lagrange multiplier without a critic regulariser")
     overrides.update(lagrange=lagrange, lagrange_tau=0.7, lse_norm=lse_norm, actor_q_scale=q_scale)

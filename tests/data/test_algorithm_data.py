@@ -45,7 +45,8 @@ def test_iql_locomotion_rewards_spread_returns_over_an_episode_length():
     assert params["scale"] == pytest.approx(scale)
     np.testing.assert_allclose(scaled, rewards * scale, rtol=1e-6)
     # One online reward goes through the same transform with the recorded parameters.
-    assert transforms.transform_reward(np.float32(2.0), "iql-locomotion", params) == pytest.approx(2.0 * scale, rel=1e-6)
+    online = transforms.transform_reward(np.float32(2.0), "iql-locomotion", params)
+    assert online == pytest.approx(2.0 * scale, rel=1e-6)
     with pytest.raises(ValueError, match="episode"):
         transforms.transform_rewards(rewards, "iql-locomotion")
 
@@ -61,10 +62,20 @@ def test_best_episodes_are_kept_by_return(fraction, kept):
     rewards = np.array([1.0, 1.0, -5.0, 0.0, 3.0, 2.0], np.float32)  # returns 2, -5, 5
     episodes = np.array([0, 0, 1, 1, 2, 2])
     data = {"rewards": rewards, "observations": np.arange(6, dtype=np.float32)[:, None]}
-    best = transforms.keep_best_episodes(data, episodes, fraction)
+    best = transforms.keep_best_episodes(data, episodes, fraction, discount=1.0)
     rows = np.isin(episodes, kept)
     np.testing.assert_array_equal(best["rewards"], rewards[rows])
     np.testing.assert_array_equal(best["observations"], data["observations"][rows])
+
+
+def test_best_episodes_rank_by_discounted_return():
+    # undiscounted both episodes return 10; at 0.5 the early reward is worth more: 10 against 2.5 + ...
+    rewards = np.array([10.0, 0.0, 0.0, 0.0, 0.0, 10.0], np.float32)
+    episodes = np.array([0, 0, 0, 1, 1, 1])
+    best = transforms.keep_best_episodes({"rewards": rewards}, episodes, 0.5, discount=0.5)
+    np.testing.assert_array_equal(best["rewards"], rewards[:3])
+    best = transforms.keep_best_episodes({"rewards": rewards[::-1].copy()}, episodes, 0.5, discount=0.5)
+    np.testing.assert_array_equal(best["rewards"], [10.0, 0.0, 0.0])
 
 
 def test_prepare_applies_an_algorithms_data_options():
@@ -104,3 +115,18 @@ def test_sources_carry_next_actions_with_their_rows():
     torch.testing.assert_close(batches["next_actions"][0], batch["next_actions"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="next_actions"):
         make_source("prefetch", data, 8, seed=0, device="cpu")
+
+
+def test_rebrac_antmaze_rewards_are_the_goal_reward_times_100():
+    scaled, params = transforms.transform_rewards(np.array([0.0, 1.0], np.float32), "rebrac-antmaze")
+    np.testing.assert_array_equal(scaled, [0.0, 100.0])
+    assert params == {}
+
+
+@pytest.mark.parametrize("algo, domain, expected", [
+    ("iql", "locomotion", "iql-locomotion"), ("iql", "antmaze", "iql-antmaze"), ("rebrac", "antmaze", "rebrac-antmaze"),
+    ("iql", "kitchen", "auto"), ("misa", "antmaze", "auto")])
+def test_each_algorithm_names_its_reward_transform(algo, domain, expected):
+    from misa_fast.agents import algorithms
+
+    assert algorithms.get(algo).reward_transforms.get(domain, "auto") == expected
