@@ -22,6 +22,8 @@ from misa_fast.training.evaluation import evaluate_policy
 from misa_fast.training.loop import RunConfig, train
 
 TINY = ("policy_hidden=32,32", "critic_hidden=32,32", "num_samples=4", "batch_size=32", "hmc_burn_in=1")
+TINY_BY_FAMILY = {"misa": TINY, "td3": ("actor_hidden=32,32", "critic_hidden=32,32", "batch_size=32"),
+                  "weighted": ("actor_hidden=32,32", "critic_hidden=32,32", "value_hidden=32,32", "batch_size=32")}
 SEEDS = (0, 3, 7)
 
 
@@ -30,10 +32,16 @@ def data():
     return prepare(DEFAULT_DATASET, obs_norm="none")
 
 
+@pytest.fixture(scope="module")
+def data_with_next_actions():
+    return prepare(DEFAULT_DATASET, obs_norm="none", next_actions=True)
+
+
 def make(algo, seed, info, extra=()):
     cfg = algos.build_config(algo, "pendulum", info.name, seed=seed, device="cpu", obs_dim=info.obs_dim,
                              act_dim=info.act_dim)
-    return algos.make_agent(apply_overrides(cfg, TINY * (algo not in ("td3bc", "spot")) + tuple(extra)))
+    tiny = () if algo in ("td3bc", "spot") else TINY_BY_FAMILY[algos.get(algo).family]
+    return algos.make_agent(apply_overrides(cfg, tiny + tuple(extra)))
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -44,7 +52,8 @@ def relative_difference(a: dict, b: dict) -> float:
 
 
 def parameters(state: dict) -> dict:
-    return {f"{part}.{k}": v for part in ("policy", "critic") for k, v in state[part].items()}
+    return {f"{part}.{k}": v for part in ("policy", "critic") if state.get(part) is not None
+            for k, v in state[part].items()}
 
 
 @pytest.mark.parametrize("text, seeds", [("0-4", [0, 1, 2, 3, 4]), ("0,3,7", [0, 3, 7]), ("5", [5]),
@@ -69,22 +78,26 @@ def test_bad_seeds_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("algo, extra", [("misa", ()), ("misa", ("unbiased_estimator=snis",)), ("misa-t", ()),
-                                         ("cql", ()), ("td3bc", ()), ("spot", ("vae_steps=5",))])
-def test_each_member_equals_the_single_run_with_its_seed(data, algo, extra):
-    arrays, info = data
+                                         ("cql", ()), ("td3bc", ()), ("spot", ("vae_steps=5",)), ("edac", ()),
+                                         ("sac-n", ()), ("rebrac", ()), ("bc", ()), ("awac", ()), ("onestep", ()),
+                                         ("iql", ())])
+def test_each_member_equals_the_single_run_with_its_seed(data, data_with_next_actions, algo, extra):
+    """Every learner family, and each algorithm with its own data needs (ReBRAC's and OneStep's next
+    actions come from the device-resident source: the C++ buffer holds the five transition fields)."""
+    arrays, info = data_with_next_actions if algo in ("rebrac", "onestep") else data
     singles = [make(algo, s, info, extra) for s in SEEDS]
     group = [make(algo, s, info, extra) for s in SEEDS]
     for agent in singles + group:
         if getattr(agent, "needs_pretraining", False):
-            source = make_source("prefetch", arrays, agent.config.batch_size, agent.config.seed, "cpu")
+            source = make_source("auto", arrays, agent.config.batch_size, agent.config.seed, "cpu")
             agent.pretrain_vae(source, progress=False)
             source.close()
     stacked = members.stack_agents(group)
     for m, agent in enumerate(singles):  # the members start from the single runs' initial networks
         assert relative_difference(parameters(members.member_state_dicts(stacked)[m]),
                                    parameters(agent.state_dict())) == 0.0
-    single_sources = [make_source("prefetch", arrays, singles[0].config.batch_size, s, "cpu") for s in SEEDS]
-    group_sources = [make_source("prefetch", arrays, singles[0].config.batch_size, s, "cpu") for s in SEEDS]
+    single_sources = [make_source("auto", arrays, singles[0].config.batch_size, s, "cpu") for s in SEEDS]
+    group_sources = [make_source("auto", arrays, singles[0].config.batch_size, s, "cpu") for s in SEEDS]
     try:
         for step in range(20):
             single_metrics = [a.update(next(s)) for a, s in zip(singles, single_sources)]
