@@ -160,6 +160,11 @@ pytree.register_pytree_node(TensorLeaves, lambda node: (node.tensors, node.layou
                             serialized_type_name="misa_fast.agents.learner.TensorLeaves")
 
 
+def tensors_under(tensors: Tensors, name: str) -> List[Tensor]:
+    """The tensors of the network ``name`` (paths ``name.*``), in order: what its optimizer steps."""
+    return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+
+
 def module_tensors(module: nn.Module) -> Tensors:
     """A module's parameters and buffers by path (the tensors themselves, not copies)."""
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}

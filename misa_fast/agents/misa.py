@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from misa_fast import nets, ops
 from misa_fast.agents import losses
-from misa_fast.agents.learner import Learner, as_batch, module_tensors
+from misa_fast.agents.learner import Learner, as_batch, module_tensors, tensors_under
 from misa_fast.agents.losses import SNISSamples
 from misa_fast.agents.misa_config import MISAConfig
 from misa_fast.ops import hmc_reference as hmc_lib
@@ -444,7 +444,7 @@ class MISA(Learner):
         """One Adam per loss (LOSS_OWNER) over ``tensors`` (a single run's or a group's)."""
 
         def of(name):
-            return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+            return tensors_under(tensors, name)
 
         optimizers = {
             "policy": torch.optim.Adam(of("policy"), lr=cfg.policy_lr),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from misa_fast import nets
 from misa_fast.agents import losses
 from misa_fast.agents import vae as vae_lib
-from misa_fast.agents.learner import Learner, as_batch, module_tensors, next_actions_of, stack_tree
+from misa_fast.agents.learner import Learner, as_batch, module_tensors, next_actions_of, stack_tree, tensors_under
 from misa_fast.agents.misa import NonFiniteLossError, derive_seeds, numpy_io, raise_if_not_finite
 from misa_fast.agents.td3_config import TD3Config
 
@@ -235,7 +235,7 @@ class TD3(Learner):
     @staticmethod
     def make_optimizers(cfg: TD3Config, tensors: Dict[str, Tensor]) -> Dict[str, torch.optim.Optimizer]:
         def of(name):
-            return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+            return tensors_under(tensors, name)
 
         return {"policy": torch.optim.Adam(of("policy"), lr=cfg.actor_lr),
                 "critic": torch.optim.Adam(of("critic"), lr=cfg.critic_lr)}

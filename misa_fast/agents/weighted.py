@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from misa_fast import nets
 from misa_fast.agents import losses
-from misa_fast.agents.learner import Learner, as_batch, module_tensors, next_actions_of
+from misa_fast.agents.learner import Learner, as_batch, module_tensors, next_actions_of, tensors_under
 from misa_fast.agents.misa import derive_seeds, numpy_io, raise_if_not_finite
 from misa_fast.agents.td3 import DeterministicActor, _torch_default_init_
 from misa_fast.agents.vae import torch_default_linear
@@ -336,7 +336,7 @@ class Weighted(Learner):
         """One Adam per network that has a loss (LOSS_OWNER), over ``tensors`` (a run's or a group's)."""
 
         def of(name):
-            return [tensor for path, tensor in tensors.items() if path.startswith(name + ".")]
+            return tensors_under(tensors, name)
 
         lrs = {"policy": cfg.actor_lr, "critic": cfg.critic_lr, "value": cfg.value_lr, "behavior": cfg.behavior_lr}
         return {name: torch.optim.Adam(of(name), lr=lr) for name, lr in lrs.items() if of(name)}

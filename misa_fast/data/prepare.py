@@ -118,17 +118,7 @@ def prepare(
         # Minari rows carry their true s': the last step of a truncated episode stays a (bootstrapped)
         # transition, and no s' is ever taken from the next episode.
         use_next_observations = True
-    data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations,
-                             with_episodes=True, with_next_actions=next_actions)
-    if len(data["rewards"]) == 0:
-        raise DataError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
-    if not 0.0 < top_fraction <= 1.0:
-        raise DataError(f"top_fraction must lie in (0, 1], got {top_fraction}")
-    episodes = data.pop("episodes")
-    if top_fraction < 1.0:
-        data = transforms.keep_best_episodes({**data, "episodes": episodes}, episodes, top_fraction)
-        episodes = data.pop("episodes")
-
+    data, episodes = _transitions(raw, name, terminate_on_end, use_next_observations, top_fraction, next_actions)
     data["actions"], action_scale = check_action_range(data["actions"], str(name_or_path), rescale_actions)
     data["actions"] = transforms.clip_actions(data["actions"], action_clip)
     if reward_transform == "auto":
@@ -172,6 +162,22 @@ def prepare(
         top_fraction=float(top_fraction),
     )
     return data, info
+
+
+def _transitions(raw: dict, name: str, terminate_on_end: bool, use_next_observations: bool, top_fraction: float,
+                 next_actions: bool) -> tuple[dict, np.ndarray]:
+    """The q-learning transitions (of the best ``top_fraction`` of episodes) and each one's episode."""
+    data = qlearning_dataset(raw, terminate_on_end=terminate_on_end, use_next_observations=use_next_observations,
+                             with_episodes=True, with_next_actions=next_actions)
+    if len(data["rewards"]) == 0:
+        raise DataError(f"{name}: no transitions left after qlearning_dataset (every row is a timeout?)")
+    if not 0.0 < top_fraction <= 1.0:
+        raise DataError(f"top_fraction must lie in (0, 1], got {top_fraction}")
+    episodes = data.pop("episodes")
+    if top_fraction < 1.0:
+        data = transforms.keep_best_episodes({**data, "episodes": episodes}, episodes, top_fraction)
+        episodes = data.pop("episodes")
+    return data, episodes
 
 
 def check_action_range(actions: np.ndarray, source: str, rescale: bool) -> tuple[np.ndarray, list | None]:

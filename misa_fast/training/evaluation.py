@@ -88,9 +88,9 @@ class EvalConfig:
     env: Optional[str] = option(None, help="gymnasium id (default: the one the training data came from)")
     dataset_name: Optional[str] = option(None, help="name for the normalized score (default: the training dataset)")
     json: bool = option(False, help="print the full result as JSON")
-    matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
+    matmul_precision: str = option("auto", choices=MATMUL_PRECISIONS,
                                    help="fp32 matrix products of the policy: highest (fp32) or medium (bfloat16 "
-                                        "products with fp32 accumulation on a CPU)")
+                                        "products with fp32 accumulation on a CPU); auto: as for misa-fast train")
     threads: Optional[int] = option(None, metavar="N",
                                     help="intra-op threads for the policy's forward passes (default: "
                                          "OMP_NUM_THREADS, else 1: one small forward per environment step gains "

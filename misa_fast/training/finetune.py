@@ -52,9 +52,9 @@ class FinetuneConfig:
     threads: Optional[int] = option(None, metavar="N",
                                     help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the rule of "
                                          "misa_fast.training.runtime)")
-    matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
+    matmul_precision: str = option("auto", choices=MATMUL_PRECISIONS,
                                    help="fp32 matrix products: highest (fp32) or medium (bfloat16 products with "
-                                        "fp32 accumulation on a CPU); as for misa-fast train")
+                                        "fp32 accumulation on a CPU); auto: as for misa-fast train")
     exploration_noise: float = option(0.1, help="TD3-family action noise std (TD3's default; MISA samples its "
                                                 "own policy)")
     start_updates_after: int = option(0, help="environment steps collected before the first update")
@@ -110,7 +110,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     device = resolve_device(cfg.device)
     source_path = _checkpoint_path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path(f"{source_path.parent}-finetune")
-    with matmul_precision(cfg.matmul_precision), rundir.claim(out, "finetune"), InterruptGuard("finetune") as guard:
+    with matmul_precision(cfg.matmul_precision, device), rundir.claim(out, "finetune"), \
+            InterruptGuard("finetune") as guard:
         return _finetune_claimed(cfg, source_path, out, device, guard)
 
 
@@ -179,6 +180,10 @@ def load_agent(cfg: FinetuneConfig, source_path: Path, out: Path, device) -> Fin
     checks.check_environment(env_id, info.env_kwargs, info.obs_dim, info.act_dim,
                              f"--env {cfg.env}" if cfg.env else f"the checkpoint's environment {env_id}")
     agent = algos.agent_from_checkpoint(state, device, source=str(own if resuming else source_path))
+    if getattr(agent.config, "reads_next_actions", False):
+        raise UserError(f"misa-fast finetune: {offline_run['algo']} reads the data's next actions (ReBRAC's critic "
+                        "penalty, OneStep's SARSA target), which the online replay buffer does not keep; fine-tune "
+                        "it from a run trained with --set critic_bc_coef=0 (ReBRAC), or train longer offline")
     threads = apply_threads(choose_threads(cfg.threads, agent.config, device))
     print(f"misa-fast finetune: {threads.describe()}", file=sys.stderr)
     return Finetuning(cfg=cfg, out=out, state=state, resuming=resuming, offline_run=offline_run, agent=agent,

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ def _algorithm_help() -> str:
 
 
 PRESET_NAMES = ("locomotion", "antmaze", "adroit", "kitchen", "pendulum")
+# --backend auto compiles a single MISA-family run on a CPU from this length on: on the embedded
+# dataset's run the compile took 20-40 s and saved 24-31 ms a step (docs: Training), paid back
+# after 900-1,300 steps.
+COMPILED_FROM_STEPS = 2_000
 
 
 @dataclass
@@ -90,16 +95,20 @@ class RunConfig:
     data_source: str = option("auto", choices=SOURCES,
                               help="batches from the C++ prefetcher or a device-resident dataset (auto: device on "
                                    "CUDA)")
-    backend: str = option("eager", choices=("eager", "compiled", "graph"),
+    backend: str = option("auto", choices=("auto", "eager", "compiled", "graph"),
                           help="training step: eager PyTorch, torch.compile of the losses, or the whole update "
-                               "captured in a CUDA graph (CUDA only)")
+                               "captured in a CUDA graph (CUDA only). auto (the default): compiled for a single "
+                               f"MISA-family run of at least {COMPILED_FROM_STEPS:,} steps on a CPU (its compile, "
+                               "10-60 s, is paid back within about 1,300 steps), eager otherwise")
     threads: Optional[int] = option(None, metavar="N",
                                     help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the rule of "
                                          "misa_fast.training.runtime, printed at start)")
-    matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
+    matmul_precision: str = option("auto", choices=MATMUL_PRECISIONS,
                                    help="fp32 matrix products (torch.set_float32_matmul_precision): highest keeps "
                                         "them in fp32; medium lets a CPU compute them in bfloat16 with fp32 "
-                                        "accumulation (faster on CPUs with AVX-512 BF16 or AMX). Default: highest")
+                                        "accumulation (faster on CPUs with AVX-512 BF16 or AMX). auto (the default): "
+                                        "medium on a CPU with native bfloat16 products, where it learns as fp32 "
+                                        "does (docs: Training), highest elsewhere")
     obs_norm: Optional[str] = option(None, choices=("none", "scalar", "per-dim"),
                                      help="observation normalisation (default: per-dim for td3bc/spot, none otherwise)")
     rescale_actions: bool = option(False, help="divide each action dimension of a dataset whose actions lie outside "
@@ -134,6 +143,29 @@ def build_agent_config(run: RunConfig, dataset_name: str, obs_dim: int, act_dim:
         return apply_overrides(cfg, run.overrides)
     except ValueError as err:
         raise UserError(f"--set: {err}") from None
+
+
+def resolve_automatic_options(run: RunConfig, grouped: bool) -> RunConfig:
+    """The run with ``--matmul-precision auto`` and ``--backend auto`` decided (what config.json
+    records): see their --help."""
+    from misa_fast.agents import algorithms as algos
+    from misa_fast.training.runtime import resolve_device, resolve_matmul_precision
+
+    device = resolve_device(run.device)
+    backend = run.backend
+    if backend == "auto":
+        pays = (device.type == "cpu" and not grouped and algos.get(run.algo).family == "misa"
+                and run.steps >= COMPILED_FROM_STEPS and _has_cpp_compiler())
+        backend = "compiled" if pays else "eager"
+    return dataclasses.replace(run, backend=backend,
+                               matmul_precision=resolve_matmul_precision(run.matmul_precision, device))
+
+
+def _has_cpp_compiler() -> bool:
+    """Whether inductor can build the compiled step here (it compiles C++ on a CPU)."""
+    import shutil
+
+    return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))
 
 
 def preset_for(run: RunConfig, dataset_name: str) -> str:
@@ -324,6 +356,7 @@ def train(run: RunConfig, on_evaluation=None) -> dict:
     checks.check_run_options(run)
     algos.get(run.algo)  # a clear error for an unknown name before any data is read
     seeds = run_seeds(run)
+    run = resolve_automatic_options(run, grouped=len(seeds) > 1 or run.seeds is not None)
     outs = member_out_dirs(run, run.dataset or DEFAULT_DATASET, seeds)
     with contextlib.ExitStack() as held, InterruptGuard("train") as guard:
         held.enter_context(matmul_precision(run.matmul_precision))
@@ -526,9 +559,15 @@ def step_loop(training: Training, guard: InterruptGuard, on_evaluation) -> int:
                 # finite check included); one that arrives during it is acted on after the step.
                 stopping = guard.pending is not None and step < run.steps
                 saved_now = step % checkpoint_every == 0 or step == run.steps or stopping
+                started = time.perf_counter()
                 metrics = _one_step(training, group, step, saved_now, bar)
                 if metrics is None:  # every member stopped
                     break
+                if step == training.start_step + 1 and run.backend == "compiled":
+                    bar.write(f"misa-fast train: --backend compiled: compiled the step in "
+                              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+                    window[0] = time.perf_counter()  # steps/s counts the steps, not the compile
+                    window[1] -= 1
                 window[1] += 1
                 bar.update(1)
                 evaluate_now = (step % run.eval_every == 0 or step == run.steps) and not stopping

@@ -143,20 +143,44 @@ def resolve_device(name: str):
     return device
 
 
-MATMUL_PRECISIONS = ("highest", "high", "medium")
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 
 
-@contextlib.contextmanager
-def matmul_precision(name: str) -> Iterator[str]:
-    """``torch.set_float32_matmul_precision(name)`` for the block, the previous setting restored
-    after it (a Python caller's process keeps its own). On a CPU, "medium" lets oneDNN compute
-    fp32 matrix products in bfloat16 with fp32 accumulation (fast on CPUs with AVX-512 BF16 or
-    AMX); "high" and "highest" keep them in fp32 there. The fused ops' torch paths follow the
-    setting; their Triton kernels take the precisions of the learner's config."""
+def cpu_has_bfloat16() -> bool:
+    """Whether oneDNN computes bfloat16 products natively on this CPU (AVX-512 BF16 or AMX): only
+    there does "medium" make fp32 products faster."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_matmul_precision(name: str, device) -> str:
+    """``--matmul-precision`` as torch names it. "auto": "medium" on a CPU with native bfloat16
+    products (their learning matches fp32's: docs, "Matrix-product precision on a CPU"), else
+    "highest" (CUDA included: no GPU study has been made)."""
     import torch
 
     if name not in MATMUL_PRECISIONS:
         raise ValueError(f"--matmul-precision: expected one of {MATMUL_PRECISIONS}, got {name!r}")
+    if name != "auto":
+        return name
+    return "medium" if torch.device(device).type == "cpu" and cpu_has_bfloat16() else "highest"
+
+
+@contextlib.contextmanager
+def matmul_precision(name: str, device="cpu") -> Iterator[str]:
+    """``torch.set_float32_matmul_precision(name)`` for the block ("auto" resolved for ``device`` by
+    :func:`resolve_matmul_precision`), the previous setting restored after it (a Python caller's
+    process keeps its own). On a CPU, "medium" lets oneDNN compute fp32 matrix products in bfloat16
+    with fp32 accumulation (fast on CPUs with AVX-512 BF16 or AMX); "high" and "highest" keep them
+    in fp32 there. The fused ops' torch paths follow the setting; their Triton kernels take the
+    precisions of the learner's config. Yields the resolved name."""
+    import torch
+
+    name = resolve_matmul_precision(name, device)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(name)
     try:

@@ -13,6 +13,7 @@ from misa_fast.training.loop import RunConfig, train
 TINY = {
     "misa": ("policy_hidden=16,16", "critic_hidden=16,16", "num_samples=4", "batch_size=32", "hmc_burn_in=1"),
     "spot": ("actor_hidden=16,16", "critic_hidden=16,16", "batch_size=32", "vae_hidden=16", "vae_steps=20"),
+    "iql": ("actor_hidden=16,16", "critic_hidden=16,16", "value_hidden=16,16", "batch_size=32"),
 }
 
 
@@ -43,8 +44,8 @@ def test_finetune_appends_online_transitions_and_keeps_learning(offline_runs, tm
     assert state["agent"]["step"] == offline["agent"]["step"] + 200  # one update per environment step
     # The online rows are Pendulum transitions: observations (cos, sin, velocity), clipped actions.
     online = {k: v[n_offline:] for k, v in state["buffer"]["data"].items()}
-    info = state["data_info"]  # SPOT normalises observations per dimension; online rows must match
-    assert (info["obs_norm"] == "per-dim") == (algo == "spot")
+    info = state["data_info"]  # SPOT and IQL normalise observations per dimension; online rows must match
+    assert (info["obs_norm"] == "per-dim") == (algo in ("spot", "iql"))
     raw = online["observations"] * np.asarray(info["obs_std"] or 1.0) + np.asarray(info["obs_mean"] or 0.0)
     assert np.allclose(raw[:, 0] ** 2 + raw[:, 1] ** 2, 1.0, atol=1e-4)
     assert np.abs(online["actions"]).max() <= 0.999 + 1e-7
@@ -79,8 +80,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ("none", {}, 0.3, 0.3),
     ("antmaze", {}, 1.0, 2.0),
     ("minmax", {"min": -1.0, "max": 3.0}, 1.0, 0.0),
+    ("iql-locomotion", {"scale": 2.5}, 2.0, 5.0),
+    ("iql-antmaze", {}, 1.0, 0.0),
 ])
 def test_online_rewards_get_the_dataset_transform(transform, params, reward, expected):
     info = DataInfo(name="x", env_id="Pendulum-v1", n_transitions=1, obs_dim=3, act_dim=1,
                     reward_transform=transform, reward_params=params)
     assert online_reward(reward, info) == pytest.approx(expected)
+
+
+def test_an_algorithm_that_reads_next_actions_is_refused_before_any_step(tmp_path):
+    from misa_fast.errors import UserError
+
+    offline = tmp_path / "onestep"
+    train(RunConfig(algo="onestep", steps=10, out=str(offline), eval_every=10, eval_episodes=1, progress=False,
+                    tensorboard=False, device="cpu", overrides=("actor_hidden=8,8", "critic_hidden=8,8",
+                                                                "batch_size=16")))
+    with pytest.raises(UserError, match="next actions"):
+        finetune(tiny_finetune(offline, tmp_path / "ft", 10))
+    assert not (tmp_path / "ft" / ckpt.CHECKPOINT_NAME).exists()
