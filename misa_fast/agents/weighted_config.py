@@ -18,8 +18,8 @@ from misa_fast.agents.config_base import ConfigBase
 # (a diagonal Gaussian, the data action's log-likelihood: AWAC, OneStep, IQL).
 Policy = Literal["deterministic", "gaussian"]
 # What the critics regress to. "none": no critic (BC). "policy": r + gamma (1 - d) min_i Q'_i(s',
-# a' ~ pi(s')) (AWAC). "behavior": the same with a' ~ beta(s'), beta a Gaussian fitted to the data
-# by BC alongside (OneStep's Q^beta, as an expected-SARSA evaluation: see weighted.py). "value":
+# a' ~ pi(s')) (AWAC). "behavior": OneStep's Q^beta by SARSA, r + gamma (1 - d) min_i Q'_i(s', a'),
+# a' the data's next action, with beta a Gaussian fitted to the data by BC alongside. "value":
 # r + gamma (1 - d) V(s'), V fitted by expectile regression to min_i Q'_i(s, a) (IQL).
 CriticTarget = Literal["none", "policy", "behavior", "value"]
 # The weight of a data action in the actor loss. "none": 1 (BC). "awac": exp(A / awac_lambda) with
