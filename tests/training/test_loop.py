@@ -205,3 +205,16 @@ def test_resume_accepts_the_same_data_at_a_new_location_and_refuses_other_data(t
     train(tiny_run(tmp_path / "split", 20, resume=True, dataset=str(moved)))
     assert json.loads((tmp_path / "split" / "config.json").read_text())["run"]["dataset"] == str(moved)
     assert_same_tensors(final_parameters(tmp_path / "full"), final_parameters(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+@pytest.mark.parametrize("domain", ["locomotion", "antmaze", "pendulum"])
+def test_every_algorithms_presets_get_a_memory_estimate(algo, domain):
+    """The memory check before the first step reads each learner's network sizes, including the
+    weighted learner's "the method's own" (None until resolved)."""
+    from misa_fast.agents import algorithms as algos
+    from misa_fast.training.checks import step_memory
+
+    cfg = algos.build_config(algo, domain, "hopper-medium-v2", obs_dim=11, act_dim=3)
+    estimate = step_memory(cfg, 11, 3)
+    assert estimate["parameters"] > 0 and estimate["activations"] > 0
