@@ -56,6 +56,16 @@ class ConfigBase:
         return cls().replace(**values)
 
 
+def hidden_sizes(cfg, network: str) -> tuple:
+    """The hidden sizes of a learner's ``network`` ("actor" or "critic") as the learner builds them,
+    whatever its config calls them: MISA's ``policy_hidden``, TD3's ``actor_hidden``, the weighted
+    learner's None for its method's own (``resolved_hidden``)."""
+    if hasattr(cfg, "resolved_hidden"):
+        return tuple(cfg.resolved_hidden(network))
+    names = ("policy_hidden", "actor_hidden") if network == "actor" else ("critic_hidden",)
+    return tuple(next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), ()))
+
+
 _ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
 _LOCOMOTION_TASKS = ("hopper", "walker", "halfcheetah", "cheetah", "ant")
 

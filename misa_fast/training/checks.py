@@ -93,22 +93,15 @@ def step_memory(cfg, obs_dim: int, act_dim: int) -> dict:
     Parameters count four times (weights, gradients, two Adam moments) plus the target copies;
     the critics' activations over the batch's sampled actions count eight times (forward,
     backward and the HMC chain's leapfrog states)."""
-    policy_hidden, critic_hidden = _hidden_sizes(cfg, "actor"), _hidden_sizes(cfg, "critic")
+    from misa_fast.agents.config_base import hidden_sizes
+
+    policy_hidden, critic_hidden = hidden_sizes(cfg, "actor"), hidden_sizes(cfg, "critic")
     critics = int(getattr(cfg, "num_critics", 2))
     samples = max(int(getattr(cfg, "num_samples", 1)), 1)
     params = (_mlp_params(obs_dim, policy_hidden, 2 * act_dim) * 5
               + critics * _mlp_params(obs_dim + act_dim, critic_hidden, 1) * 6)
     activations = cfg.batch_size * (samples + 2) * critics * (sum(critic_hidden) + sum(policy_hidden)) * 8
     return {"parameters": 4 * params, "activations": 4 * activations}
-
-
-def _hidden_sizes(cfg, network: str) -> tuple:
-    """The hidden sizes of the actor (``policy_hidden`` of MISA) or the critics, as the learner builds
-    them (the weighted learner's None means its method's own: ``resolved_hidden``)."""
-    if hasattr(cfg, "resolved_hidden"):
-        return tuple(cfg.resolved_hidden(network))
-    names = ("policy_hidden", "actor_hidden") if network == "actor" else ("critic_hidden",)
-    return tuple(next(getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None))
 
 
 def available_memory(device) -> Optional[int]:

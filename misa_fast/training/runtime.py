@@ -93,7 +93,9 @@ def default_threads(cfg, device) -> ThreadChoice:
     torch_device = getattr(device, "type", str(device))
     if torch_device == "cuda":
         return ThreadChoice(1, "default", "the step runs on the GPU")
-    widths = [w for name in ("critic_hidden", "policy_hidden", "actor_hidden") for w in getattr(cfg, name, ())]
+    from misa_fast.agents.config_base import hidden_sizes
+
+    widths = [w for network in ("critic", "actor") for w in hidden_sizes(cfg, network)]
     width = max(widths) if widths else 0
     k = getattr(cfg, "num_samples", None) if hasattr(cfg, "hmc_mode") else None
     shape = f"{width}-wide networks" + (f", K={k}" if k else "")

@@ -209,12 +209,15 @@ def test_resume_accepts_the_same_data_at_a_new_location_and_refuses_other_data(t
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
 @pytest.mark.parametrize("domain", ["locomotion", "antmaze", "pendulum"])
-def test_every_algorithms_presets_get_a_memory_estimate(algo, domain):
-    """The memory check before the first step reads each learner's network sizes, including the
+def test_every_algorithms_presets_get_a_memory_estimate_and_a_thread_count(algo, domain):
+    """The memory check and the thread rule read each learner's network sizes, including the
     weighted learner's "the method's own" (None until resolved)."""
     from misa_fast.agents import algorithms as algos
     from misa_fast.training.checks import step_memory
 
+    from misa_fast.training.runtime import default_threads
+
     cfg = algos.build_config(algo, domain, "hopper-medium-v2", obs_dim=11, act_dim=3)
     estimate = step_memory(cfg, 11, 3)
     assert estimate["parameters"] > 0 and estimate["activations"] > 0
+    assert default_threads(cfg, "cpu").threads >= 1  # the thread rule reads the same sizes
