@@ -188,8 +188,10 @@ def data_options(run: RunConfig, dataset: str, device: torch.device) -> dict:
     from misa_fast.agents import algorithms as algos
 
     algo = algos.get(run.algo)
-    cfg = build_agent_config(run, dataset, 1, 1, device)
-    return {"reward_transform": algo.reward_transforms.get(preset_for(run, dataset), "auto"),
+    # A file's domain is in its name, as for the preset the agent gets ("data/pen-human.hdf5": adroit).
+    name = Path(dataset).stem if Path(dataset).suffix.lower() in (".hdf5", ".h5", ".npz") else dataset
+    cfg = build_agent_config(run, name, 1, 1, device)
+    return {"reward_transform": algo.reward_transforms.get(preset_for(run, name), "auto"),
             "top_fraction": getattr(cfg, "top_fraction", 1.0),
             "next_actions": bool(getattr(cfg, "reads_next_actions", False))}
 

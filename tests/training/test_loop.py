@@ -214,10 +214,26 @@ def test_every_algorithms_presets_get_a_memory_estimate_and_a_thread_count(algo,
     weighted learner's "the method's own" (None until resolved)."""
     from misa_fast.agents import algorithms as algos
     from misa_fast.training.checks import step_memory
-
     from misa_fast.training.runtime import default_threads
 
     cfg = algos.build_config(algo, domain, "hopper-medium-v2", obs_dim=11, act_dim=3)
     estimate = step_memory(cfg, 11, 3)
     assert estimate["parameters"] > 0 and estimate["activations"] > 0
     assert default_threads(cfg, "cpu").threads >= 1  # the thread rule reads the same sizes
+
+
+@pytest.mark.parametrize("algo, dataset, expected", [
+    ("iql", "hopper-medium-v2", {"reward_transform": "iql-locomotion", "top_fraction": 1.0, "next_actions": False}),
+    ("iql", "data/hopper-medium-local.hdf5", {"reward_transform": "iql-locomotion"}),
+    ("iql", "data/pen-human.hdf5", {"reward_transform": "auto"}),  # adroit: the domain's own
+    ("iql", "data/antmaze-umaze-v2.hdf5", {"reward_transform": "iql-antmaze"}),
+    ("10bc", "hopper-medium-v2", {"top_fraction": 0.1}),
+    ("rebrac", "hopper-medium-v2", {"next_actions": True}),
+    ("onestep", "hopper-medium-v2", {"next_actions": True}),
+    ("misa", "hopper-medium-v2", {"reward_transform": "auto", "top_fraction": 1.0, "next_actions": False}),
+])
+def test_what_an_algorithm_asks_of_the_data(algo, dataset, expected):
+    from misa_fast.training.loop import data_options
+
+    options = data_options(RunConfig(algo=algo, dataset=dataset), dataset, torch.device("cpu"))
+    assert {k: options[k] for k in expected} == expected
