@@ -131,17 +131,7 @@ def prepare(
         divisors = np.float32(1.0) if action_scale is None else np.asarray(action_scale, np.float32)
         data["next_actions"] = transforms.clip_actions(data["next_actions"] / divisors, action_clip)
 
-    recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
-    recorded_env = str(recorded_env) if recorded_env else None
-    # The recorded make() kwargs belong to the recorded environment, not to an override.
-    env_kwargs = dict(raw.get("metadata/env_kwargs") or {}) if env_id in (None, recorded_env) else {}
-    env_id = env_id or recorded_env
-    if env_id is None:
-        if domain is None:
-            raise DataError(f"{name}: cannot tell which environment this dataset comes from (no "
-                             f"'metadata/env_id' in the file and no env spec, unknown name); pass env_id=... "
-                             f"(misa-fast train --env ID)")
-        env_id = registry.env_id_for(name)
+    env_id, env_kwargs = _evaluation_env(raw, name, domain, env_id)
     info = DataInfo(
         name=name,
         env_id=env_id,
@@ -162,6 +152,23 @@ def prepare(
         top_fraction=float(top_fraction),
     )
     return data, info
+
+
+def _evaluation_env(raw: dict, name: str, domain, env_id: str | None) -> tuple[str, dict]:
+    """The environment to evaluate in and its make() kwargs: ``env_id`` if given, else the one the
+    file records, else the domain's."""
+    recorded_env = raw.get("metadata/env_id") or raw.get("metadata/env")
+    recorded_env = str(recorded_env) if recorded_env else None
+    # The recorded make() kwargs belong to the recorded environment, not to an override.
+    env_kwargs = dict(raw.get("metadata/env_kwargs") or {}) if env_id in (None, recorded_env) else {}
+    env_id = env_id or recorded_env
+    if env_id is None:
+        if domain is None:
+            raise DataError(f"{name}: cannot tell which environment this dataset comes from (no "
+                             f"'metadata/env_id' in the file and no env spec, unknown name); pass env_id=... "
+                             f"(misa-fast train --env ID)")
+        env_id = registry.env_id_for(name)
+    return env_id, env_kwargs
 
 
 def _transitions(raw: dict, name: str, terminate_on_end: bool, use_next_observations: bool, top_fraction: float,
